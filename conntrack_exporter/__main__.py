@@ -1,0 +1,3 @@
+from conntrack_exporter.cli import main
+
+raise SystemExit(main())

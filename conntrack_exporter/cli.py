@@ -1,0 +1,196 @@
+"""Command line: node_exporter-style flags, configuration, logging, and the process lifecycle.
+
+Exit status: 0 on a clean stop (or after --once), 1 when the server cannot start, 2 when the
+flags or the configuration file are invalid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import typing
+from collections.abc import Sequence
+from typing import Any
+
+from prometheus_client.exposition import generate_latest
+
+from conntrack_exporter import __version__
+from conntrack_exporter.collectors import COLLECTORS
+from conntrack_exporter.config import Config, ConfigError, LogConfig, load_config
+from conntrack_exporter.logs import setup_logging
+from conntrack_exporter.procfs import ProcFS
+from conntrack_exporter.registry import Collector, CollectorContext, ExporterCollector
+from conntrack_exporter.server import MetricsServer, landing_page
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+DEFAULTS = Config()
+
+# flag -> (dotted config key, help)
+VALUE_FLAGS = {
+    "--web.listen-address": (
+        "web.listen_address",
+        f"address to listen on, host:port; ':port' for every interface "
+        f"(default {DEFAULTS.web.listen_address!r})",
+    ),
+    "--web.telemetry-path": (
+        "web.telemetry_path",
+        f"path under which to expose metrics (default {DEFAULTS.web.telemetry_path!r})",
+    ),
+    "--path.procfs": (
+        "path.procfs",
+        f"procfs mount point; its net/ and sys/net/ show the exporter's own network namespace "
+        f"(default {DEFAULTS.path.procfs!r})",
+    ),
+}
+
+
+def _choices(cls: type, field: str) -> list[str]:
+    return list(typing.get_args(typing.get_type_hints(cls)[field]))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="conntrack-exporter",
+        description="Prometheus exporter for Linux connection tracking and socket resources. "
+        "Reads the kernel over netlink (needs CAP_NET_ADMIN) and falls back to /proc "
+        "without it. Flags override the configuration file, which overrides the defaults.",
+        epilog="collectors: "
+        + ", ".join(
+            f"{name} ({'on' if c.default_enabled else 'off'} by default)"
+            for name, c in COLLECTORS.items()
+        ),
+    )
+    for flag, (key, help_text) in VALUE_FLAGS.items():
+        parser.add_argument(flag, dest=key, metavar=key.rsplit(".", 1)[1].upper(), help=help_text)
+    parser.add_argument(
+        "--config.file",
+        dest="config_file",
+        metavar="FILE",
+        help="YAML configuration file (see config.example.yml)",
+    )
+    for name, collector in COLLECTORS.items():
+        dest = f"collectors.{name}.enabled"
+        parser.add_argument(
+            f"--collector.{name}",
+            dest=dest,
+            action="store_const",
+            const=True,
+            help=f"enable the {name} collector "
+            f"({'on' if collector.default_enabled else 'off'} by default)",
+        )
+        parser.add_argument(
+            f"--no-collector.{name}",
+            dest=dest,
+            action="store_const",
+            const=False,
+            help=f"disable the {name} collector",
+        )
+    parser.add_argument(
+        "--collector.disable-defaults",
+        dest="collectors.disable_defaults",
+        action="store_const",
+        const=True,
+        help="disable every collector not enabled explicitly by flag or file",
+    )
+    parser.add_argument(
+        "--log.level",
+        dest="log.level",
+        choices=_choices(LogConfig, "level"),
+        help=f"log level (default {DEFAULTS.log.level})",
+    )
+    parser.add_argument(
+        "--log.format",
+        dest="log.format",
+        choices=_choices(LogConfig, "format"),
+        help=f"log format (default {DEFAULTS.log.format})",
+    )
+    parser.add_argument(
+        "--once",
+        action="store_true",
+        help="collect once, write the metrics to standard output and exit (exit status 0 even "
+        "if a collector failed: see conntrack_exporter_collector_success)",
+    )
+    parser.add_argument("--version", action="version", version=f"conntrack-exporter {__version__}")
+    return parser
+
+
+def _flag_values(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    # The first flag that writes each key names it in error messages.
+    flags: dict[str, str] = {}
+    for action in parser._actions:
+        flags.setdefault(action.dest, action.option_strings[0] if action.option_strings else "")
+    return {
+        key: (flags[key], value)
+        for key, value in vars(args).items()
+        if "." in key and value is not None
+    }
+
+
+def build_collectors(config: Config) -> list[Collector]:
+    context = CollectorContext(ProcFS(config.path.procfs), config.netlink.timeout_seconds)
+    return [
+        COLLECTORS[name](config.collectors[name].options, context)
+        for name in config.enabled_collectors
+    ]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config_file, _flag_values(args, parser))
+    except ConfigError as exc:
+        count = len(exc.problems)
+        sys.stderr.write(
+            f"conntrack-exporter: invalid configuration ({count} problem{'s' * (count != 1)}):\n"
+            + "".join(f"  {problem}\n" for problem in exc.problems)
+        )
+        return EXIT_USAGE
+    setup_logging(config.log.level, config.log.format)
+    exporter = ExporterCollector(build_collectors(config))
+    if args.once:
+        sys.stdout.write(generate_latest(exporter).decode())
+        return EXIT_OK
+    return serve(config, exporter)
+
+
+def serve(config: Config, exporter: ExporterCollector) -> int:
+    page = landing_page(config.web.telemetry_path, config.enabled_collectors)
+    try:
+        server = MetricsServer(config.web, exporter, page)
+    except OSError as exc:
+        log.error(
+            "cannot listen", extra={"address": config.web.listen_address, "err": exc.strerror}
+        )
+        return EXIT_FAILURE
+    stop = threading.Event()
+
+    def request_stop(signum: int, _frame: object) -> None:
+        log.info("stopping", extra={"signal": signal.Signals(signum).name})
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="http", daemon=True
+    )
+    thread.start()
+    log.info(
+        "listening",
+        extra={
+            "address": server.bound_address,
+            "telemetry_path": config.web.telemetry_path,
+            "collectors": ",".join(config.enabled_collectors) or "none",
+            "version": __version__,
+        },
+    )
+    while not stop.wait(3600):
+        pass
+    server.shutdown()
+    server.server_close()
+    return EXIT_OK

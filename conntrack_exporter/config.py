@@ -1,0 +1,272 @@
+"""Configuration: YAML file and command-line flags validated into frozen dataclasses.
+
+Precedence: flags > file > defaults. Every problem is collected before failing, each with
+where it came from (`file:line` or the flag), so that one run shows everything to fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+from conntrack_exporter.collectors import COLLECTORS
+
+Check = Callable[[Any], str | None]
+
+
+def _listen_address_problem(value: str) -> str | None:
+    try:
+        parse_listen_address(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _telemetry_path_problem(value: str) -> str | None:
+    if not value.startswith("/") or value in ("/", "/healthz"):
+        return f"must be an absolute path other than / and /healthz, got {value!r}"
+    return None
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else f"must be greater than 0, got {value!r}"
+
+
+def parse_listen_address(address: str) -> tuple[str, int]:
+    """Split `host:port`, `[v6]:port` or `:port` (all interfaces) into host and port."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected host:port with a port from 1 to 65535, got {address!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"an IPv6 address needs brackets, as in [::1]:9371, got {address!r}")
+    return host, int(port)
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    listen_address: str = field(default=":9371", metadata={"check": _listen_address_problem})
+    telemetry_path: str = field(default="/metrics", metadata={"check": _telemetry_path_problem})
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: Literal["debug", "info", "warn", "error"] = "info"
+    format: Literal["logfmt", "json"] = "logfmt"
+
+
+@dataclass(frozen=True)
+class PathConfig:
+    procfs: str = "/proc"
+
+
+@dataclass(frozen=True)
+class NetlinkConfig:
+    timeout_seconds: float = field(default=2.0, metadata={"check": _positive})
+
+
+@dataclass(frozen=True)
+class CollectorConfig:
+    enabled: bool
+    options: Any
+
+
+@dataclass(frozen=True)
+class Config:
+    web: WebConfig = WebConfig()
+    log: LogConfig = LogConfig()
+    path: PathConfig = PathConfig()
+    netlink: NetlinkConfig = NetlinkConfig()
+    collectors: Mapping[str, CollectorConfig] = field(default_factory=dict)
+
+    @property
+    def enabled_collectors(self) -> list[str]:
+        return [name for name, settings in self.collectors.items() if settings.enabled]
+
+
+SECTIONS = {"web": WebConfig, "log": LogConfig, "path": PathConfig, "netlink": NetlinkConfig}
+DISABLE_DEFAULTS = "disable_defaults"
+
+
+class ConfigError(Exception):
+    """The configuration has problems; `problems` lists each with its location."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass
+class _Validation:
+    """Problems found so far, and where each dotted key came from."""
+
+    locations: dict[str, str]
+    source: str
+    problems: list[str] = field(default_factory=list)
+
+    def problem(self, path: str, message: str) -> None:
+        where = self.locations.get(path, self.source)
+        self.problems.append(f"{where}: {path}: {message}")
+
+
+def load_config(
+    file: str | None = None, flags: Mapping[str, tuple[str, Any]] | None = None
+) -> Config:
+    """Build the configuration from a YAML file and flag values.
+
+    `flags` maps a dotted key (`web.listen_address`) to (flag name, value).
+    """
+    data: dict[str, Any] = {}
+    locations: dict[str, str] = {}
+    if file is not None:
+        data, locations = _read_yaml(file)
+    for path, (flag, value) in (flags or {}).items():
+        _set_path(data, path, value)
+        locations[path] = f"flag {flag}"
+    validation = _Validation(locations, file or "flags")
+    config = _build_config(data, validation)
+    if validation.problems:
+        raise ConfigError(validation.problems)
+    return config
+
+
+def _read_yaml(file: str) -> tuple[dict[str, Any], dict[str, str]]:
+    try:
+        with open(file, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as exc:
+        raise ConfigError([f"{file}: cannot read: {exc.strerror}"]) from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{file}: not valid YAML: {exc}"]) from None
+    if data is None:
+        return {}, {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{file}: expected a mapping at the top level, got {_describe(data)}"])
+    locations: dict[str, str] = {}
+    _index_locations(node, "", file, locations)
+    return data, locations
+
+
+def _index_locations(node: yaml.Node, prefix: str, file: str, out: dict[str, str]) -> None:
+    if not isinstance(node, yaml.MappingNode):
+        return
+    for key_node, value_node in node.value:
+        path = f"{prefix}{key_node.value}"
+        out[path] = f"{file}:{key_node.start_mark.line + 1}"
+        _index_locations(value_node, path + ".", file, out)
+
+
+def _set_path(data: dict[str, Any], path: str, value: Any) -> None:
+    *parents, leaf = path.split(".")
+    for key in parents:
+        child = data.get(key)
+        if not isinstance(child, dict):
+            child = data[key] = {}
+        data = child
+    data[leaf] = value
+
+
+def _build_config(data: dict[str, Any], validation: _Validation) -> Config:
+    _unknown_keys(data, [*SECTIONS, "collectors"], "", validation)
+    sections = {
+        name: _build_dataclass(cls, data.get(name, {}), name, validation)
+        for name, cls in SECTIONS.items()
+    }
+    collectors = _build_collectors(data.get("collectors", {}), validation)
+    return Config(**sections, collectors=collectors)
+
+
+def _build_collectors(data: Any, validation: _Validation) -> dict[str, CollectorConfig]:
+    if not _is_mapping(data, "collectors", validation):
+        data = {}
+    _unknown_keys(data, [DISABLE_DEFAULTS, *COLLECTORS], "collectors", validation)
+    disable_defaults = _convert(
+        bool, data.get(DISABLE_DEFAULTS, False), f"collectors.{DISABLE_DEFAULTS}", validation
+    )
+    result = {}
+    for name, collector in COLLECTORS.items():
+        path = f"collectors.{name}"
+        section = data.get(name, {})
+        if not _is_mapping(section, path, validation):
+            section = {}
+        default = collector.default_enabled and not disable_defaults
+        enabled = _convert(bool, section.get("enabled", default), f"{path}.enabled", validation)
+        options = {key: value for key, value in section.items() if key != "enabled"}
+        result[name] = CollectorConfig(
+            enabled=bool(enabled),
+            options=_build_dataclass(
+                collector.options_type, options, path, validation, ("enabled",)
+            ),
+        )
+    return result
+
+
+def _build_dataclass(
+    cls: type, data: Any, path: str, validation: _Validation, extra_keys: tuple[str, ...] = ()
+) -> Any:
+    if not _is_mapping(data, path, validation):
+        return cls()
+    hints = typing.get_type_hints(cls)
+    fields = dataclasses.fields(cls)
+    _unknown_keys(data, [*(f.name for f in fields), *extra_keys], path, validation)
+    values = {}
+    for f in fields:
+        if f.name not in data:
+            continue
+        field_path = f"{path}.{f.name}"
+        value = _convert(hints[f.name], data[f.name], field_path, validation)
+        check = f.metadata.get("check")
+        message = check(value) if check is not None and value is not None else None
+        if message:
+            validation.problem(field_path, message)
+        elif value is not None:
+            values[f.name] = value
+    return cls(**values)
+
+
+def _convert(expected: Any, value: Any, path: str, validation: _Validation) -> Any:
+    """The value if it has the expected type (an int is a fine float), else None and a problem."""
+    if typing.get_origin(expected) is Literal:
+        choices = typing.get_args(expected)
+        if value in choices:
+            return value
+        validation.problem(path, f"expected one of {', '.join(map(str, choices))}, got {value!r}")
+        return None
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
+        return value
+    validation.problem(path, f"expected {_TYPE_NAMES[expected]}, got {value!r}")
+    return None
+
+
+_TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
+
+
+def _is_mapping(data: Any, path: str, validation: _Validation) -> bool:
+    if isinstance(data, dict):
+        return True
+    validation.problem(path, f"expected a mapping, got {_describe(data)}")
+    return False
+
+
+def _unknown_keys(
+    data: Mapping[str, Any], known: list[str], path: str, validation: _Validation
+) -> None:
+    for key in data:
+        if key not in known:
+            where = f"{path}.{key}" if path else str(key)
+            validation.problem(where, f"unknown key; expected one of {', '.join(known)}")
+
+
+def _describe(value: Any) -> str:
+    return "a list" if isinstance(value, list) else repr(value)

@@ -1,0 +1,104 @@
+"""Netlink framing as pure functions over bytes (linux/netlink.h).
+
+Everything here works on a buffer and offsets: no sockets, no I/O. Malformed input raises
+NetlinkParseError and nothing else, so a hostile or truncated reply can never crash a scrape.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from typing import NamedTuple
+
+Buffer = bytes | bytearray | memoryview
+
+NLMSG_NOOP = 1
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+NLMSG_OVERRUN = 4
+
+NLM_F_REQUEST = 0x01
+NLM_F_MULTI = 0x02
+NLM_F_ACK = 0x04
+NLM_F_DUMP_INTR = 0x10
+NLM_F_ROOT = 0x100
+NLM_F_MATCH = 0x200
+NLM_F_DUMP = NLM_F_ROOT | NLM_F_MATCH
+
+# The top two bits of nla_type are flags (NLA_F_NESTED, NLA_F_NET_BYTEORDER), not the type.
+NLA_TYPE_MASK = 0x3FFF
+
+NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
+NLATTR = struct.Struct("=HH")  # len, type
+NLMSGERR_ERRNO = struct.Struct("=i")
+
+
+class NetlinkParseError(ValueError):
+    """A netlink message or attribute does not fit the bytes it came in."""
+
+
+class NetlinkError(OSError):
+    """The kernel answered a request with an error (errno is set), or the socket failed."""
+
+
+class NetlinkTimeout(NetlinkError, TimeoutError):
+    """No complete answer arrived before the deadline."""
+
+
+class Message(NamedTuple):
+    """One netlink message inside a receive buffer; the payload is buf[start:end]."""
+
+    type: int
+    flags: int
+    seq: int
+    pid: int
+    start: int
+    end: int
+
+
+def align4(n: int) -> int:
+    return (n + 3) & ~3
+
+
+def build_message(msg_type: int, flags: int, seq: int, payload: bytes) -> bytes:
+    return NLMSGHDR.pack(NLMSGHDR.size + len(payload), msg_type, flags, seq, 0) + payload
+
+
+def iter_messages(buf: Buffer, length: int) -> Iterator[Message]:
+    """Walk the netlink messages in buf[:length]."""
+    offset = 0
+    while offset < length:
+        if length - offset < NLMSGHDR.size:
+            raise NetlinkParseError(f"{length - offset} trailing bytes at offset {offset}")
+        msg_len, msg_type, flags, seq, pid = NLMSGHDR.unpack_from(buf, offset)
+        if msg_len < NLMSGHDR.size or msg_len > length - offset:
+            raise NetlinkParseError(
+                f"message length {msg_len} at offset {offset} does not fit {length - offset} bytes"
+            )
+        yield Message(msg_type, flags, seq, pid, offset + NLMSGHDR.size, offset + msg_len)
+        offset += align4(msg_len)
+
+
+def iter_attributes(buf: Buffer, start: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """Yield (type, value_start, value_end) for each attribute in buf[start:end]."""
+    offset = start
+    while end - offset >= NLATTR.size:
+        attr_len, attr_type = NLATTR.unpack_from(buf, offset)
+        if attr_len < NLATTR.size or attr_len > end - offset:
+            raise NetlinkParseError(
+                f"attribute length {attr_len} at offset {offset} does not fit {end - offset} bytes"
+            )
+        yield attr_type & NLA_TYPE_MASK, offset + NLATTR.size, offset + attr_len
+        offset += align4(attr_len)
+    # Up to three bytes of alignment padding may follow the last attribute; more is garbage.
+    if end - offset > 3:
+        raise NetlinkParseError(f"{end - offset} stray bytes after the attributes")
+
+
+def error_code(buf: Buffer, msg: Message) -> int:
+    """The errno carried by an NLMSG_ERROR (0 for an acknowledgement) or an NLMSG_DONE."""
+    if msg.end - msg.start < NLMSGERR_ERRNO.size:
+        if msg.type == NLMSG_DONE:
+            return 0  # older kernels send an empty DONE
+        raise NetlinkParseError(f"netlink message type {msg.type} too short for an error code")
+    return -NLMSGERR_ERRNO.unpack_from(buf, msg.start)[0]

@@ -1,0 +1,123 @@
+"""A netlink socket that only ever sends read requests, with one reused receive buffer."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+from conntrack_exporter.netlink.core import (
+    NLM_F_ACK,
+    NLM_F_DUMP,
+    NLM_F_DUMP_INTR,
+    NLM_F_REQUEST,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    NLMSG_NOOP,
+    NLMSG_OVERRUN,
+    Buffer,
+    Message,
+    NetlinkError,
+    NetlinkParseError,
+    NetlinkTimeout,
+    build_message,
+    error_code,
+    iter_messages,
+)
+
+log = logging.getLogger(__name__)
+
+NETLINK_SOCK_DIAG = 4
+NETLINK_NETFILTER = 12
+
+# Large enough for the biggest single skb the kernel sends on a dump (32 KiB on 4 KiB pages).
+RECEIVE_BUFFER_BYTES = 64 * 1024
+
+MessageHandler = Callable[[Buffer, Message], None]
+
+
+class NetlinkSocket:
+    """One netlink socket, its receive buffer, and a lock that serialises requests.
+
+    The socket belongs to the network namespace it was opened in. Requests are checked
+    against `allowed_types`: this exporter observes the kernel and must never change it.
+    """
+
+    def __init__(self, protocol: int, allowed_types: frozenset[int], timeout: float = 2.0) -> None:
+        self._sock = socket.socket(
+            socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, protocol
+        )
+        self._sock.bind((0, 0))
+        self._sock.connect((0, 0))
+        self._allowed_types = allowed_types
+        self._timeout = timeout
+        self._buffer = bytearray(RECEIVE_BUFFER_BYTES)
+        self._view = memoryview(self._buffer)
+        self._lock = threading.Lock()
+        self._seq = 0
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def request(
+        self, msg_type: int, flags: int, payload: bytes, on_message: MessageHandler
+    ) -> bool:
+        """Send one request and feed every reply message to on_message.
+
+        A dump ends with NLMSG_DONE; any other request asks for an acknowledgement and ends
+        with it, since some replies (ctnetlink's stats) carry NLM_F_MULTI without being dumps.
+
+        Returns True when the kernel flagged a dump as interrupted (NLM_F_DUMP_INTR): the
+        table changed under the dump and its result may be inconsistent.
+        """
+        if msg_type not in self._allowed_types:
+            raise ValueError(f"netlink message type {msg_type:#x} is not a read request")
+        with self._lock:
+            self._seq = (self._seq + 1) & 0xFFFFFFFF
+            if not flags & NLM_F_DUMP:
+                flags |= NLM_F_ACK
+            self._sock.send(build_message(msg_type, flags | NLM_F_REQUEST, self._seq, payload))
+            return self._receive(self._seq, time.monotonic() + self._timeout, on_message)
+
+    def _receive(self, seq: int, deadline: float, on_message: MessageHandler) -> bool:
+        interrupted = False
+        view = self._view
+        while True:
+            length = self._recv(deadline)
+            for msg in iter_messages(view, length):
+                if msg.seq != seq:
+                    # A late answer to an earlier request that timed out: not ours to read.
+                    log.debug(
+                        "dropping netlink message with sequence %d, expected %d", msg.seq, seq
+                    )
+                    continue
+                if msg.type in (NLMSG_ERROR, NLMSG_DONE):
+                    code = error_code(view, msg)
+                    if code:
+                        raise NetlinkError(code, os.strerror(code))
+                    return interrupted
+                if msg.type in (NLMSG_NOOP, NLMSG_OVERRUN):
+                    continue
+                interrupted |= bool(msg.flags & NLM_F_DUMP_INTR)
+                on_message(view, msg)
+
+    def _recv(self, deadline: float) -> int:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise NetlinkTimeout(errno.ETIMEDOUT, "no complete netlink answer before the deadline")
+        self._sock.settimeout(remaining)
+        try:
+            length = self._sock.recv_into(self._buffer, 0, socket.MSG_TRUNC)
+        except TimeoutError:
+            raise NetlinkTimeout(errno.ETIMEDOUT, "netlink read timed out") from None
+        except OSError as exc:
+            raise NetlinkError(exc.errno, exc.strerror) from exc
+        if length > len(self._buffer):
+            raise NetlinkParseError(
+                f"netlink datagram of {length} bytes exceeds the {len(self._buffer)} byte buffer"
+            )
+        return length

@@ -1,0 +1,75 @@
+"""Readers for /proc with an injectable root, and pure parsers of its formats.
+
+/proc/net and /proc/sys/net show the network namespace of the *reading process*.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class ProcFS:
+    """Reads files below a procfs mount point (`--path.procfs`)."""
+
+    def __init__(self, root: str = "/proc") -> None:
+        self.root = root
+
+    def path(self, relative: str) -> str:
+        return os.path.join(self.root, relative)
+
+    def read_text(self, relative: str) -> str:
+        with open(self.path(relative), encoding="ascii") as handle:
+            return handle.read()
+
+    def read_int(self, relative: str) -> int:
+        text = self.read_text(relative)
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"{self.path(relative)}: expected an integer, got {text!r}") from None
+
+
+# Columns of /proc/net/stat/nf_conntrack whose header name differs from ctnetlink's name for
+# the same counter. Kernels 5.x+ renamed columns in place, so positions are meaningless.
+NF_CONNTRACK_STAT_ALIASES = {
+    "icmp_error": "error",
+    "clashres": "clash_resolve",
+    "chainlength": "chaintoolong",
+}
+# Not a per-CPU counter: every row repeats the namespace's entry count.
+NF_CONNTRACK_STAT_GAUGES = frozenset({"entries"})
+
+
+def parse_nf_conntrack_stat(text: str) -> list[dict[str, int]]:
+    """Parse /proc/net/stat/nf_conntrack into one {counter: value} per CPU row, by header name.
+
+    Values are hexadecimal. Column names are mapped to ctnetlink's names.
+    """
+    lines = text.splitlines()
+    if not lines:
+        raise ValueError("nf_conntrack stat file is empty")
+    header = lines[0].split()
+    if not header or any(not name.replace("_", "").isalnum() for name in header):
+        raise ValueError(f"nf_conntrack stat header is not a list of names: {lines[0]!r}")
+    rows = []
+    for number, line in enumerate(lines[1:], start=2):
+        fields = line.split()
+        if len(fields) != len(header):
+            raise ValueError(
+                f"nf_conntrack stat line {number} has {len(fields)} fields, "
+                f"the header {len(header)}"
+            )
+        try:
+            values = [int(field, 16) for field in fields]
+        except ValueError:
+            raise ValueError(
+                f"nf_conntrack stat line {number} is not hexadecimal: {line!r}"
+            ) from None
+        rows.append(
+            {
+                NF_CONNTRACK_STAT_ALIASES.get(name, name): value
+                for name, value in zip(header, values, strict=True)
+                if name not in NF_CONNTRACK_STAT_GAUGES
+            }
+        )
+    return rows
