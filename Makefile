@@ -1,0 +1,49 @@
+# The two commands that matter: `make run` and `make test`. Both set up what they need on a
+# fresh Debian machine: apt packages (as root) and a virtualenv in .venv.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+ARGS ?=
+APT_PACKAGES := conntrack nftables iproute2 prometheus prometheus-node-exporter
+# One command per apt package above, to tell whether it is already installed.
+APT_COMMANDS := conntrack nft ip promtool prometheus-node-exporter
+
+.PHONY: run test lint unit bench system-deps deps clean
+
+run: deps
+	$(BIN)/conntrack-exporter $(ARGS)
+
+test: system-deps deps lint
+	$(BIN)/pytest -q -ra $(PYTEST_ARGS)
+
+lint: deps
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# Pure tests only: no root, no kernel fixtures.
+unit: deps
+	$(BIN)/pytest -q -m "not kernel" $(PYTEST_ARGS)
+
+bench: system-deps deps
+	$(BIN)/python bench/scrape_cpu.py $(BENCH_ARGS)
+
+system-deps:
+	@missing=""; for c in $(APT_COMMANDS); do command -v $$c >/dev/null 2>&1 || \
+	  [ -x /usr/sbin/$$c ] || [ -x /usr/bin/$$c ] || missing="$$missing $$c"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ]; then \
+	  echo "missing:$$missing; as root: apt-get install $(APT_PACKAGES)"; exit 0; fi; \
+	echo "installing $(APT_PACKAGES) (missing:$$missing)"; \
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	  --no-install-recommends $(APT_PACKAGES) >/dev/null
+
+deps: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,29 @@
+"""Reading exposition text back into values, for assertions."""
+
+from __future__ import annotations
+
+from prometheus_client.parser import text_string_to_metric_families
+
+
+def parse_samples(text: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """{sample name: {sorted label pairs: value}}."""
+    samples: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = tuple(sorted(sample.labels.items()))
+            samples.setdefault(sample.name, {})[labels] = sample.value
+    return samples
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    return samples[name][tuple(sorted(labels.items()))]
+
+
+def stat_counters(samples: dict) -> dict[str, float]:
+    """conntrack_stat_<name>_total values, keyed by <name>, summed over any cpu label."""
+    prefix, suffix = "conntrack_stat_", "_total"
+    return {
+        name[len(prefix) : -len(suffix)]: sum(series.values())
+        for name, series in samples.items()
+        if name.startswith(prefix) and name.endswith(suffix)
+    }
