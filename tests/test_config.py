@@ -1,0 +1,209 @@
+"""Configuration: every kind of error, all of them at once, with their locations."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conntrack_exporter.config import Config, ConfigError, load_config, parse_listen_address
+
+EXAMPLE = Path(__file__).parent.parent / "config.example.yml"
+
+
+def problems_of(tmp_path: Path, text: str, flags: dict | None = None) -> list[str]:
+    file = tmp_path / "config.yml"
+    file.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(file), flags)
+    return [problem.replace(str(file), "FILE") for problem in caught.value.problems]
+
+
+def test_example_config_is_the_defaults():
+    assert load_config(str(EXAMPLE)) == load_config(None)
+    config = load_config(None)
+    assert config.web.listen_address == ":9371"
+    assert config.web.telemetry_path == "/metrics"
+    assert config.enabled_collectors == ["conntrack"]
+    assert config.collectors["conntrack"].options.per_cpu is False
+
+
+def test_empty_file_means_defaults(tmp_path):
+    (tmp_path / "empty.yml").write_text("")
+    assert load_config(str(tmp_path / "empty.yml")) == load_config(None) != Config()
+
+
+def test_wrong_type_is_located(tmp_path):
+    text = "collectors:\n  conntrack:\n    per_cpu: yes please\n"
+    assert problems_of(tmp_path, text) == [
+        "FILE:3: collectors.conntrack.per_cpu: expected a boolean, got 'yes please'"
+    ]
+
+
+def test_every_problem_is_listed_at_once(tmp_path):
+    text = (
+        "web:\n"
+        "  listen_address: 9371\n"  # line 2: not a string
+        "  telemetry_path: metrics\n"  # line 3: not absolute
+        "  tls: true\n"  # line 4: unknown key
+        "log:\n"
+        "  level: verbose\n"  # line 6: not a choice
+        "netlink:\n"
+        "  timeout_seconds: -1\n"  # line 8: not positive
+        "collectors:\n"
+        "  conntrak: {}\n"  # line 10: unknown collector
+        "  conntrack:\n"
+        "    enabled: 1\n"  # line 12: not a boolean
+        "    per_cpu: [true]\n"  # line 13: not a boolean
+        "extra: 1\n"  # line 14: unknown top-level key
+    )
+    assert problems_of(tmp_path, text) == [
+        "FILE:14: extra: unknown key; expected one of web, log, path, netlink, collectors",
+        "FILE:4: web.tls: unknown key; expected one of listen_address, telemetry_path",
+        "FILE:2: web.listen_address: expected a string, got 9371",
+        "FILE:3: web.telemetry_path: must be an absolute path other than / and /healthz, "
+        "got 'metrics'",
+        "FILE:6: log.level: expected one of debug, info, warn, error, got 'verbose'",
+        "FILE:8: netlink.timeout_seconds: must be greater than 0, got -1.0",
+        "FILE:10: collectors.conntrak: unknown key; expected one of disable_defaults, conntrack",
+        "FILE:12: collectors.conntrack.enabled: expected a boolean, got 1",
+        "FILE:13: collectors.conntrack.per_cpu: expected a boolean, got [True]",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("- a\n- b\n", "FILE: expected a mapping at the top level, got a list"),
+        ("web: [1]\n", "FILE:1: web: expected a mapping, got a list"),
+        ("collectors: 3\n", "FILE:1: collectors: expected a mapping, got 3"),
+        (
+            "collectors:\n  conntrack: true\n",
+            "FILE:2: collectors.conntrack: expected a mapping, got True",
+        ),
+        (
+            "web:\n  listen_address: localhost\n",
+            "FILE:2: web.listen_address: expected host:port with a port from 1 to 65535, "
+            "got 'localhost'",
+        ),
+        (
+            "web:\n  telemetry_path: /healthz\n",
+            "FILE:2: web.telemetry_path: must be an absolute path other than / and /healthz, "
+            "got '/healthz'",
+        ),
+        ("log:\n  format: text\n", "FILE:2: log.format: expected one of logfmt, json, got 'text'"),
+    ],
+)
+def test_each_kind_of_error(tmp_path, text, problem):
+    assert problems_of(tmp_path, text) == [problem]
+
+
+def test_invalid_yaml_says_where(tmp_path):
+    [problem] = problems_of(tmp_path, "web:\n  listen_address: [\n")
+    assert problem.startswith("FILE: not valid YAML:") and "line 3" in problem
+
+
+def test_unreadable_file(tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(tmp_path / "missing.yml"))
+    assert caught.value.problems == [
+        f"{tmp_path}/missing.yml: cannot read: No such file or directory"
+    ]
+
+
+def test_flags_override_the_file(tmp_path):
+    file = tmp_path / "config.yml"
+    file.write_text("web:\n  listen_address: 127.0.0.1:1000\n  telemetry_path: /m\n")
+    config = load_config(str(file), {"web.listen_address": ("--web.listen-address", ":2000")})
+    assert config.web.listen_address == ":2000"
+    assert config.web.telemetry_path == "/m"
+
+
+def test_flag_errors_name_the_flag(tmp_path):
+    problems = problems_of(
+        tmp_path,
+        "web:\n  listen_address: ':1'\n",
+        {"web.listen_address": ("--web.listen-address", "[::1]")},
+    )
+    assert problems == [
+        "flag --web.listen-address: web.listen_address: expected host:port with a port from "
+        "1 to 65535, got '[::1]'"
+    ]
+
+
+def test_disable_defaults_keeps_only_explicit_collectors(tmp_path):
+    disabled = load_config(
+        None, {"collectors.disable_defaults": ("--collector.disable-defaults", True)}
+    )
+    assert disabled.enabled_collectors == []
+    file = tmp_path / "config.yml"
+    file.write_text("collectors:\n  disable_defaults: true\n  conntrack:\n    enabled: true\n")
+    assert load_config(str(file)).enabled_collectors == ["conntrack"]
+    off = load_config(
+        str(file), {"collectors.conntrack.enabled": ("--no-collector.conntrack", False)}
+    )
+    assert off.enabled_collectors == []
+
+
+@pytest.mark.parametrize(
+    ("address", "parsed"),
+    [(":9371", ("", 9371)), ("127.0.0.1:80", ("127.0.0.1", 80)), ("[::1]:9371", ("::1", 9371))],
+)
+def test_listen_addresses(address, parsed):
+    assert parse_listen_address(address) == parsed
+
+
+@pytest.mark.parametrize("address", ["9371", ":0", ":65536", "::1:9371", "host:", "host:x"])
+def test_bad_listen_addresses(address):
+    with pytest.raises(ValueError, match=r"expected host:port|needs brackets"):
+        parse_listen_address(address)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "conntrack_exporter", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_cli_exits_2_listing_every_problem(tmp_path):
+    file = tmp_path / "bad.yml"
+    file.write_text("web:\n  listen_address: 1\nlog:\n  level: loud\n")
+    result = run_cli("--config.file", str(file), "--web.telemetry-path", "nope", "--once")
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr == (
+        "conntrack-exporter: invalid configuration (3 problems):\n"
+        f"  {file}:2: web.listen_address: expected a string, got 1\n"
+        "  flag --web.telemetry-path: web.telemetry_path: must be an absolute path other "
+        "than / and /healthz, got 'nope'\n"
+        f"  {file}:4: log.level: expected one of debug, info, warn, error, got 'loud'\n"
+    )
+
+
+def test_cli_usage_errors_exit_2():
+    result = run_cli("--log.level", "loud")
+    assert result.returncode == 2
+    assert "invalid choice: 'loud'" in result.stderr
+
+
+def test_help_explains_every_flag():
+    help_text = run_cli("--help").stdout
+    for flag in [
+        "--web.listen-address",
+        "--web.telemetry-path",
+        "--config.file",
+        "--collector.conntrack",
+        "--no-collector.conntrack",
+        "--collector.disable-defaults",
+        "--log.level",
+        "--log.format",
+        "--path.procfs",
+        "--once",
+    ]:
+        assert flag in help_text
+    assert "(default ':9371')" in help_text

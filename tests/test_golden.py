@@ -1,0 +1,99 @@
+"""Golden exposition per collector, and promtool's lint over the whole output.
+
+The golden cases read a fixed procfs tree (tests/fixtures/procfs/<case>/) with netlink
+refused, as an unprivileged process: the same code path an exporter without CAP_NET_ADMIN
+takes. Values that change every run (durations, the Python version) are masked.
+Regenerate after an intended change with `UPDATE_GOLDEN=1 make test`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+GOLDEN = HERE / "golden"
+PROCFS = HERE / "fixtures" / "procfs"
+
+CASES = {
+    "conntrack": ("conntrack", []),
+    "conntrack_per_cpu": ("conntrack", ["--config.file", str(HERE / "fixtures" / "per_cpu.yml")]),
+}
+MASKS = [
+    (
+        re.compile(r"^(conntrack_exporter_collector_duration_seconds\{[^}]*\}) .*$", re.M),
+        r"\1 <duration>",
+    ),
+    (re.compile(r'python_version="[^"]*"'), 'python_version="<python>"'),
+]
+
+
+def unprivileged() -> list[str]:
+    """Run as nobody when root, so that ctnetlink refuses us as it would any unprivileged user."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv to drop root")
+    return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+def run_once(*flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*unprivileged(), sys.executable, "-m", "conntrack_exporter", "--once", *flags],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+
+
+def masked(text: str) -> str:
+    for pattern, replacement in MASKS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_golden_exposition(case):
+    fixture, flags = CASES[case]
+    result = run_once(
+        "--collector.disable-defaults",
+        f"--collector.{fixture.split('_')[0]}",
+        "--path.procfs",
+        str(PROCFS / fixture),
+        *flags,
+    )
+    got = masked(result.stdout)
+    golden = GOLDEN / f"{case}.prom"
+    if os.environ.get("UPDATE_GOLDEN"):
+        golden.write_text(got)
+    assert got == golden.read_text()
+
+
+@pytest.mark.skipif(
+    shutil.which("promtool") is None, reason="needs promtool (make test installs it)"
+)
+@pytest.mark.parametrize("flags", [[], ["--path.procfs", str(PROCFS / "conntrack")]])
+def test_promtool_accepts_full_output(flags):
+    exposition = subprocess.run(
+        [sys.executable, "-m", "conntrack_exporter", "--once", *flags],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    assert "conntrack_entries " in exposition
+    lint = subprocess.run(
+        ["promtool", "check", "metrics"],
+        input=exposition,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert lint.returncode == 0 and lint.stdout + lint.stderr == "", lint.stdout + lint.stderr

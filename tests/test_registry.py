@@ -1,0 +1,149 @@
+"""Failure isolation: one collector failing never fails the scrape or the other collectors.
+
+The failing collectors here are deliberate stand-ins: the behaviour under test is the
+registry's, and a kernel that makes a collector raise on demand cannot be had.
+"""
+
+from __future__ import annotations
+
+import gzip
+import http.client
+import logging
+import socket
+import threading
+from typing import ClassVar
+
+import pytest
+from prometheus_client.exposition import generate_latest
+from prometheus_client.metrics_core import GaugeMetricFamily
+
+from conntrack_exporter.config import WebConfig
+from conntrack_exporter.registry import Collected, ExporterCollector, NoDataError
+from conntrack_exporter.server import MetricsServer, landing_page
+from tests.metrics import parse_samples, value
+
+
+class Working:
+    name: ClassVar[str] = "working"
+    default_enabled: ClassVar[bool] = True
+
+    def collect(self) -> Collected:
+        return Collected("procfs", [GaugeMetricFamily("test_value", "A value.", value=42)])
+
+
+class Raising:
+    name: ClassVar[str] = "raising"
+    default_enabled: ClassVar[bool] = True
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def collect(self) -> Collected:
+        raise self.error
+
+
+def scrape(exporter: ExporterCollector) -> dict:
+    return parse_samples(generate_latest(exporter).decode())
+
+
+def test_failing_collector_reports_success_0_and_others_serve():
+    exporter = ExporterCollector([Raising(RuntimeError("boom")), Working()])
+    samples = scrape(exporter)
+    assert value(samples, "test_value") == 42
+    assert value(samples, "conntrack_exporter_collector_success", collector="working") == 1
+    assert value(samples, "conntrack_exporter_collector_success", collector="raising") == 0
+    assert (
+        value(samples, "conntrack_exporter_source_info", collector="working", source="procfs") == 1
+    )
+    assert ("collector", "raising") not in {
+        pair for labels in samples["conntrack_exporter_source_info"] for pair in labels
+    }
+    assert set(samples["conntrack_exporter_collector_duration_seconds"]) == {
+        (("collector", "raising"),),
+        (("collector", "working"),),
+    }
+
+
+def test_failures_are_logged_once_per_distinct_error(caplog):
+    failing = Raising(OSError(5, "Input/output error"))
+    exporter = ExporterCollector([failing])
+    with caplog.at_level(logging.DEBUG, logger="conntrack_exporter.registry"):
+        scrape(exporter)
+        scrape(exporter)
+        failing.error = NoDataError("absent")
+        scrape(exporter)
+    records = [(r.levelname, r.getMessage(), r.err) for r in caplog.records]
+    assert records == [
+        ("WARNING", "collector failed", "OSError: [Errno 5] Input/output error"),
+        ("DEBUG", "collector failed", "no data: absent"),
+    ]
+
+
+def test_recovery_is_logged(caplog):
+    failing = Raising(RuntimeError("x"))
+    exporter = ExporterCollector([failing])
+    scrape(exporter)
+    recovered = Working()
+    recovered.name = "raising"
+    exporter.collectors[0] = recovered
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="conntrack_exporter.registry"):
+        samples = scrape(exporter)
+    assert value(samples, "conntrack_exporter_collector_success", collector="raising") == 1
+    assert [r.getMessage() for r in caplog.records] == ["collector recovered"]
+
+
+@pytest.fixture
+def server():
+    exporter = ExporterCollector([Raising(ValueError("bad bytes")), Working()])
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    web = WebConfig(listen_address=f"127.0.0.1:{port}", telemetry_path="/metrics")
+    srv = MetricsServer(web, exporter, landing_page("/metrics", ["raising", "working"]))
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+    thread.join()
+
+
+def get(server: MetricsServer, path: str, method: str = "GET", headers: dict | None = None):
+    connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
+    connection.request(method, path, headers=headers or {})
+    response = connection.getresponse()
+    return response.status, dict(response.getheaders()), response.read()
+
+
+def test_http_scrape_is_200_while_a_collector_fails(server):
+    status, _headers, body = get(server, "/metrics")
+    assert status == 200
+    samples = parse_samples(body.decode())
+    assert value(samples, "test_value") == 42
+    assert value(samples, "conntrack_exporter_collector_success", collector="raising") == 0
+
+
+def test_http_routes(server):
+    status, headers, page = get(server, "/")
+    assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
+    assert b'<a href="/metrics">' in page and b"<li>raising</li><li>working</li>" in page
+    assert get(server, "/healthz")[::2] == (200, b"ok\n")
+    assert get(server, "/nope")[0] == 404
+    status, headers, body = get(server, "/metrics", "HEAD")
+    assert status == 200 and body == b"" and int(headers["Content-Length"]) > 0
+
+
+def test_http_gzip_when_asked(server):
+    _status, headers, body = get(server, "/metrics", headers={"Accept-Encoding": "gzip"})
+    assert headers["Content-Encoding"] == "gzip"
+    assert b"test_value 42.0" in gzip.decompress(body)
+
+
+def test_keep_alive_serves_several_scrapes_on_one_connection(server):
+    connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
+    for _ in range(3):
+        connection.request("GET", "/metrics")
+        response = connection.getresponse()
+        assert response.status == 200 and b"test_value 42.0" in response.read()
+    assert connection.sock is not None  # still the same open socket
