@@ -10,6 +10,7 @@ import json
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -92,13 +93,13 @@ def test_unprivileged_falls_back_to_procfs(netns):
     assert "CAP_NET_ADMIN" in warnings[0]["msg"]
 
 
-def test_conntrack_absent_reports_failure_and_no_series(netns, tmp_path):
-    # Unprivileged (no netlink) and a procfs without conntrack files: nothing to read.
-    empty = tmp_path / "proc"
-    empty.mkdir()
-    empty.chmod(0o755)
-    tmp_path.chmod(0o755)
-    result = netns.exporter("--path.procfs", str(empty), user=NOBODY)
+@pytest.mark.parametrize("user", [None, NOBODY], ids=["root", "nobody"])
+def test_conntrack_absent_reports_failure_and_no_series(netns, user):
+    # A procfs without conntrack files: as root too, no netlink request is made (it would
+    # make the kernel load conntrack), and nothing partial is reported.
+    with tempfile.TemporaryDirectory() as empty:
+        Path(empty).chmod(0o755)  # readable by nobody: absent files, not a refused directory
+        result = netns.exporter("--path.procfs", empty, "--log.level", "debug", user=user)
     samples = parse_samples(result.stdout)
 
     assert result.returncode == 0
@@ -109,6 +110,8 @@ def test_conntrack_absent_reports_failure_and_no_series(netns, tmp_path):
         if name.startswith("conntrack_") and not name.startswith("conntrack_exporter_")
     ]
     assert "conntrack_exporter_source_info" not in samples
+    assert "nf_conntrack_buckets is absent: conntrack is not loaded" in result.stderr
+    assert "level=debug" in result.stderr and "level=warn" not in result.stderr
 
 
 def test_table_full_drops_counted_like_conntrack_tools(netns):

@@ -78,14 +78,17 @@ class ConntrackCollector:
             return None
 
     def collect(self) -> Collected:
+        # Checked before any netlink request: asking ctnetlink about an absent conntrack
+        # makes the kernel load the modules, a change this exporter must not cause.
+        buckets = self._buckets()
         if self._reader is not None:
             try:
-                return self._collect_netlink(self._reader)
+                return self._collect_netlink(self._reader, buckets)
             except NetlinkError as exc:
                 if exc.errno not in NETLINK_FORBIDDEN:
                     raise
                 self._drop_netlink(exc)
-        return self._collect_procfs()
+        return self._collect_procfs(buckets)
 
     def _drop_netlink(self, exc: NetlinkError) -> None:
         log.warning(
@@ -99,35 +102,32 @@ class ConntrackCollector:
             self._reader.close()
         self._reader = None
 
-    def _collect_netlink(self, reader: ConntrackStatsReader) -> Collected:
+    def _collect_netlink(self, reader: ConntrackStatsReader, buckets: int) -> Collected:
         totals = reader.global_stats()
         rows = _merge_rows(reader.cpu_stats(), reader.expect_cpu_stats())
-        metrics = self._families(totals.entries, totals.max_entries, self._buckets(), rows)
+        metrics = self._families(totals.entries, totals.max_entries, buckets, rows)
         return Collected("netlink", metrics)
 
-    def _collect_procfs(self) -> Collected:
-        try:
-            entries = self._procfs.read_int(COUNT_FILE)
-        except FileNotFoundError:
-            raise NoDataError(
-                f"{self._procfs.path(COUNT_FILE)} is absent: conntrack not loaded"
-            ) from None
+    def _collect_procfs(self, buckets: int) -> Collected:
+        entries = self._procfs.read_int(COUNT_FILE)
         limit = self._procfs.read_int(MAX_FILE)
         try:
             rows = parse_nf_conntrack_stat(self._procfs.read_text(STAT_FILE))
         except FileNotFoundError:
             rows = []  # a kernel without CONFIG_NF_CONNTRACK_PROCFS: counts only
         cpu_rows = [CpuStats(cpu, counters) for cpu, counters in enumerate(rows)]
-        return Collected("procfs", self._families(entries, limit, self._buckets(), cpu_rows))
+        return Collected("procfs", self._families(entries, limit, buckets, cpu_rows))
 
-    def _buckets(self) -> int | None:
+    def _buckets(self) -> int:
         try:
             return self._procfs.read_int(BUCKETS_FILE)
         except FileNotFoundError:
-            return None
+            raise NoDataError(
+                f"{self._procfs.path(BUCKETS_FILE)} is absent: conntrack is not loaded"
+            ) from None
 
     def _families(
-        self, entries: int, limit: int, buckets: int | None, rows: list[CpuStats]
+        self, entries: int, limit: int, buckets: int, rows: list[CpuStats]
     ) -> list[Metric]:
         metrics: list[Metric] = [
             GaugeMetricFamily(
@@ -142,15 +142,12 @@ class ConntrackCollector:
                 "CTA_STATS_GLOBAL_MAX_ENTRIES or nf_conntrack_max).",
                 value=limit,
             ),
+            GaugeMetricFamily(
+                "conntrack_buckets",
+                "Size of the conntrack hash table (nf_conntrack_buckets).",
+                value=buckets,
+            ),
         ]
-        if buckets is not None:
-            metrics.append(
-                GaugeMetricFamily(
-                    "conntrack_buckets",
-                    "Size of the conntrack hash table (nf_conntrack_buckets).",
-                    value=buckets,
-                )
-            )
         metrics.extend(counter_families(rows, self._per_cpu))
         return metrics
 
