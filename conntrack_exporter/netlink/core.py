@@ -90,8 +90,9 @@ def iter_attributes(buf: Buffer, start: int, end: int) -> Iterator[tuple[int, in
             )
         yield attr_type & NLA_TYPE_MASK, offset + NLATTR.size, offset + attr_len
         offset += align4(attr_len)
-    # Up to three bytes of alignment padding may follow the last attribute; more is garbage.
-    if end - offset > 3:
+    # The last attribute's alignment padding was consumed with it (offset may now be past end
+    # when a sender left that padding out); any byte still left is garbage, as for the kernel.
+    if end - offset > 0:
         raise NetlinkParseError(f"{end - offset} stray bytes after the attributes")
 
 
