@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import string
 
 
 class ProcFS:
@@ -36,6 +37,7 @@ NF_CONNTRACK_STAT_ALIASES = {
     "clashres": "clash_resolve",
     "chainlength": "chaintoolong",
 }
+HEX_DIGITS = frozenset(string.hexdigits)
 # Not a per-CPU counter: every row repeats the namespace's entry count.
 NF_CONNTRACK_STAT_GAUGES = frozenset({"entries"})
 
@@ -59,12 +61,10 @@ def parse_nf_conntrack_stat(text: str) -> list[dict[str, int]]:
                 f"nf_conntrack stat line {number} has {len(fields)} fields, "
                 f"the header {len(header)}"
             )
-        try:
-            values = [int(field, 16) for field in fields]
-        except ValueError:
-            raise ValueError(
-                f"nf_conntrack stat line {number} is not hexadecimal: {line!r}"
-            ) from None
+        # int(x, 16) alone would also take "-1", "0x10" and "1_0": none is a kernel counter.
+        if not all(HEX_DIGITS.issuperset(field) for field in fields):
+            raise ValueError(f"nf_conntrack stat line {number} is not hexadecimal: {line!r}")
+        values = [int(field, 16) for field in fields]
         rows.append(
             {
                 NF_CONNTRACK_STAT_ALIASES.get(name, name): value

@@ -139,6 +139,9 @@ def test_header_only_means_no_rows():
         ("entries drop\n1 2\n\n3 4\n", r"line 3 has 0 fields, the header 2"),
         ("entries drop\n1 zz\n", r"line 2 is not hexadecimal: '1 zz'"),
         ("entries drop\n1 2\n1 0.5\n", r"line 3 is not hexadecimal"),
+        ("entries drop\n1 -1\n", r"line 2 is not hexadecimal: '1 -1'"),
+        ("entries drop\n1 0x10\n", r"line 2 is not hexadecimal"),
+        ("entries drop\n1 1_0\n", r"line 2 is not hexadecimal"),
     ],
 )
 def test_malformed_input_names_the_problem(text, message):
