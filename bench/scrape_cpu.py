@@ -1,0 +1,553 @@
+"""Scrape cost: our exporter against node_exporter's conntrack collector, in one network namespace.
+
+Both exporters run side by side in a throwaway netns with real conntrack entries (UDP flows on
+loopback). A client process in the same netns scrapes each over one keep-alive connection with
+the headers Prometheus sends, the same number of times, in alternating rounds. Each exporter's
+CPU time (utime + stime of all its threads, from /proc/PID/stat) is read around every round, so
+the client's own work is never counted. In a separate process in the same netns, our collection
+and exposition path runs under tracemalloc to report the memory a scrape allocates.
+
+Needs root (netns, nft) and Debian's prometheus-node-exporter. Run it with `make bench`, or:
+
+    .venv/bin/python bench/scrape_cpu.py --scrapes 3000 --rounds 7 --flows 5000
+
+It prints a table; it asserts nothing about time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import gzip
+import json
+import os
+import platform
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+NODE_EXPORTER = "/usr/bin/prometheus-node-exporter"
+OURS_PORT = 19371
+NODE_PORT = 19100
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+# What Prometheus 2.x sends on every scrape (scrape/scrape.go, scrapeAcceptHeader).
+PROMETHEUS_ACCEPT = (
+    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"
+    "q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+)
+TEXT_ACCEPT = "text/plain;version=0.0.4;q=1,*/*;q=0.1"
+ACCEPT = {"prometheus": PROMETHEUS_ACCEPT, "text": TEXT_ACCEPT}
+# The table size as each exporter names it, to check that both see the namespace's entries.
+ENTRIES_SAMPLES = ("node_nf_conntrack_entries ", "conntrack_entries ")
+
+# Sends one datagram per flow from one socket to distinct loopback (address, port) pairs, so
+# every datagram is a new conntrack entry. Nothing listens: the ICMP errors that come back are
+# RELATED to their entry and create none.
+FLOW_SCRIPT = """
+import socket, sys
+n = int(sys.argv[1])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for i in range(n):
+    s.sendto(b"x", (f"127.1.{i // 250 % 250}.{i % 250 + 1}", 20000 + i // 62500))
+"""
+
+
+# --- the parent: namespace, exporters, measurement -------------------------------------------
+
+
+def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kwargs)
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of every thread of pid, dead threads included (the kernel sums them)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    # Fields 14 and 15 of proc(5), counted after "pid (comm)": indexes 11 and 12 here.
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def status_kib(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+@dataclass
+class Exporter:
+    name: str
+    port: int
+    path: str
+    argv: list[str]
+    process: subprocess.Popen | None = None
+    log: object = None
+    cpu_per_scrape: list[float] = field(default_factory=list)
+    wall_per_scrape: list[float] = field(default_factory=list)  # as the client saw it
+    info: dict = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+
+class Namespace:
+    """A uniquely named netns with lo up and conntrack active; deleted on exit."""
+
+    def __init__(self) -> None:
+        self.name = f"ctx-bench-{os.getpid()}-{secrets.token_hex(3)}"
+        self.created = False
+
+    def __enter__(self) -> Namespace:
+        run(["ip", "netns", "add", self.name])
+        self.created = True
+        run(["ip", "-n", self.name, "link", "set", "lo", "up"])
+        # conntrack stays idle in a fresh netns until a rule references it.
+        self.exec(["nft", "add", "table", "inet", "bench"])
+        self.exec(["nft", "add chain inet bench out { type filter hook output priority 0; }"])
+        self.exec(["nft", "add", "rule", "inet", "bench", "out", "ct", "state", "new", "counter"])
+        # Unreplied UDP entries live nf_conntrack_udp_timeout (30 s): keep them for the run.
+        for knob in ("nf_conntrack_udp_timeout", "nf_conntrack_udp_timeout_stream"):
+            self.exec(["sysctl", "-qw", f"net.netfilter.{knob}=3600"])
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.created:
+            subprocess.run(["ip", "netns", "del", self.name], check=False)
+
+    def argv(self, cmd: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.name, *cmd]
+
+    def exec(self, cmd: list[str]) -> str:
+        return run(self.argv(cmd)).stdout
+
+    def make_flows(self, flows: int) -> int:
+        self.exec([sys.executable, "-c", FLOW_SCRIPT, str(flows)])
+        return int(self.exec(["conntrack", "-C"]).strip())
+
+
+def start(ns: Namespace, exporter: Exporter, logdir: Path) -> None:
+    exporter.log = open(logdir / f"{exporter.name}.log", "w+b")  # noqa: SIM115
+    # `ip netns exec` execs the command, so the Popen pid is the exporter's own.
+    exporter.process = subprocess.Popen(
+        ns.argv(exporter.argv),
+        stdin=subprocess.DEVNULL,
+        stdout=exporter.log,
+        stderr=subprocess.STDOUT,
+        # Its own process group: a Ctrl-C reaches only us, and `finally` stops it in order.
+        start_new_session=True,
+    )
+
+
+def stop(exporter: Exporter) -> None:
+    proc = exporter.process
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def exporter_log(exporter: Exporter) -> str:
+    if exporter.log is None:
+        return ""
+    exporter.log.seek(0)
+    return exporter.log.read().decode(errors="replace")[-2000:]
+
+
+class Client:
+    """The scraping client: a child process in the netns, driven over its stdin and stdout."""
+
+    def __init__(self, ns: Namespace, targets: list[Exporter], accept: str) -> None:
+        spec = json.dumps({t.name: [t.port, t.path] for t in targets})
+        self.process = subprocess.Popen(
+            ns.argv([sys.executable, __file__, "--role", "client", "--targets", spec]),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+            env={**os.environ, "BENCH_ACCEPT": accept},
+        )
+
+    def call(self, **request: object) -> dict:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError("the scraping client exited")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"client: {reply['error']}")
+        return reply
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def measure_round(client: Client, exporter: Exporter, scrapes: int) -> None:
+    before = cpu_seconds(exporter.pid)
+    reply = client.call(op="scrape", target=exporter.name, n=scrapes)
+    exporter.cpu_per_scrape.append((cpu_seconds(exporter.pid) - before) / scrapes)
+    exporter.wall_per_scrape.append(reply["seconds"] / scrapes)
+
+
+def idle_cpu(exporters: list[Exporter], seconds: float) -> dict[str, float]:
+    before = {e.name: cpu_seconds(e.pid) for e in exporters}
+    time.sleep(seconds)
+    return {e.name: (cpu_seconds(e.pid) - before[e.name]) / seconds for e in exporters}
+
+
+def allocations(ns: Namespace, scrapes: int, accept: str) -> dict:
+    out = ns.exec(
+        [sys.executable, __file__, "--role", "alloc", "--scrapes", str(scrapes), "--accept", accept]
+    )
+    return json.loads(out)
+
+
+# --- the client role ----------------------------------------------------------------------------
+
+
+def client_main(targets: dict[str, list], accept: str) -> None:
+    import http.client
+
+    headers = {
+        "Accept": accept,
+        "Accept-Encoding": "gzip",
+        "User-Agent": "Prometheus/2.42.0",
+        "X-Prometheus-Scrape-Timeout-Seconds": "10",
+    }
+    connections = {name: _connect(port) for name, (port, _path) in targets.items()}
+
+    def scrape(name: str) -> http.client.HTTPResponse:
+        conn = connections[name]
+        conn.request("GET", targets[name][1], headers=headers)
+        response = conn.getresponse()
+        if response.status != 200:
+            raise RuntimeError(f"{name}: HTTP {response.status}")
+        return response
+
+    for line in sys.stdin:
+        request = json.loads(line)
+        try:
+            name = request["target"]
+            if request["op"] == "probe":
+                response = scrape(name)
+                wire = response.read()
+                encoding = response.getheader("Content-Encoding", "identity")
+                text = gzip.decompress(wire) if encoding == "gzip" else wire
+                lines = text.decode().splitlines()
+                reply = {
+                    "content_type": response.getheader("Content-Type"),
+                    "encoding": encoding,
+                    "wire_bytes": len(wire),
+                    "body_bytes": len(text),
+                    "samples": sum(1 for x in lines if x and not x.startswith("#")),
+                    "conntrack_entries": next(
+                        (x.split()[-1] for x in lines if x.startswith(ENTRIES_SAMPLES)), None
+                    ),
+                }
+            else:
+                started = time.perf_counter()
+                for _ in range(request["n"]):
+                    scrape(name).read()
+                reply = {"seconds": time.perf_counter() - started}
+        except Exception as exc:
+            reply = {"error": f"{type(exc).__name__}: {exc}"}
+        sys.stdout.write(json.dumps(reply) + "\n")
+        sys.stdout.flush()
+
+
+def _connect(port: int):
+    import http.client
+
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            conn.connect()
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return conn
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+# --- the allocation role ------------------------------------------------------------------------
+
+
+def alloc_main(scrapes: int, accept: str) -> None:
+    import tracemalloc
+
+    sys.path.insert(0, str(REPO))
+    from conntrack_exporter.cli import build_collectors
+    from conntrack_exporter.config import load_config
+    from conntrack_exporter.registry import ExporterCollector
+    from conntrack_exporter.server import metrics_response
+
+    exporter = ExporterCollector(build_collectors(load_config(None, {})))
+
+    def scrape() -> None:
+        metrics_response(exporter, accept, "gzip")
+
+    # Warm up first: the first scrapes fill caches (imports, interned strings, buffers).
+    for _ in range(50):
+        scrape()
+    # Preallocated, so that recording a result allocates nothing that tracemalloc would count.
+    peaks = array.array("q", bytes(8 * scrapes))
+    tracemalloc.start()
+    start_current = tracemalloc.get_traced_memory()[0]
+    for i in range(scrapes):
+        tracemalloc.reset_peak()
+        current = tracemalloc.get_traced_memory()[0]
+        scrape()
+        peaks[i] = tracemalloc.get_traced_memory()[1] - current
+    net = tracemalloc.get_traced_memory()[0] - start_current
+    tracemalloc.stop()
+    json.dump(
+        {
+            "scrapes": scrapes,
+            "peak_median": statistics.median(peaks),
+            "peak_max": max(peaks),
+            "net_per_scrape": net / scrapes,
+            "net_total": net,
+        },
+        sys.stdout,
+    )
+
+
+# --- reporting ----------------------------------------------------------------------------------
+
+
+def us(seconds: float) -> str:
+    return f"{seconds * 1e6:8.0f} us"
+
+
+def spread(values: list[float]) -> str:
+    return f"{min(values) * 1e6:.0f}..{max(values) * 1e6:.0f} us"
+
+
+def report(args: argparse.Namespace, ours: Exporter, node: Exporter, extra: dict) -> None:
+    ratios = [o / n for o, n in zip(ours.cpu_per_scrape, node.cpu_per_scrape, strict=True)]
+    med_ours = statistics.median(ours.cpu_per_scrape)
+    med_node = statistics.median(node.cpu_per_scrape)
+    alloc = extra["alloc"]
+    lines = [
+        "",
+        f"machine: {platform.node()}, Linux {platform.release()}, {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}, {extra['node_version']}",
+        f"netns {extra['netns']}: {extra['entries']} conntrack entries; "
+        f"{args.rounds} rounds x {args.scrapes} scrapes each, Accept: {args.accept}, "
+        f"Accept-Encoding: gzip, keep-alive",
+        "",
+        f"{'':32}{'ours':>16}{'node_exporter':>16}{'ours/node':>12}",
+        f"{'CPU per scrape, median':32}{us(med_ours):>16}{us(med_node):>16}"
+        f"{med_ours / med_node:>12.2f}",
+        f"{'  min..max over rounds':32}{spread(ours.cpu_per_scrape):>16}"
+        f"{spread(node.cpu_per_scrape):>16}{f'{min(ratios):.2f}..{max(ratios):.2f}':>12}",
+        f"{'  per-round ratio, median':32}{'':32}{statistics.median(ratios):>12.2f}",
+        f"{'latency per scrape, median':32}{us(statistics.median(ours.wall_per_scrape)):>16}"
+        f"{us(statistics.median(node.wall_per_scrape)):>16}",
+        f"{'idle CPU (ms per second)':32}{extra['idle'][ours.name] * 1e3:>16.2f}"
+        f"{extra['idle'][node.name] * 1e3:>16.2f}",
+        f"{'peak RSS (VmHWM)':32}{ours.info['hwm_kib'] / 1024:>13.1f} MiB"
+        f"{node.info['hwm_kib'] / 1024:>13.1f} MiB",
+        f"{'response bytes gzip / plain':32}{_sizes(ours.info):>16}{_sizes(node.info):>16}",
+        f"{'conntrack entries it reports':32}{ours.info['conntrack_entries']:>16}"
+        f"{node.info['conntrack_entries']:>16}",
+        f"{'samples per scrape':32}{ours.info['samples']:>16}{node.info['samples']:>16}",
+        f"{'content type':32}{_short(ours.info['content_type']):>16}"
+        f"{_short(node.info['content_type']):>16}",
+        "",
+        f"ours, tracemalloc over {alloc['scrapes']} in-process scrapes (collect + encode + gzip):",
+        f"  peak allocated during a scrape: median {alloc['peak_median'] / 1024:.1f} KiB, "
+        f"max {alloc['peak_max'] / 1024:.1f} KiB",
+        f"  net retained per scrape: {alloc['net_per_scrape']:.1f} B "
+        f"({alloc['net_total']} B over the run)",
+        "",
+        "CPU per round, us per scrape (ours / node): "
+        + ", ".join(
+            f"{o * 1e6:.0f}/{n * 1e6:.0f}"
+            for o, n in zip(ours.cpu_per_scrape, node.cpu_per_scrape, strict=True)
+        ),
+        f"CPU times come from /proc/PID/stat in {1000 // CLK_TCK} ms ticks: one round's "
+        f"resolution is {1e6 / CLK_TCK / args.scrapes:.1f} us per scrape.",
+    ]
+    print("\n".join(lines))
+
+
+def _sizes(info: dict) -> str:
+    return f"{info['wire_bytes']} / {info['body_bytes']}"
+
+
+def _short(content_type: str) -> str:
+    return content_type.split(";")[0].replace("application/", "")
+
+
+# --- main ---------------------------------------------------------------------------------------
+
+
+def _interrupt(_signum: int, _frame: object) -> None:
+    # A SIGTERM unwinds through the same `finally` blocks as a Ctrl-C.
+    raise KeyboardInterrupt
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scrapes", type=int, default=3000, help="scrapes per round (3000)")
+    parser.add_argument("--rounds", type=int, default=7, help="rounds per exporter (7)")
+    parser.add_argument("--warmup", type=int, default=300, help="unmeasured scrapes first (300)")
+    parser.add_argument("--flows", type=int, default=5000, help="UDP flows to create (5000)")
+    parser.add_argument(
+        "--alloc-scrapes", type=int, default=500, help="scrapes under tracemalloc (500)"
+    )
+    parser.add_argument(
+        "--accept",
+        choices=sorted(ACCEPT),
+        default="prometheus",
+        help="Accept header: what Prometheus 2.x sends (OpenMetrics first), or text/plain only",
+    )
+    parser.add_argument(
+        "--node-exporter-metrics",
+        action="store_true",
+        help="let node_exporter also serve its go_*/process_*/promhttp_* metrics (off: it then "
+        "serves only what its conntrack collector and scrape bookkeeping produce)",
+    )
+    parser.add_argument("--role", choices=["client", "alloc"], help=argparse.SUPPRESS)
+    parser.add_argument("--targets", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main() -> int:
+    args = parse_args()
+    if args.role == "client":
+        client_main(json.loads(args.targets), os.environ["BENCH_ACCEPT"])
+        return 0
+    if args.role == "alloc":
+        alloc_main(args.scrapes, ACCEPT[args.accept])
+        return 0
+    if os.geteuid() != 0:
+        sys.exit("scrape_cpu.py needs root: it creates a network namespace and nft rules")
+    if not os.access(NODE_EXPORTER, os.X_OK):
+        sys.exit(f"{NODE_EXPORTER} is missing: apt-get install prometheus-node-exporter")
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    ours = Exporter(
+        "ours",
+        OURS_PORT,
+        "/metrics",
+        [
+            sys.executable,
+            "-m",
+            "conntrack_exporter",
+            f"--web.listen-address=127.0.0.1:{OURS_PORT}",
+            "--log.level=warn",
+        ],
+    )
+    node = Exporter(
+        "node_exporter",
+        NODE_PORT,
+        "/metrics",
+        [
+            NODE_EXPORTER,
+            f"--web.listen-address=127.0.0.1:{NODE_PORT}",
+            "--collector.disable-defaults",
+            "--collector.conntrack",
+            "--log.level=warn",
+        ]
+        + ([] if args.node_exporter_metrics else ["--web.disable-exporter-metrics"]),
+    )
+    exporters = [ours, node]
+    logdir = Path(tempfile.mkdtemp(prefix="scrape-cpu-"))
+    client = None
+    try:
+        with Namespace() as ns:
+            try:
+                print(f"netns {ns.name}: making {args.flows} UDP flows", file=sys.stderr)
+                entries = ns.make_flows(args.flows)
+                for exporter in exporters:
+                    start(ns, exporter, logdir)
+                client = Client(ns, exporters, ACCEPT[args.accept])
+                for exporter in exporters:
+                    exporter.info = client.call(op="probe", target=exporter.name)
+                    # The pid we measure must be the exporter, not an `ip` left in between.
+                    exe = os.readlink(f"/proc/{exporter.pid}/exe")
+                    if os.path.basename(exe) == "ip":
+                        raise RuntimeError(f"{exporter.name}: pid {exporter.pid} is {exe}")
+                print(f"warming up: {args.warmup} scrapes each", file=sys.stderr)
+                for exporter in exporters:
+                    client.call(op="scrape", target=exporter.name, n=args.warmup)
+                for i in range(args.rounds):
+                    # Alternate who goes first, so a drift in machine load hits both alike.
+                    for exporter in exporters if i % 2 == 0 else exporters[::-1]:
+                        measure_round(client, exporter, args.scrapes)
+                    print(
+                        f"round {i + 1}/{args.rounds}: "
+                        + ", ".join(
+                            f"{e.name} {e.cpu_per_scrape[-1] * 1e6:.0f} us" for e in exporters
+                        ),
+                        file=sys.stderr,
+                    )
+                idle = idle_cpu(exporters, 3.0)
+                for exporter in exporters:
+                    exporter.info["hwm_kib"] = status_kib(exporter.pid, "VmHWM")
+                print(f"tracemalloc: {args.alloc_scrapes} scrapes in-process", file=sys.stderr)
+                alloc = allocations(ns, args.alloc_scrapes, args.accept)
+                node_version = run([NODE_EXPORTER, "--version"]).stdout.split("(")[0].strip()
+                if not node_version:
+                    node_version = "node_exporter"
+            except BaseException:
+                for exporter in exporters:
+                    if exporter.process is not None and exporter.process.poll() is not None:
+                        print(
+                            f"--- {exporter.name} exited:\n{exporter_log(exporter)}",
+                            file=sys.stderr,
+                        )
+                raise
+            finally:
+                if client is not None:
+                    client.close()
+                for exporter in exporters:
+                    stop(exporter)
+    except KeyboardInterrupt:
+        print("interrupted; namespace and exporters cleaned up", file=sys.stderr)
+        return 130
+    finally:
+        for exporter in exporters:
+            if exporter.log is not None:
+                exporter.log.close()
+        shutil.rmtree(logdir, ignore_errors=True)
+    report(
+        args,
+        ours,
+        node,
+        {
+            "alloc": alloc,
+            "idle": idle,
+            "entries": entries,
+            "netns": ns.name,
+            "node_version": node_version,
+        },
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
