@@ -10,10 +10,9 @@ import socketserver
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client.exposition import choose_encoder
-
 from conntrack_exporter import __version__
 from conntrack_exporter.config import WebConfig, parse_listen_address
+from conntrack_exporter.exposition import encode
 from conntrack_exporter.registry import ExporterCollector
 
 log = logging.getLogger(__name__)
@@ -42,8 +41,7 @@ def metrics_response(
 
     Kept apart from the handler so that benchmarks can measure exactly what a scrape costs.
     """
-    encoder, content_type = choose_encoder(accept)
-    body = encoder(exporter)
+    body, content_type = encode(exporter, accept)
     headers = {}
     if "gzip" in accept_encoding:
         body = gzip.compress(body, compresslevel=1)

@@ -1,0 +1,152 @@
+"""The scrape body: our metric families in the format the scraper asked for.
+
+prometheus_client escapes every HELP string one character at a time on every scrape, which
+costs more than reading the kernel does. The HELP, TYPE and UNIT lines of a family never change
+between scrapes, so they are rendered once, by prometheus_client itself, and reused; sample
+lines are rendered here by the same rules. Any family this module would not render exactly as
+prometheus_client does (exemplars, timestamps, native histograms, `_created` samples, names
+outside the legacy character set) is rendered by prometheus_client, and so is every format
+this module does not know, so the output is byte for byte prometheus_client's.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Callable, Iterable, Iterator
+from typing import Literal, Protocol
+
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.exposition import generate_latest as text_generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.openmetrics import exposition as openmetrics
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString, parse_version
+
+# prometheus_client leaves names in the legacy character set alone under these escaping
+# schemes; "dots" and "values" rewrite every name, so those go to prometheus_client whole.
+_NAME_PRESERVING_ESCAPINGS = frozenset({openmetrics.UNDERSCORES, openmetrics.ALLOWUTF8})
+# No colon: prometheus_client renders OpenMetrics sample names with the label-name rules.
+_is_plain_name = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*").fullmatch
+# Only the families of a fixed set of collectors pass through here; the cap guards against a
+# collector that puts changing text into HELP.
+_MAX_CACHED_HEADERS = 1024
+_EOF = "# EOF\n"
+
+
+class SupportsCollect(Protocol):
+    def collect(self) -> Iterable[Metric]: ...
+
+
+Encoder = Callable[[SupportsCollect], bytes]
+Format = Literal["text", "openmetrics"]
+
+
+class _Families:
+    """A registry-shaped wrapper, to hand prometheus_client's encoders some families."""
+
+    def __init__(self, *metrics: Metric) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._metrics)
+
+
+# (content type, name, type, HELP, unit) -> the family's header lines; None when the family's
+# name needs prometheus_client's escaping. Dict reads and writes are atomic under the GIL, and a
+# race only renders the same header twice.
+_headers: dict[tuple[str, str, str, str, str], str | None] = {}
+
+
+def encode(collector: SupportsCollect, accept: str) -> tuple[bytes, str]:
+    """Collect once and encode for the Accept header: the body and its content type."""
+    encoder, content_type = choose_encoder(accept)
+    fmt = _lean_format(encoder)
+    if fmt is None:
+        return encoder(collector), content_type
+    out: list[str] = []
+    for metric in collector.collect():
+        header = _header(encoder, content_type, metric, fmt)
+        if header is not None and _has_plain_samples(metric):
+            out.append(header)
+            out.extend(_sample_line(sample) for sample in metric.samples)
+        else:
+            out.append(_render(encoder, metric, fmt))
+    if fmt == "openmetrics":
+        out.append(_EOF)
+    return "".join(out).encode(), content_type
+
+
+def _lean_format(encoder: Encoder) -> Format | None:
+    """The format this module renders for the encoder, or None to leave it to the library.
+
+    choose_encoder returns its encoders bare or as functools.partial with keyword options.
+    """
+    function = getattr(encoder, "func", encoder)
+    options = getattr(encoder, "keywords", {})
+    if options.get("escaping", openmetrics.UNDERSCORES) not in _NAME_PRESERVING_ESCAPINGS:
+        return None
+    if function is text_generate_latest:
+        return "text"
+    # OpenMetrics 2.0 is still moving in prometheus_client: leave it to the library.
+    version = parse_version(options.get("version", "1.0.0"))
+    if function is openmetrics.generate_latest and version < (2,):
+        return "openmetrics"
+    return None
+
+
+def _header(encoder: Encoder, content_type: str, metric: Metric, fmt: Format) -> str | None:
+    key = (content_type, metric.name, metric.type, metric.documentation, metric.unit)
+    try:
+        return _headers[key]
+    except KeyError:
+        pass
+    header = None
+    if _is_plain_name(metric.name):
+        bare = copy.copy(metric)
+        bare.samples = []
+        header = _render(encoder, bare, fmt)
+    if len(_headers) >= _MAX_CACHED_HEADERS:
+        _headers.clear()
+    _headers[key] = header
+    return header
+
+
+def _render(encoder: Encoder, metric: Metric, fmt: Format) -> str:
+    """One family as prometheus_client renders it, without the OpenMetrics end marker."""
+    text = encoder(_Families(metric)).decode()
+    return text.removesuffix(_EOF) if fmt == "openmetrics" else text
+
+
+def _has_plain_samples(metric: Metric) -> bool:
+    """Whether every sample is `name{labels} value` and nothing else, in both formats."""
+    if metric.type == "counter":
+        name = metric.name + "_total"
+    elif metric.type == "gauge":
+        name = metric.name
+    else:
+        return False
+    for sample in metric.samples:
+        if (
+            sample.name != name
+            or sample.value is None
+            or sample.timestamp is not None
+            or sample.exemplar is not None
+            or getattr(sample, "native_histogram", None) is not None
+            or not all(_is_plain_name(label) for label in sample.labels)
+        ):
+            return False
+    return True
+
+
+def _sample_line(sample: Sample) -> str:
+    labels = sample.labels
+    if not labels:
+        return f"{sample.name} {floatToGoString(sample.value)}\n"
+    pairs = ",".join(f'{key}="{_escape(labels[key])}"' for key in sorted(labels))
+    return f"{sample.name}{{{pairs}}} {floatToGoString(sample.value)}\n"
+
+
+def _escape(value: str) -> str:
+    # The same replacements, in the same order, as prometheus_client's label value escaping.
+    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
