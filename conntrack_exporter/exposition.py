@@ -12,6 +12,7 @@ this module does not know, so the output is byte for byte prometheus_client's.
 from __future__ import annotations
 
 import copy
+import math
 import re
 from collections.abc import Callable, Iterable, Iterator
 from typing import Literal, Protocol
@@ -20,7 +21,6 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.exposition import generate_latest as text_generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.openmetrics import exposition as openmetrics
-from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString, parse_version
 
 # prometheus_client leaves names in the legacy character set alone under these escaping
@@ -67,11 +67,12 @@ def encode(collector: SupportsCollect, accept: str) -> tuple[bytes, str]:
     out: list[str] = []
     for metric in collector.collect():
         header = _header(encoder, content_type, metric, fmt)
-        if header is not None and _has_plain_samples(metric):
-            out.append(header)
-            out.extend(_sample_line(sample) for sample in metric.samples)
-        else:
+        lines = None if header is None else _sample_lines(metric)
+        if lines is None:
             out.append(_render(encoder, metric, fmt))
+        else:
+            out.append(header)
+            out += lines
     if fmt == "openmetrics":
         out.append(_EOF)
     return "".join(out).encode(), content_type
@@ -118,33 +119,44 @@ def _render(encoder: Encoder, metric: Metric, fmt: Format) -> str:
     return text.removesuffix(_EOF) if fmt == "openmetrics" else text
 
 
-def _has_plain_samples(metric: Metric) -> bool:
-    """Whether every sample is `name{labels} value` and nothing else, in both formats."""
+def _sample_lines(metric: Metric) -> list[str] | None:
+    """The family's sample lines, or None unless every one is `name{labels} value` and nothing
+    else, which both formats render alike."""
     if metric.type == "counter":
-        name = metric.name + "_total"
+        expected = metric.name + "_total"
     elif metric.type == "gauge":
-        name = metric.name
+        expected = metric.name
     else:
-        return False
-    for sample in metric.samples:
+        return None
+    lines = []
+    # Unpacked rather than read by attribute: the scrape's hottest loop. Samples have grown a
+    # sixth field (native_histogram) over prometheus_client's versions; `rest` takes any more.
+    for name, labels, value, timestamp, exemplar, *rest in metric.samples:
         if (
-            sample.name != name
-            or sample.value is None
-            or sample.timestamp is not None
-            or sample.exemplar is not None
-            or getattr(sample, "native_histogram", None) is not None
-            or not all(_is_plain_name(label) for label in sample.labels)
+            name != expected
+            or value is None
+            or timestamp is not None
+            or exemplar is not None
+            or rest.count(None) != len(rest)
         ):
-            return False
-    return True
+            return None
+        if not labels:
+            lines.append(f"{name} {_format_value(value)}\n")
+            continue
+        if not all(_is_plain_name(key) for key in labels):
+            return None
+        pairs = ",".join(f'{key}="{_escape(labels[key])}"' for key in sorted(labels))
+        lines.append(f"{name}{{{pairs}}} {_format_value(value)}\n")
+    return lines
 
 
-def _sample_line(sample: Sample) -> str:
-    labels = sample.labels
-    if not labels:
-        return f"{sample.name} {floatToGoString(sample.value)}\n"
-    pairs = ",".join(f'{key}="{_escape(labels[key])}"' for key in sorted(labels))
-    return f"{sample.name}{{{pairs}}} {floatToGoString(sample.value)}\n"
+def _format_value(value: float) -> str:
+    number = float(value)
+    # floatToGoString returns repr() for every value but infinities, NaN and positive values of
+    # 1e6 or more (Go's exponent form); skip its checks for the common case.
+    if -math.inf < number < 1e6:
+        return repr(number)
+    return floatToGoString(number)
 
 
 def _escape(value: str) -> str:
