@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import email.utils
+import functools
 import html
 import logging
 import socket
 import socketserver
+import time
 import zlib
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -118,6 +121,13 @@ def _http_version(version: str) -> tuple[int, int] | None:
     return int(numbers[0]), int(numbers[1])
 
 
+@functools.lru_cache(maxsize=1)
+def _http_date(second: int) -> str:
+    # Formatting the Date header costs more than the rest of the response headers together,
+    # and it changes once a second.
+    return email.utils.formatdate(second, usegmt=True)
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = f"conntrack-exporter/{__version__}"
@@ -217,6 +227,11 @@ class _Handler(BaseHTTPRequestHandler):
             f"got more than {MAX_HEADERS} headers",
         )
         return None
+
+    def date_time_string(self, timestamp: float | None = None) -> str:
+        if timestamp is not None:
+            return super().date_time_string(timestamp)
+        return _http_date(int(time.time()))
 
     def do_GET(self) -> None:
         self._route(send_body=True)
