@@ -1,13 +1,16 @@
 """Scrape cost: our exporter against node_exporter's conntrack collector, in one network namespace.
 
-Both exporters run side by side in a throwaway netns with real conntrack entries (UDP flows on
-loopback). A client process in the same netns scrapes each over one keep-alive connection with
-the headers Prometheus sends, the same number of times, in alternating rounds. Each exporter's
-CPU time (utime + stime of all its threads, from /proc/PID/stat) is read around every round, so
-the client's own work is never counted. In a separate process in the same netns, our collection
-and exposition path runs under tracemalloc to report the memory a scrape allocates.
+Our exporter and node_exporter (twice: as configured with only its conntrack collector, and the
+same without its own go_/process_/promhttp_ metrics) run side by side in a throwaway netns with
+real conntrack entries (UDP flows on loopback). A client process in the same netns scrapes each
+over one keep-alive connection with the headers Prometheus sends, the same number of times, in
+rounds whose order rotates. Each exporter's CPU time (utime + stime of all its threads, from
+/proc/PID/stat) is read around every round; the client's own work is never counted. Then, in a
+separate process in the same netns, our collection and exposition path runs under tracemalloc
+to report the memory a scrape allocates.
 
-Needs root (netns, nft) and Debian's prometheus-node-exporter. Run it with `make bench`, or:
+Needs root (netns, nft) and Debian's prometheus-node-exporter. Our exporter runs from the
+checkout this script is in. Run it with `make bench`, or:
 
     .venv/bin/python bench/scrape_cpu.py --scrapes 3000 --rounds 7 --flows 5000
 
@@ -149,6 +152,8 @@ def start(ns: Namespace, exporter: Exporter, logdir: Path) -> None:
         stderr=subprocess.STDOUT,
         # Its own process group: a Ctrl-C reaches only us, and `finally` stops it in order.
         start_new_session=True,
+        # `python -m conntrack_exporter` then imports the package from this checkout.
+        cwd=REPO,
     )
 
 
