@@ -399,8 +399,8 @@ def report(args: argparse.Namespace, exporters: list[Exporter], extra: dict) -> 
         f"ours, tracemalloc over {alloc['scrapes']} in-process scrapes (collect, encode, gzip):",
         f"  peak allocated during a scrape: median {alloc['peak_median'] / 1024:.1f} KiB, "
         f"max {alloc['peak_max'] / 1024:.1f} KiB",
-        f"  net retained: {alloc['net_per_scrape']:.1f} B per scrape "
-        f"({alloc['net_total']} B over the run)",
+        f"  traced memory grown over the run: {alloc['net_total']} B "
+        f"({alloc['net_per_scrape']:.1f} B per scrape; a leak grows with --alloc-scrapes)",
         "",
         "CPU per round, us per scrape: "
         + "; ".join(
