@@ -504,6 +504,8 @@ def main() -> int:
         sys.exit(f"{NODE_EXPORTER} is missing: apt-get install prometheus-node-exporter")
 
     signal.signal(signal.SIGTERM, _interrupt)
+    # A shell without job control starts background commands with SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     exporters = build_exporters()
     logdir = Path(tempfile.mkdtemp(prefix="scrape-cpu-"))
     client = None
