@@ -10,7 +10,6 @@ import socket
 import socketserver
 import time
 import zlib
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -29,9 +28,6 @@ IDLE_CONNECTION_TIMEOUT_SECONDS = 120
 GZIP_LEVEL = 1
 GZIP_WBITS = 16 + 13
 GZIP_MEMLEVEL = 4
-# http.client's limits on a request's header block, which the stdlib parser enforces.
-MAX_HEADER_LINE = 65536
-MAX_HEADERS = 100
 
 
 def landing_page(telemetry_path: str, collectors: list[str]) -> bytes:
@@ -100,27 +96,6 @@ class MetricsServer(ThreadingHTTPServer):
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-class _Headers(dict[str, str]):
-    """Request headers by lower-cased name, looked up without regard to case.
-
-    It stands in for the email.message.Message that BaseHTTPRequestHandler would build; the
-    handler only ever calls get().
-    """
-
-    def get(self, name: str, default: str = "") -> str:  # type: ignore[override]
-        return super().get(name.lower(), default)
-
-
-def _http_version(version: str) -> tuple[int, int] | None:
-    """(major, minor) of "HTTP/x.y" by RFC 2145's rules, or None when malformed."""
-    if not version.startswith("HTTP/"):
-        return None
-    numbers = version[5:].split(".")
-    if len(numbers) != 2 or not all(n.isdecimal() and len(n) <= 10 for n in numbers):
-        return None
-    return int(numbers[0]), int(numbers[1])
-
-
 @functools.lru_cache(maxsize=1)
 def _http_date(second: int) -> str:
     # Formatting the Date header costs more than the rest of the response headers together,
@@ -138,95 +113,6 @@ class _Handler(BaseHTTPRequestHandler):
     wbufsize = -1
     disable_nagle_algorithm = True
     server: MetricsServer
-
-    def parse_request(self) -> bool:
-        """BaseHTTPRequestHandler.parse_request, with the header block read without email.
-
-        The stdlib hands the header block to the email package, a tenth of the CPU a scrape
-        costs. The request line, the limits, the status codes and the Connection and Expect
-        handling are the stdlib's (for protocol_version HTTP/1.1).
-        """
-        self.command = None  # set in case of an error on the first line
-        self.request_version = version = self.default_request_version
-        self.close_connection = True
-        requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
-        self.requestline = requestline
-        words = requestline.split()
-        if not words:
-            return False
-        if len(words) >= 3:  # enough to determine the protocol version
-            version = words[-1]
-            version_number = _http_version(version)
-            if version_number is None:
-                self.send_error(HTTPStatus.BAD_REQUEST, f"Bad request version ({version!r})")
-                return False
-            if version_number >= (1, 1):
-                self.close_connection = False
-            if version_number >= (2, 0):
-                self.send_error(
-                    HTTPStatus.HTTP_VERSION_NOT_SUPPORTED,
-                    f"Invalid HTTP version ({version.split('/', 1)[1]})",
-                )
-                return False
-            self.request_version = version
-        if not 2 <= len(words) <= 3:
-            self.send_error(HTTPStatus.BAD_REQUEST, f"Bad request syntax ({requestline!r})")
-            return False
-        command, path = words[:2]
-        if len(words) == 2:
-            self.close_connection = True
-            if command != "GET":
-                self.send_error(HTTPStatus.BAD_REQUEST, f"Bad HTTP/0.9 request type ({command!r})")
-                return False
-        if path.startswith("//"):
-            # Clients read //host/path as a URL without scheme: an open redirect (gh-87389).
-            path = "/" + path.lstrip("/")
-        self.command, self.path = command, path
-        headers = self._read_headers()
-        if headers is None:
-            return False
-        self.headers = headers
-        connection = headers.get("Connection", "").lower()
-        if connection == "close":
-            self.close_connection = True
-        elif connection == "keep-alive":
-            self.close_connection = False
-        if (
-            headers.get("Expect", "").lower() == "100-continue"
-            and self.request_version >= "HTTP/1.1"
-        ):
-            return self.handle_expect_100()
-        return True
-
-    def _read_headers(self) -> _Headers | None:
-        headers = _Headers()
-        name = ""
-        for _ in range(MAX_HEADERS + 1):
-            line = self.rfile.readline(MAX_HEADER_LINE + 1)
-            if len(line) > MAX_HEADER_LINE:
-                self.send_error(
-                    HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
-                    "Line too long",
-                    f"got more than {MAX_HEADER_LINE} bytes when reading header line",
-                )
-                return None
-            if line in (b"\r\n", b"\n", b""):
-                return headers
-            text = line.decode("iso-8859-1")
-            if text[0] in " \t" and name:  # obsolete line folding continues the last header
-                headers[name] += " " + text.strip()
-                continue
-            field, colon, value = text.partition(":")
-            if colon:
-                name = field.strip().lower()
-                # The first of repeated headers wins, as with email.message.Message.get.
-                headers.setdefault(name, value.strip())
-        self.send_error(
-            HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
-            "Too many headers",
-            f"got more than {MAX_HEADERS} headers",
-        )
-        return None
 
     def date_time_string(self, timestamp: float | None = None) -> str:
         if timestamp is not None:
