@@ -6,6 +6,7 @@ import errno
 import logging
 import os
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -36,6 +37,7 @@ NETLINK_NETFILTER = 12
 
 # Large enough for the biggest single skb the kernel sends on a dump (32 KiB on 4 KiB pages).
 RECEIVE_BUFFER_BYTES = 64 * 1024
+TIMEVAL = struct.Struct("@ll")
 
 MessageHandler = Callable[[Buffer, Message], None]
 
@@ -53,6 +55,13 @@ class NetlinkSocket:
         )
         self._sock.bind((0, 0))
         self._sock.connect((0, 0))
+        # A kernel-side receive timeout, set once: Python's own socket timeout would add a
+        # poll() and an ioctl() to every receive. The request's deadline bounds the total.
+        # At least 1 us: a zero timeval would mean "block forever".
+        micros = max(1, round(timeout * 1e6))
+        self._sock.setsockopt(
+            socket.SOL_SOCKET, socket.SO_RCVTIMEO, TIMEVAL.pack(*divmod(micros, 1_000_000))
+        )
         self._allowed_types = allowed_types
         self._timeout = timeout
         self._buffer = bytearray(RECEIVE_BUFFER_BYTES)
@@ -106,13 +115,11 @@ class NetlinkSocket:
                 on_message(view, msg)
 
     def _recv(self, deadline: float) -> int:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
+        if time.monotonic() >= deadline:
             raise NetlinkTimeout(errno.ETIMEDOUT, "no complete netlink answer before the deadline")
-        self._sock.settimeout(remaining)
         try:
             length = self._sock.recv_into(self._buffer, 0, socket.MSG_TRUNC)
-        except TimeoutError:
+        except BlockingIOError:  # SO_RCVTIMEO expired
             raise NetlinkTimeout(errno.ETIMEDOUT, "netlink read timed out") from None
         except OSError as exc:
             raise NetlinkError(exc.errno, exc.strerror) from exc
