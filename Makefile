@@ -4,9 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
-APT_PACKAGES := conntrack nftables iproute2 prometheus prometheus-node-exporter
+APT_PACKAGES := conntrack nftables iproute2 procps prometheus prometheus-node-exporter
 # One command per apt package above, to tell whether it is already installed.
-APT_COMMANDS := conntrack nft ip promtool prometheus-node-exporter
+APT_COMMANDS := conntrack nft ip sysctl promtool prometheus-node-exporter
 
 .PHONY: run test lint unit bench system-deps deps clean
 
