@@ -143,6 +143,12 @@ def test_stale_bytes_after_length_in_a_reused_buffer_are_ignored():
     assert stats == expected
 
 
+def captured_cpu_stats(fixture: str, reply_type: int, names: dict[int, str]) -> list:
+    return [
+        parse_cpu_stats(buf, msg, names) for buf, msg in messages(fixture) if msg.type == reply_type
+    ]
+
+
 def test_global_stats_match_conntrack_count():
     (buf, msg), _ack = messages("ct_get_stats.bin")
     stats = parse_global_stats(buf, msg)
@@ -151,11 +157,7 @@ def test_global_stats_match_conntrack_count():
 
 
 def test_cpu_stats_match_conntrack_dash_s_per_cpu():
-    parsed = [
-        parse_cpu_stats(buf, msg, CPU_STAT_NAMES)
-        for buf, msg in messages("ct_get_stats_cpu.bin")
-        if msg.type == CT_GET_STATS_CPU
-    ]
+    parsed = captured_cpu_stats("ct_get_stats_cpu.bin", CT_GET_STATS_CPU, CPU_STAT_NAMES)
     assert [s.cpu for s in parsed] == [0, 1]
     for stats in parsed:
         # Exact equality: the kernel sends just the ten counters conntrack -S prints.
@@ -169,11 +171,7 @@ def test_cpu_stats_match_conntrack_dash_s_per_cpu():
 
 
 def test_cpu_stats_totals_match_conntrack_dash_s():
-    parsed = [
-        parse_cpu_stats(buf, msg, CPU_STAT_NAMES)
-        for buf, msg in messages("ct_get_stats_cpu.bin")
-        if msg.type == CT_GET_STATS_CPU
-    ]
+    parsed = captured_cpu_stats("ct_get_stats_cpu.bin", CT_GET_STATS_CPU, CPU_STAT_NAMES)
     reference = CAPTURE["conntrack_S"]["cpus"].values()
     for name in CAPTURE["conntrack_S"]["cpus"]["0"]:
         assert sum(s.counters[name] for s in parsed) == sum(cpu[name] for cpu in reference), name
@@ -190,11 +188,7 @@ def test_kernel_no_longer_sends_the_unused_counters():
 
 
 def test_expect_stats_match_conntrack_dash_s_exp():
-    parsed = [
-        parse_cpu_stats(buf, msg, EXPECT_STAT_NAMES)
-        for buf, msg in messages("exp_get_stats_cpu.bin")
-        if msg.type == EXP_STATS_CPU_REPLY
-    ]
+    parsed = captured_cpu_stats("exp_get_stats_cpu.bin", EXP_STATS_CPU_REPLY, EXPECT_STAT_NAMES)
     assert [s.cpu for s in parsed] == [0, 1]
     for stats in parsed:
         assert stats.counters == CAPTURE["conntrack_S_exp"]["cpus"][str(stats.cpu)]
