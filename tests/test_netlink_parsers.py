@@ -311,6 +311,7 @@ def test_message_types_agree_with_the_header():
     kernel = {**enums["cntl_msg_types"], **enums["ctnl_exp_msg_types"]}
     ours = {name: getattr(ctnetlink, name) for name in dir(ctnetlink) if name.startswith("IPCTNL")}
     assert set(ours) == {
+        "IPCTNL_MSG_CT_NEW",  # the type of each entry in a dump reply; never in READ_REQUESTS
         "IPCTNL_MSG_CT_GET",
         "IPCTNL_MSG_CT_GET_STATS_CPU",
         "IPCTNL_MSG_CT_GET_STATS",

@@ -31,6 +31,7 @@ NLA_TYPE_MASK = 0x3FFF
 NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 NLATTR = struct.Struct("=HH")  # len, type
 NLMSGERR_ERRNO = struct.Struct("=i")
+_unpack_nlattr = NLATTR.unpack_from
 
 
 class NetlinkParseError(ValueError):
@@ -81,15 +82,17 @@ def iter_messages(buf: Buffer, length: int) -> Iterator[Message]:
 
 def iter_attributes(buf: Buffer, start: int, end: int) -> Iterator[tuple[int, int, int]]:
     """Yield (type, value_start, value_end) for each attribute in buf[start:end]."""
+    # The innermost loop of a table dump (tens of attributes per entry): locals, no calls.
+    unpack = _unpack_nlattr
     offset = start
-    while end - offset >= NLATTR.size:
-        attr_len, attr_type = NLATTR.unpack_from(buf, offset)
-        if attr_len < NLATTR.size or attr_len > end - offset:
+    while end - offset >= 4:
+        attr_len, attr_type = unpack(buf, offset)
+        if attr_len < 4 or attr_len > end - offset:
             raise NetlinkParseError(
                 f"attribute length {attr_len} at offset {offset} does not fit {end - offset} bytes"
             )
-        yield attr_type & NLA_TYPE_MASK, offset + NLATTR.size, offset + attr_len
-        offset += align4(attr_len)
+        yield attr_type & 0x3FFF, offset + 4, offset + attr_len
+        offset += (attr_len + 3) & ~3
     # The last attribute's alignment padding was consumed with it (offset may now be past end
     # when a sender left that padding out); any byte still left is garbage, as for the kernel.
     if end - offset > 0:

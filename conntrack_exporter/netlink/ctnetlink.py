@@ -17,15 +17,18 @@ from conntrack_exporter.netlink.core import (
     NetlinkParseError,
     iter_attributes,
 )
+from conntrack_exporter.netlink.cttable import TableTally
 from conntrack_exporter.netlink.socket import NETLINK_NETFILTER, NetlinkSocket
 
 NFNL_SUBSYS_CTNETLINK = 1
 NFNL_SUBSYS_CTNETLINK_EXP = 2
+IPCTNL_MSG_CT_NEW = 0  # also the type of each entry in a dump reply; never sent
 IPCTNL_MSG_CT_GET = 1
 IPCTNL_MSG_CT_GET_STATS_CPU = 4
 IPCTNL_MSG_CT_GET_STATS = 5
 IPCTNL_MSG_EXP_GET_STATS_CPU = 3
 
+CT_NEW = NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_NEW
 CT_GET = NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_GET
 CT_GET_STATS_CPU = NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_GET_STATS_CPU
 CT_GET_STATS = NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_GET_STATS
@@ -111,6 +114,45 @@ def parse_cpu_stats(buf: Buffer, msg: Message, names: dict[int, str]) -> CpuStat
         if name is not None:
             counters[name] = _be32(buf, value_start, value_end)
     return CpuStats(cpu, counters)
+
+
+class DumpStopped(Exception):
+    """Raised from a dump's message handler to stop reading once the budget is spent."""
+
+
+class DumpResult(NamedTuple):
+    complete: bool  # every entry was read (False when the budget stopped the dump)
+    interrupted: bool  # the kernel flagged the dump NLM_F_DUMP_INTR: the table changed under it
+
+
+class ConntrackTableReader:
+    """Dumps the conntrack table (IPv4 and IPv6) of the socket's network namespace."""
+
+    def __init__(self, timeout: float) -> None:
+        self._socket = NetlinkSocket(NETLINK_NETFILTER, READ_REQUESTS, timeout)
+
+    def close(self) -> None:
+        self._socket.close()
+
+    def dump(self, tally: TableTally, max_entries: int = 0) -> DumpResult:
+        """Feed every entry to tally, stopping after max_entries entries (0: no limit)."""
+
+        def on_message(buf: Buffer, msg: Message) -> None:
+            if msg.type != CT_NEW:
+                return
+            tally.add(buf, msg.start, msg.end)
+            if tally.entries == max_entries:
+                raise DumpStopped
+
+        try:
+            interrupted = self._socket.request(CT_GET, NLM_F_DUMP, nfgen_request(), on_message)
+        except DumpStopped:
+            self._socket.reopen()
+            return DumpResult(complete=False, interrupted=False)
+        except Exception:
+            self._socket.reopen()  # whatever the kernel still sends belongs to a dead dump
+            raise
+        return DumpResult(complete=True, interrupted=interrupted)
 
 
 class ConntrackStatsReader:

@@ -50,24 +50,39 @@ class NetlinkSocket:
     """
 
     def __init__(self, protocol: int, allowed_types: frozenset[int], timeout: float = 2.0) -> None:
-        self._sock = socket.socket(
-            socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, protocol
-        )
-        self._sock.bind((0, 0))
-        self._sock.connect((0, 0))
-        # A kernel-side receive timeout, set once: Python's own socket timeout would add a
-        # poll() and an ioctl() to every receive. The request's deadline bounds the total.
-        # At least 1 us: a zero timeval would mean "block forever".
-        micros = max(1, round(timeout * 1e6))
-        self._sock.setsockopt(
-            socket.SOL_SOCKET, socket.SO_RCVTIMEO, TIMEVAL.pack(*divmod(micros, 1_000_000))
-        )
+        self._protocol = protocol
         self._allowed_types = allowed_types
         self._timeout = timeout
         self._buffer = bytearray(RECEIVE_BUFFER_BYTES)
         self._view = memoryview(self._buffer)
         self._lock = threading.Lock()
         self._seq = 0
+        self._sock = self._open()
+
+    def _open(self) -> socket.socket:
+        sock = socket.socket(
+            socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, self._protocol
+        )
+        sock.bind((0, 0))
+        sock.connect((0, 0))
+        # A kernel-side receive timeout, set once: Python's own socket timeout would add a
+        # poll() and an ioctl() to every receive. The request's deadline bounds the total.
+        # At least 1 us: a zero timeval would mean "block forever".
+        micros = max(1, round(self._timeout * 1e6))
+        sock.setsockopt(
+            socket.SOL_SOCKET, socket.SO_RCVTIMEO, TIMEVAL.pack(*divmod(micros, 1_000_000))
+        )
+        return sock
+
+    def reopen(self) -> None:
+        """A fresh socket (same buffer): drops what an abandoned dump left in the old one.
+
+        Cheaper than reading the rest of a dump stopped early, which the kernel would go on
+        producing for the old socket.
+        """
+        with self._lock:
+            self._sock.close()
+            self._sock = self._open()
 
     def close(self) -> None:
         self._sock.close()
