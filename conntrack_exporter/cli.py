@@ -23,6 +23,7 @@ from conntrack_exporter.config import Config, ConfigError, LogConfig, load_confi
 from conntrack_exporter.logs import setup_logging
 from conntrack_exporter.procfs import ProcFS
 from conntrack_exporter.registry import Collector, CollectorContext, ExporterCollector
+from conntrack_exporter.scanner import BackgroundJob, Scanner
 from conntrack_exporter.server import MetricsServer, landing_page
 
 log = logging.getLogger(__name__)
@@ -152,14 +153,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return EXIT_USAGE
     setup_logging(config.log.level, config.log.format)
-    exporter = ExporterCollector(build_collectors(config))
+    collectors = build_collectors(config)
+    exporter = ExporterCollector(collectors)
+    scanner = Scanner([c for c in collectors if isinstance(c, BackgroundJob)])
     if args.once:
+        scanner.run_once()
         sys.stdout.write(generate_latest(exporter).decode())
         return EXIT_OK
-    return serve(config, exporter)
+    return serve(config, exporter, scanner)
 
 
-def serve(config: Config, exporter: ExporterCollector) -> int:
+def serve(config: Config, exporter: ExporterCollector, scanner: Scanner) -> int:
     page = landing_page(config.web.telemetry_path, config.enabled_collectors)
     try:
         server = MetricsServer(config.web, exporter, page)
@@ -180,6 +184,7 @@ def serve(config: Config, exporter: ExporterCollector) -> int:
         target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="http", daemon=True
     )
     thread.start()
+    scanner.start()
     log.info(
         "listening",
         extra={
@@ -191,6 +196,7 @@ def serve(config: Config, exporter: ExporterCollector) -> int:
     )
     while not stop.wait(3600):
         pass
+    scanner.stop()
     server.shutdown()
     server.server_close()
     return EXIT_OK

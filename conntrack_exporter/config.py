@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import yaml
 
+from conntrack_exporter.checks import positive
 from conntrack_exporter.collectors import COLLECTORS
 
 Check = Callable[[Any], str | None]
@@ -31,10 +32,6 @@ def _telemetry_path_problem(value: str) -> str | None:
     if not value.startswith("/") or value in ("/", "/healthz"):
         return f"must be an absolute path other than / and /healthz, got {value!r}"
     return None
-
-
-def _positive(value: float) -> str | None:
-    return None if value > 0 else f"must be greater than 0, got {value!r}"
 
 
 def parse_listen_address(address: str) -> tuple[str, int]:
@@ -68,7 +65,7 @@ class PathConfig:
 
 @dataclass(frozen=True)
 class NetlinkConfig:
-    timeout_seconds: float = field(default=2.0, metadata={"check": _positive})
+    timeout_seconds: float = field(default=2.0, metadata={"check": positive})
 
 
 @dataclass(frozen=True)

@@ -89,8 +89,12 @@ def test_unprivileged_falls_back_to_procfs(netns):
         assert ours[name] == count, name
     assert set(ours) - set(tools) <= {"ignore", "expect_new", "expect_create", "expect_delete"}
     warnings = [json.loads(line) for line in result.stderr.splitlines()]
-    assert [w["level"] for w in warnings] == ["warn"]
-    assert "CAP_NET_ADMIN" in warnings[0]["msg"]
+    assert sorted((w["level"], w["logger"]) for w in warnings) == [
+        ("warn", "conntrack_exporter.collectors.conntrack"),
+        ("warn", "conntrack_exporter.collectors.conntrack_table"),
+    ]
+    assert all("CAP_NET_ADMIN" in w["msg"] for w in warnings)
+    assert value(samples, "conntrack_exporter_collector_success", collector="conntrack_table") == 0
 
 
 @pytest.mark.parametrize("user", [None, NOBODY], ids=["root", "nobody"])
@@ -274,7 +278,9 @@ def test_live_server_falls_back_once_when_unprivileged(netns):
         proc.send_signal(2)  # SIGINT stops it as cleanly as SIGTERM
         _, stderr = proc.communicate(timeout=5)
     assert proc.returncode == 0
-    assert stderr.count("CAP_NET_ADMIN") == 1
+    # One line each from the conntrack collector and the table scan, however many scrapes.
+    assert stderr.count("ctnetlink refused") == 1
+    assert stderr.count("conntrack table scan refused") == 1
 
 
 def test_taken_listen_address_exits_1(netns):

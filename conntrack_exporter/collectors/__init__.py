@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from conntrack_exporter.collectors.conntrack import ConntrackCollector
+from conntrack_exporter.collectors.conntrack_table import ConntrackTableCollector
 
-COLLECTORS = {collector.name: collector for collector in (ConntrackCollector,)}
+COLLECTORS = {
+    collector.name: collector for collector in (ConntrackCollector, ConntrackTableCollector)
+}
 
 __all__ = ["COLLECTORS"]
