@@ -34,6 +34,7 @@ from conntrack_exporter.netlink.cttable import (
     decode_kind,
     decode_nat_pool,
     status_names,
+    top,
 )
 from conntrack_exporter.registry import Collected, CollectorContext, NoDataError
 
@@ -199,14 +200,14 @@ class ConntrackTableCollector:
             f"Entries of the {k} original-direction sources holding the most. {CACHED}.",
             labels=["address"],
         )
-        for key, count in tally.sources.most_common(k):
+        for key, count in top(tally.sources, k):
             sources.add_metric([decode_address(key)], round(count * scale))
         destinations = GaugeMetricFamily(
             "conntrack_table_top_destination_entries",
             f"Entries of the {k} destinations (address, protocol, port) with the most. {CACHED}.",
             labels=["address", "protocol", "port"],
         )
-        for key, count in tally.destinations.most_common(k):
+        for key, count in top(tally.destinations, k):
             destinations.add_metric(
                 list(_destination_labels(decode_destination(key))), round(count * scale)
             )
@@ -218,7 +219,7 @@ class ConntrackTableCollector:
             labels=["protocol", "nat_address", "destination", "port"],
         )
         pool_protocols = {"tcp", "udp"}
-        for key, count in tally.nat_pools.most_common(k):
+        for key, count in top(tally.nat_pools, k):
             pool = decode_nat_pool(key)
             address, protocol, port = _destination_labels(pool.destination)
             pool_protocols.add(protocol)

@@ -7,9 +7,9 @@ a key costs no allocation beyond the int. Pure: it reads a buffer and offsets, n
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
 import struct
-from collections import Counter
 from typing import NamedTuple
 
 from conntrack_exporter.netlink.core import Buffer, NetlinkParseError, iter_attributes
@@ -155,11 +155,17 @@ _V6_VALUES = struct.Struct("!" + "12xQQ4xQQ8xB7xH6xH2x" * 2)
 _V6_EXPECTED = _tuple_headers(CTA_TUPLE_ORIG, CTA_IP_V6_SRC, 16) + _tuple_headers(
     CTA_TUPLE_REPLY, CTA_IP_V6_SRC, 16
 )
+_v4_headers = _V4_HEADERS.unpack_from
+_v4_values = _V4_VALUES.unpack_from
+_v6_headers = _V6_HEADERS.unpack_from
+_v6_values = _V6_VALUES.unpack_from
 _NLATTR = struct.Struct("=HH")
 # STATUS then MARK, as the kernel writes them right after the tuples of an entry in no zone.
 _STATUS_MARK_HEADERS = struct.Struct("=HH4xHH4x")
 _STATUS_MARK_VALUES = struct.Struct("!4xI4xI")
-_STATUS_MARK_EXPECTED = (8, 3, 8, 8)  # (len, CTA_STATUS, len, CTA_MARK)
+_STATUS_MARK = (8, 3, 8, 8)  # (len, CTA_STATUS, len, CTA_MARK)
+_status_mark_headers = _STATUS_MARK_HEADERS.unpack_from
+_status_mark_values = _STATUS_MARK_VALUES.unpack_from
 # How many entries between checks of the address tallies' sizes.
 PRUNE_CHECK_INTERVAL = 1024
 _STATUS_BITS = (
@@ -181,13 +187,13 @@ class TableTally:
     ) -> None:
         self.entries = 0
         # Packed int keys (see _count): no tuple per entry.
-        self.kinds: Counter[int] = Counter()
-        self.statuses: Counter[int] = Counter()  # by the status bits we report
-        self.sources: Counter[int] = Counter()
-        self.destinations: Counter[int] = Counter()
+        self.kinds: dict[int, int] = {}
+        self.statuses: dict[int, int] = {}  # by the status bits we report
+        self.sources: dict[int, int] = {}
+        self.destinations: dict[int, int] = {}
         # SNAT pools: reply tuples are unique per zone, so the entries of one pool (translated
         # address, destination, port) hold that many distinct translated source ports.
-        self.nat_pools: Counter[int] = Counter()
+        self.nat_pools: dict[int, int] = {}
         self.pruned = 0
         self._zone_mask = 0xFFFF if zone else 0
         self._mark_mask = 0xFFFFFFFF if mark else 0
@@ -196,47 +202,55 @@ class TableTally:
         self._reply = Tuple()
 
     def add(self, buf: Buffer, start: int, end: int) -> None:
-        """Tally one IPCTNL_MSG_CT_NEW message whose payload is buf[start:end]."""
+        """Tally one IPCTNL_MSG_CT_NEW message whose payload is buf[start:end].
+
+        The hottest code of a table scan, hence one function with everything inline.
+        """
         if end - start < NFGENMSG_SIZE:
             raise NetlinkParseError("conntrack entry shorter than its nfgenmsg header")
         family = buf[start]
         pos = start + NFGENMSG_SIZE
-        if (
-            family == AF_INET
-            and end - pos >= 104
-            and _V4_HEADERS.unpack_from(buf, pos) == _V4_EXPECTED
-        ):
-            src, dst, proto, _, dport, _, nat, _, _, _ = _V4_VALUES.unpack_from(buf, pos)
+        if family == AF_INET and end - pos >= 104 and _v4_headers(buf, pos) == _V4_EXPECTED:
+            src, dst, proto, _, dport, _, nat, _, _, _ = _v4_values(buf, pos)
             v6 = 0
-            pos += 104
-        elif (
-            family == AF_INET6
-            and end - pos >= 152
-            and _V6_HEADERS.unpack_from(buf, pos) == _V6_EXPECTED
-        ):
-            s1, s2, d1, d2, proto, _, dport, _, _, n1, n2, _, _, _ = _V6_VALUES.unpack_from(
-                buf, pos
-            )
+            status, state, zone, mark = _scalars_after_tuples(buf, pos + 104, end, proto)
+        elif family == AF_INET6 and end - pos >= 152 and _v6_headers(buf, pos) == _V6_EXPECTED:
+            s1, s2, d1, d2, proto, _, dport, _, _, n1, n2, _, _, _ = _v6_values(buf, pos)
             src, dst, nat = s1 << 64 | s2, d1 << 64 | d2, n1 << 64 | n2
             v6 = 1
-            pos += 152
+            status, state, zone, mark = _scalars_after_tuples(buf, pos + 152, end, proto)
         else:
-            self._add_generic(buf, pos, end, family)
-            return
-        if (
-            proto != 6
-            and end - pos >= 16
-            and _STATUS_MARK_HEADERS.unpack_from(buf, pos) == _STATUS_MARK_EXPECTED
-        ):
-            status, mark = _STATUS_MARK_VALUES.unpack_from(buf, pos)
-            state = NO_STATE
-            zone = 0
-        else:
-            status, state, zone, mark = _scalars(buf, pos, end, proto == 6)
-        self._count(v6, family, proto, src, dst, dport, nat, status, state, zone, mark)
+            v6, proto, src, dst, dport, nat = self._generic_tuples(buf, pos, end)
+            status, state, zone, mark = _scalars(buf, pos, end, proto == 6, complete=True)
 
-    def _add_generic(self, buf: Buffer, pos: int, end: int, family: int) -> None:
-        """Any layout: walk every attribute (ICMP, GRE, entries with tuple zones, ...)."""
+        # Packed int keys, plain dicts: no tuple, no Counter.__missing__ call per entry.
+        self.entries += 1
+        tally = self.kinds
+        key = (
+            (((family << 8 | proto) << 8 | state + 1) << 16 | zone & self._zone_mask) << 32
+        ) | mark & self._mark_mask
+        tally[key] = tally.get(key, 0) + 1
+        tally = self.statuses
+        key = status & _STATUS_BITS
+        tally[key] = tally.get(key, 0) + 1
+        tally = self.sources
+        key = src << 1 | v6
+        tally[key] = tally.get(key, 0) + 1
+        tally = self.destinations
+        destination = ((dst << 8 | proto) << 16 | dport) << 1 | v6
+        tally[destination] = tally.get(destination, 0) + 1
+        if status & IPS_SRC_NAT:
+            tally = self.nat_pools
+            key = nat << DESTINATION_BITS | destination
+            tally[key] = tally.get(key, 0) + 1
+        if not self.entries % PRUNE_CHECK_INTERVAL:
+            self._prune()
+
+    def _generic_tuples(
+        self, buf: Buffer, pos: int, end: int
+    ) -> tuple[int, int, int, int, int, int]:
+        """Any layout (ICMP, GRE, tuples with zones, ...): (v6, protocol, source,
+        destination, destination port, translated source) from a walk of every attribute."""
         have_orig = have_reply = False
         for attr_type, value_start, value_end in iter_attributes(buf, pos, end):
             if attr_type == CTA_TUPLE_ORIG:
@@ -248,29 +262,7 @@ class TableTally:
         if not (have_orig and have_reply):
             raise NetlinkParseError("conntrack entry lacks its original or reply tuple")
         orig = self._orig
-        status, state, zone, mark = _scalars(buf, pos, end, orig.proto == 6, complete=True)
-        self._count(
-            int(orig.v6), family, orig.proto, orig.src, orig.dst, max(orig.dport, 0),
-            self._reply.dst, status, state, zone, mark,
-        )  # fmt: skip
-
-    def _count(
-        self, v6: int, family: int, proto: int, src: int, dst: int, dport: int, nat: int,
-        status: int, state: int, zone: int, mark: int,
-    ) -> None:  # fmt: skip
-        self.entries += 1
-        self.kinds[
-            ((((family << 8 | proto) << 8 | state + 1) << 16 | zone & self._zone_mask) << 32)
-            | mark & self._mark_mask
-        ] += 1
-        self.statuses[status & _STATUS_BITS] += 1
-        self.sources[src << 1 | v6] += 1
-        destination = ((dst << 8 | proto) << 16 | dport) << 1 | v6
-        self.destinations[destination] += 1
-        if status & IPS_SRC_NAT:
-            self.nat_pools[nat << DESTINATION_BITS | destination] += 1
-        if not self.entries % PRUNE_CHECK_INTERVAL:
-            self._prune()
+        return int(orig.v6), orig.proto, orig.src, orig.dst, max(orig.dport, 0), self._reply.dst
 
     def finish(self) -> None:
         """Bring the address tallies back within their capacity after the last entry."""
@@ -279,10 +271,28 @@ class TableTally:
     def _prune(self) -> None:
         for tally in (self.sources, self.destinations, self.nat_pools):
             if len(tally) > self._capacity:
-                keep = dict(tally.most_common(self._capacity // 2))
+                keep = dict(top(tally, self._capacity // 2))
                 self.pruned += sum(tally.values()) - sum(keep.values())
                 tally.clear()
                 tally.update(keep)
+
+
+def _count_of(item: tuple[int, int]) -> int:
+    return item[1]
+
+
+def top(tally: dict[int, int], k: int) -> list[tuple[int, int]]:
+    """The k (key, count) pairs with the highest counts, highest first."""
+    return heapq.nlargest(k, tally.items(), key=_count_of)
+
+
+def _scalars_after_tuples(buf: Buffer, pos: int, end: int, proto: int) -> tuple[int, int, int, int]:
+    """_scalars for the attributes that follow the tuples, with the common case, STATUS
+    then MARK and no TCP info to look for, read in two struct calls."""
+    if proto != 6 and end - pos >= 16 and _status_mark_headers(buf, pos) == _STATUS_MARK:
+        status, mark = _status_mark_values(buf, pos)
+        return status, NO_STATE, 0, mark
+    return _scalars(buf, pos, end, proto == 6)
 
 
 def _scalars(
