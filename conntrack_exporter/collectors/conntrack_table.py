@@ -116,8 +116,12 @@ class ConntrackTableCollector:
         if self._reader is None:
             self._reader = ConntrackTableReader(self._timeout)
         for attempt in (1, 2):
-            tally = TableTally(self._options.label_ct_zone, self._options.label_mark)
-            result = self._reader.dump(tally, self._options.max_entries)
+            tally = TableTally(
+                self._options.label_ct_zone,
+                self._options.label_mark,
+                stop_after=self._options.max_entries,
+            )
+            result = self._reader.dump(tally)
             if not result.interrupted:
                 break
             # The table changed under the dump (a resize, or entries moved): once more,

@@ -32,6 +32,7 @@ NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 NLATTR = struct.Struct("=HH")  # len, type
 NLMSGERR_ERRNO = struct.Struct("=i")
 _unpack_nlattr = NLATTR.unpack_from
+_unpack_nlmsghdr = NLMSGHDR.unpack_from
 
 
 class NetlinkParseError(ValueError):
@@ -67,17 +68,21 @@ def build_message(msg_type: int, flags: int, seq: int, payload: bytes) -> bytes:
 
 def iter_messages(buf: Buffer, length: int) -> Iterator[Message]:
     """Walk the netlink messages in buf[:length]."""
+    # One message per conntrack entry in a table dump: locals, and the Message built by
+    # tuple.__new__ directly, since a namedtuple's own __new__ is a Python-level call.
+    unpack = _unpack_nlmsghdr
+    new = tuple.__new__
     offset = 0
     while offset < length:
-        if length - offset < NLMSGHDR.size:
+        if length - offset < 16:
             raise NetlinkParseError(f"{length - offset} trailing bytes at offset {offset}")
-        msg_len, msg_type, flags, seq, pid = NLMSGHDR.unpack_from(buf, offset)
-        if msg_len < NLMSGHDR.size or msg_len > length - offset:
+        msg_len, msg_type, flags, seq, pid = unpack(buf, offset)
+        if msg_len < 16 or msg_len > length - offset:
             raise NetlinkParseError(
                 f"message length {msg_len} at offset {offset} does not fit {length - offset} bytes"
             )
-        yield Message(msg_type, flags, seq, pid, offset + NLMSGHDR.size, offset + msg_len)
-        offset += align4(msg_len)
+        yield new(Message, (msg_type, flags, seq, pid, offset + 16, offset + msg_len))
+        offset += (msg_len + 3) & ~3
 
 
 def iter_attributes(buf: Buffer, start: int, end: int) -> Iterator[tuple[int, int, int]]:

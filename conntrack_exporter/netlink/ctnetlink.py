@@ -17,7 +17,7 @@ from conntrack_exporter.netlink.core import (
     NetlinkParseError,
     iter_attributes,
 )
-from conntrack_exporter.netlink.cttable import TableTally
+from conntrack_exporter.netlink.cttable import CT_NEW_MESSAGE, BudgetSpent, TableTally
 from conntrack_exporter.netlink.socket import NETLINK_NETFILTER, NetlinkSocket
 
 NFNL_SUBSYS_CTNETLINK = 1
@@ -28,7 +28,7 @@ IPCTNL_MSG_CT_GET_STATS_CPU = 4
 IPCTNL_MSG_CT_GET_STATS = 5
 IPCTNL_MSG_EXP_GET_STATS_CPU = 3
 
-CT_NEW = NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_NEW
+CT_NEW = CT_NEW_MESSAGE
 CT_GET = NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_GET
 CT_GET_STATS_CPU = NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_GET_STATS_CPU
 CT_GET_STATS = NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_GET_STATS
@@ -116,10 +116,6 @@ def parse_cpu_stats(buf: Buffer, msg: Message, names: dict[int, str]) -> CpuStat
     return CpuStats(cpu, counters)
 
 
-class DumpStopped(Exception):
-    """Raised from a dump's message handler to stop reading once the budget is spent."""
-
-
 class DumpResult(NamedTuple):
     complete: bool  # every entry was read (False when the budget stopped the dump)
     interrupted: bool  # the kernel flagged the dump NLM_F_DUMP_INTR: the table changed under it
@@ -134,19 +130,13 @@ class ConntrackTableReader:
     def close(self) -> None:
         self._socket.close()
 
-    def dump(self, tally: TableTally, max_entries: int = 0) -> DumpResult:
-        """Feed every entry to tally, stopping after max_entries entries (0: no limit)."""
-
-        def on_message(buf: Buffer, msg: Message) -> None:
-            if msg.type != CT_NEW:
-                return
-            tally.add(buf, msg.start, msg.end)
-            if tally.entries == max_entries:
-                raise DumpStopped
-
+    def dump(self, tally: TableTally) -> DumpResult:
+        """Feed every entry to tally, until the tally's budget is spent."""
         try:
-            interrupted = self._socket.request(CT_GET, NLM_F_DUMP, nfgen_request(), on_message)
-        except DumpStopped:
+            interrupted = self._socket.request(
+                CT_GET, NLM_F_DUMP, nfgen_request(), tally.add_message
+            )
+        except BudgetSpent:
             self._socket.reopen()
             return DumpResult(complete=False, interrupted=False)
         except Exception:

@@ -12,7 +12,7 @@ import ipaddress
 import struct
 from typing import NamedTuple
 
-from conntrack_exporter.netlink.core import Buffer, NetlinkParseError, iter_attributes
+from conntrack_exporter.netlink.core import Buffer, Message, NetlinkParseError, iter_attributes
 
 # enum ctattr_type
 CTA_TUPLE_ORIG = 1
@@ -72,6 +72,8 @@ BE16 = struct.Struct("!H")
 BE32 = struct.Struct("!I")
 BE128 = struct.Struct("!QQ")
 NFGENMSG_SIZE = 4
+# NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_NEW: the type of each entry in a dump reply.
+CT_NEW_MESSAGE = 1 << 8 | 0
 
 
 class Tuple:
@@ -173,6 +175,10 @@ _STATUS_BITS = (
 )
 
 
+class BudgetSpent(Exception):
+    """The tally has read as many entries as it was allowed: stop the dump."""
+
+
 class TableTally:
     """Counts of one dump: by kind, by status, by source, destination and SNAT pool.
 
@@ -183,10 +189,15 @@ class TableTally:
     """
 
     def __init__(
-        self, zone: bool = False, mark: bool = False, address_capacity: int = 16384
+        self,
+        zone: bool = False,
+        mark: bool = False,
+        address_capacity: int = 16384,
+        stop_after: int = 0,
     ) -> None:
         self.entries = 0
-        # Packed int keys (see _count): no tuple per entry.
+        self._stop_after = stop_after  # 0: no budget
+        # Packed int keys (see add_message): no tuple per entry.
         self.kinds: dict[int, int] = {}
         self.statuses: dict[int, int] = {}  # by the status bits we report
         self.sources: dict[int, int] = {}
@@ -202,10 +213,18 @@ class TableTally:
         self._reply = Tuple()
 
     def add(self, buf: Buffer, start: int, end: int) -> None:
-        """Tally one IPCTNL_MSG_CT_NEW message whose payload is buf[start:end].
+        """Tally one IPCTNL_MSG_CT_NEW message whose payload is buf[start:end]."""
+        self.add_message(buf, Message(CT_NEW_MESSAGE, 0, 0, 0, start, end))
 
-        The hottest code of a table scan, hence one function with everything inline.
+    def add_message(self, buf: Buffer, msg: Message) -> None:
+        """Tally one message of a dump (others than IPCTNL_MSG_CT_NEW are ignored).
+
+        The hottest code of a table scan, hence one function with everything inline, called
+        by the socket directly. Raises BudgetSpent after the `stop_after`th entry.
         """
+        if msg[0] != CT_NEW_MESSAGE:
+            return
+        start, end = msg[4], msg[5]
         if end - start < NFGENMSG_SIZE:
             raise NetlinkParseError("conntrack entry shorter than its nfgenmsg header")
         family = buf[start]
@@ -245,6 +264,8 @@ class TableTally:
             tally[key] = tally.get(key, 0) + 1
         if not self.entries % PRUNE_CHECK_INTERVAL:
             self._prune()
+        if self.entries == self._stop_after:
+            raise BudgetSpent
 
     def _generic_tuples(
         self, buf: Buffer, pos: int, end: int
