@@ -8,7 +8,7 @@ APT_PACKAGES := conntrack nftables iproute2 procps prometheus prometheus-node-ex
 # One command per apt package above, to tell whether it is already installed.
 APT_COMMANDS := conntrack nft ip sysctl promtool prometheus-node-exporter
 
-.PHONY: run test lint unit bench system-deps deps clean
+.PHONY: run test lint unit bench bench-scrape bench-table system-deps deps clean
 
 run: deps
 	$(BIN)/conntrack-exporter $(ARGS)
@@ -24,8 +24,15 @@ lint: deps
 unit: deps
 	$(BIN)/pytest -q -m "not kernel" $(PYTEST_ARGS)
 
-bench: system-deps deps
+# Benchmarks: scripts that run us beside a peer and print ratios (see BENCHMARKS.md). Both need
+# root. BENCH_ARGS goes to whichever script runs; use it with one target, not with `bench`.
+bench: bench-scrape bench-table
+
+bench-scrape: system-deps deps
 	$(BIN)/python bench/scrape_cpu.py $(BENCH_ARGS)
+
+bench-table: system-deps deps
+	$(BIN)/python bench/table_scan.py $(BENCH_ARGS)
 
 system-deps:
 	@missing=""; for c in $(APT_COMMANDS); do command -v $$c >/dev/null 2>&1 || \

@@ -1,0 +1,678 @@
+"""Table scan: our conntrack dump decoder against `conntrack -L` and pyroute2, in one netns.
+
+A throwaway network namespace is filled with --entries real conntrack entries (UDP flows on
+loopback, some TCP SYN_SENT and IPv6 UDP entries), the global nf_conntrack_max raised for as long
+as the table is measured and restored afterwards. Then, in rounds whose order rotates:
+
+- full:      our `ConntrackTableReader.dump()` into a `TableTally` with no budget, in a fresh
+             process in the netns (wall, CPU, peak RSS growth measured inside that process);
+- conntrack: `conntrack -L > /dev/null` (wall; CPU is the child's user + sys from wait4);
+- sampled:   the same as full with the --budget entries our scanner stops at by default;
+- recv-only: the same dump request read with recv_into and thrown away: the kernel's work plus
+             the least Python can do per datagram, the floor for any Python decoder;
+- unpruned:  a diagnostic, no target: full with address tallies too large to be pruned.
+
+Once, after the rounds: pyroute2's `Conntrack().dump_entries()` over the first --subset entries.
+
+Needs root (netns, nft, the global sysctl). Run it with `make bench-table`, or:
+
+    .venv/bin/python bench/table_scan.py --entries 1000000 --subset 100000 --rounds 3
+
+It prints a table; it asserts nothing about time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import secrets
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CONNTRACK_MAX = Path("/proc/sys/net/netfilter/nf_conntrack_max")
+BUCKETS = Path("/proc/sys/net/netfilter/nf_conntrack_buckets")
+# Room above --entries for the entries of other namespaces' tests, which share the limit.
+MAX_MARGIN = 65536
+# Parallel processes filling the table: one per CPU, each ~100k flows a second.
+FILL_WORKERS = max(1, min(4, os.cpu_count() or 1))
+# Flow mix of the fill, as fractions of --entries; the rest is IPv4 UDP.
+TCP_SHARE = 0.05
+UDP6_SHARE = 0.02
+# IPv4 UDP flows come from this many source addresses, the k-th (from 1) sending to the first
+# 1/k-proportional share of one destination list: a few destinations receive flows from every
+# source, most from one, so the destination tally holds many distinct keys with a skew.
+UDP_SOURCES = 32
+DESTINATION_PORTS = (53, 80, 123, 443, 8080)
+TCP_NET = "127.3"  # destinations of the TCP SYNs, dropped on input so entries stay SYN_SENT
+TCP_PORT = 443
+SCAN_TIMEOUT = 900.0  # the reader's deadline for one whole dump, in seconds
+PROFILE_ROWS = 15
+UNPRUNED_CAPACITY = 1 << 30  # address tallies that never reach their capacity
+
+# --- the namespace and the global limit -----------------------------------------------------------
+
+
+def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kwargs)
+
+
+class Namespace:
+    """A uniquely named netns with lo up and conntrack active; deleted on exit."""
+
+    def __init__(self) -> None:
+        self.name = f"ctx-tscan-{os.getpid()}-{secrets.token_hex(3)}"
+        self.created = False
+
+    def __enter__(self) -> Namespace:
+        run(["ip", "netns", "add", self.name])
+        self.created = True
+        try:
+            self._setup()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _setup(self) -> None:
+        run(["ip", "-n", self.name, "link", "set", "lo", "up"])
+        # conntrack stays idle in a fresh netns until a rule references it. The input chain
+        # drops the TCP SYNs after conntrack has confirmed their entries on output, so they
+        # stay SYN_SENT, and no RST comes back to close them.
+        ruleset = f"""
+table inet bench {{
+    chain out {{ type filter hook output priority 0; ct state new counter; }}
+    chain in {{ type filter hook input priority 0; ip daddr {TCP_NET}.0.0/16 tcp dport \
+{TCP_PORT} drop; }}
+}}
+"""
+        run(self.argv(["nft", "-f", "-"]), input=ruleset)
+        # Keep every entry for the whole run (UDP unreplied: 30 s by default; SYN_SENT 120 s).
+        for knob in (
+            "nf_conntrack_udp_timeout",
+            "nf_conntrack_udp_timeout_stream",
+            "nf_conntrack_tcp_timeout_syn_sent",
+        ):
+            self.exec(["sysctl", "-qw", f"net.netfilter.{knob}=7200"])
+
+    def __exit__(self, *exc: object) -> None:
+        if self.created:
+            subprocess.run(["ip", "netns", "del", self.name], check=False)
+
+    def argv(self, cmd: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.name, *cmd]
+
+    def exec(self, cmd: list[str]) -> str:
+        return run(self.argv(cmd)).stdout
+
+    def count(self) -> int:
+        return int(self.exec(["conntrack", "-C"]).strip())
+
+
+class RaisedConntrackMax:
+    """Raises the global nf_conntrack_max for the duration of a `with` block, then restores it.
+
+    The limit must stay raised while the table is measured, not only while it is filled: when
+    a namespace holds more than 95 % of nf_conntrack_max entries, the conntrack GC worker
+    early-drops its unassured entries (all of ours), and the table would shrink under the scans.
+    """
+
+    def __init__(self, wanted: int) -> None:
+        self.wanted = wanted
+        self.old: int | None = None
+        self.set_to: int | None = None
+
+    def __enter__(self) -> RaisedConntrackMax:
+        self.old = int(CONNTRACK_MAX.read_text())
+        if self.old < self.wanted:
+            self.set_to = self.wanted  # first: a signal right after the write still restores
+            CONNTRACK_MAX.write_text(str(self.wanted))
+            log(f"nf_conntrack_max {self.old} -> {self.wanted} (global; restored at the end)")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
+
+    def restore(self) -> None:
+        if self.set_to is None:
+            return
+        current = int(CONNTRACK_MAX.read_text())
+        if current == self.set_to:
+            CONNTRACK_MAX.write_text(str(self.old))
+            log(f"nf_conntrack_max restored to {self.old}")
+        else:
+            # Someone else changed the shared limit since: theirs to restore, not ours to clobber.
+            log(
+                f"nf_conntrack_max is {current}, not the {self.set_to} set here: left alone "
+                f"(it was {self.old} before this run)"
+            )
+        self.set_to = None
+
+
+def fill_plan(entries: int) -> dict[str, object]:
+    tcp = int(entries * TCP_SHARE)
+    udp6 = min(int(entries * UDP6_SHARE), 60000)
+    udp4 = entries - tcp - udp6
+    weights = [1 / (k + 1) for k in range(UDP_SOURCES)]
+    total = sum(weights)
+    per_source = [int(udp4 * w / total) for w in weights]
+    per_source[0] += udp4 - sum(per_source)
+    return {"udp4": per_source, "tcp": tcp, "udp6": udp6}
+
+
+def fill(ns: Namespace, entries: int) -> float:
+    plan = json.dumps(fill_plan(entries))
+    started = time.perf_counter()
+    workers = [
+        subprocess.Popen(
+            ns.argv(
+                [
+                    sys.executable,
+                    __file__,
+                    "--role",
+                    "fill",
+                    "--plan",
+                    plan,
+                    "--worker",
+                    f"{w}/{FILL_WORKERS}",
+                ]
+            ),
+            stdin=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        for w in range(FILL_WORKERS)
+    ]
+    try:
+        for worker in workers:
+            _, err = worker.communicate()
+            if worker.returncode:
+                raise RuntimeError(f"fill worker failed ({worker.returncode}): {err[-2000:]}")
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+    return time.perf_counter() - started
+
+
+# --- the fill role --------------------------------------------------------------------------------
+
+
+def fill_main(plan: dict, worker: str) -> None:
+    import socket
+
+    me, workers = (int(x) for x in worker.split("/"))
+    ports = DESTINATION_PORTS
+    nports = len(ports)
+    # IPv4 UDP: source k sends to destinations me, me + workers, ... below its share. One
+    # socket per (worker, source): the same source address, a different source port.
+    for k, count in enumerate(plan["udp4"]):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind((f"127.100.{k // 250}.{k % 250 + 1}", 0))
+        sendto = s.sendto
+        for d in range(me, count, workers):
+            a = d // nports
+            address = f"127.{1 + a // 62500}.{a // 250 % 250}.{a % 250 + 1}"
+            sendto(b"x", (address, ports[d % nports]))
+        s.close()
+    # IPv6 UDP: [::1] to [::1]:port.
+    if plan["udp6"]:
+        s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        s.bind(("::1", 0))
+        for d in range(me, plan["udp6"], workers):
+            s.sendto(b"x", ("::1", 1024 + d))
+        s.close()
+    # TCP: a SYN each (dropped on input: the entry stays SYN_SENT), socket closed at once.
+    for d in range(me, plan["tcp"], workers):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setblocking(False)
+        s.connect_ex((f"{TCP_NET}.{d // 250 % 250}.{d % 250 + 1}", TCP_PORT))
+        s.close()
+
+
+# --- the measured roles ---------------------------------------------------------------------------
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def _cpu() -> tuple[float, float]:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime, usage.ru_stime
+
+
+def scan_main(budget: int, profile: bool, capacity: int) -> dict:
+    """One dump into a TableTally, measured from inside this process."""
+    import gc
+    import inspect
+
+    sys.path.insert(0, str(REPO))
+    from conntrack_exporter.netlink.ctnetlink import ConntrackTableReader
+    from conntrack_exporter.netlink.cttable import TableTally
+
+    reader = ConntrackTableReader(SCAN_TIMEOUT)
+    # The budget is TableTally(stop_after=) since 092c234, dump(tally, max_entries) before it:
+    # both, so that older commits can be staged and compared with this script.
+    # capacity 0: TableTally's default address capacity.
+    kwargs = {"address_capacity": capacity} if capacity else {}
+    if "stop_after" in inspect.signature(TableTally).parameters:
+        tally = TableTally(stop_after=budget, **kwargs)
+        dump_args: tuple = (tally,)
+    else:
+        tally = TableTally(**kwargs)
+        dump_args = (tally, budget)
+    profiler = None
+    if profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+    gc.collect()
+    rss_before = _status_kib("VmRSS")
+    # Reset the high-water mark to the current RSS (proc(5), clear_refs "5"), so that VmHWM
+    # afterwards is the peak during the scan, not whatever start-up and imports peaked at.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    user0, sys0 = _cpu()
+    started = time.perf_counter()
+    if profiler is not None:
+        profiler.enable()
+    result = reader.dump(*dump_args)
+    tally.finish()
+    if profiler is not None:
+        profiler.disable()
+    wall = time.perf_counter() - started
+    user1, sys1 = _cpu()
+    hwm_after = _status_kib("VmHWM")
+    reader.close()
+    out = {
+        "entries": tally.entries,
+        "complete": result.complete,
+        "interrupted": result.interrupted,
+        "wall": wall,
+        "user": user1 - user0,
+        "sys": sys1 - sys0,
+        "rss_before_kib": rss_before,
+        "hwm_after_kib": hwm_after,
+        "growth_kib": hwm_after - rss_before,
+        "tally": {
+            "kinds": len(tally.kinds),
+            "statuses": len(tally.statuses),
+            "sources": len(tally.sources),
+            "destinations": len(tally.destinations),
+            "nat_pools": len(tally.nat_pools),
+        },
+        "pruned": tally.pruned,
+    }
+    if profiler is not None:
+        import pstats
+
+        stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+        rows = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)
+        out["profile"] = [
+            {
+                "function": pstats.func_std_string(func).replace(str(REPO) + "/", ""),
+                "ncalls": nc,
+                "tottime": tt,
+                "cumtime": ct,
+            }
+            for func, (_cc, nc, tt, ct, _callers) in rows[:PROFILE_ROWS]
+        ]
+        out["profile_total"] = sum(row[2] for row in stats.values())
+    return out
+
+
+def recv_only_main() -> dict:
+    """The same dump request, every datagram received into one buffer and dropped."""
+    import socket
+    import struct
+
+    sys.path.insert(0, str(REPO))
+    from conntrack_exporter.netlink.core import NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR
+    from conntrack_exporter.netlink.ctnetlink import CT_GET, nfgen_request
+
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 12)  # NETLINK_NETFILTER
+    sock.bind((0, 0))
+    buf = bytearray(64 * 1024)
+    header = struct.Struct("=IHHII")
+    payload = nfgen_request()
+    request = header.pack(header.size + len(payload), CT_GET, NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
+    user0, sys0 = _cpu()
+    started = time.perf_counter()
+    sock.send(request + payload)
+    datagrams = received = 0
+    recv_into = sock.recv_into
+    while True:
+        n = recv_into(buf)
+        datagrams += 1
+        received += n
+        # ctnetlink ends a dump with NLMSG_DONE alone in the last datagram (its dump callback
+        # returns 0 only once an skb stays empty): only short datagrams need a look.
+        if n <= 64:
+            msg_type = header.unpack_from(buf, 0)[1]
+            if msg_type == NLMSG_DONE:
+                break
+            if msg_type == NLMSG_ERROR:
+                raise OSError(f"netlink error {struct.unpack_from('=i', buf, 16)[0]}")
+    wall = time.perf_counter() - started
+    user1, sys1 = _cpu()
+    sock.close()
+    return {
+        "wall": wall,
+        "user": user1 - user0,
+        "sys": sys1 - sys0,
+        "datagrams": datagrams,
+        "bytes": received,
+    }
+
+
+def pyroute2_main(subset: int) -> dict:
+    """pyroute2's high-level dump, stopped after `subset` entries."""
+    from pyroute2 import Conntrack
+
+    ct = Conntrack()
+    user0, sys0 = _cpu()
+    started = time.perf_counter()
+    n = 0
+    for _entry in ct.dump_entries():
+        n += 1
+        if n >= subset:
+            break
+    wall = time.perf_counter() - started
+    user1, sys1 = _cpu()
+    import pyroute2
+
+    return {
+        "entries": n,
+        "wall": wall,
+        "user": user1 - user0,
+        "sys": sys1 - sys0,
+        "version": getattr(pyroute2, "__version__", "?"),
+    }
+
+
+# --- the parent: running the roles ----------------------------------------------------------------
+
+
+def run_role(ns: Namespace, role: list[str]) -> dict:
+    started = time.perf_counter()
+    proc = subprocess.run(
+        ns.argv([sys.executable, __file__, "--role", *role]),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        start_new_session=True,
+    )
+    if proc.returncode:
+        raise RuntimeError(f"role {role[0]} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    out = json.loads(proc.stdout)
+    # The whole child, `ip netns exec` and Python's start-up and imports included.
+    out["process_wall"] = time.perf_counter() - started
+    return out
+
+
+def conntrack_list(ns: Namespace) -> dict:
+    started = time.perf_counter()
+    # `ip netns exec` execs conntrack in place, so wait4 returns conntrack's own rusage.
+    with open(os.devnull, "wb") as devnull:
+        proc = subprocess.Popen(
+            ns.argv(["conntrack", "-L"]),
+            stdin=subprocess.DEVNULL,
+            stdout=devnull,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        try:
+            assert proc.stderr is not None
+            err = proc.stderr.read().decode(errors="replace")
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                proc.wait()
+    wall = time.perf_counter() - started
+    if proc.returncode:
+        raise RuntimeError(f"conntrack -L failed ({proc.returncode}): {err}")
+    shown = next((int(w) for w in err.split() if w.isdigit()), -1)
+    return {"wall": wall, "user": usage.ru_utime, "sys": usage.ru_stime, "entries": shown}
+
+
+# --- reporting ------------------------------------------------------------------------------------
+
+
+def _med(runs: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def _cpu_total(r: dict) -> float:
+    return r["user"] + r["sys"]
+
+
+def report(args: argparse.Namespace, info: dict, runs: dict[str, list[dict]], py: dict) -> None:
+    full, ct, sampled, recv = runs["full"], runs["conntrack"], runs["sampled"], runs["recv-only"]
+    unpruned = runs["unpruned"]
+    entries = info["entries"]
+    lines = [
+        "",
+        f"machine: {platform.node()}, Linux {platform.release()}, {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}, {info['conntrack_version']}, "
+        f"pyroute2 {py['version']}",
+        f"netns with {entries} conntrack entries (asked {args.entries}; filled in "
+        f"{info['fill_seconds']:.1f} s by {FILL_WORKERS} processes), nf_conntrack_buckets "
+        f"{info['buckets']}, {args.rounds} rounds in rotating order",
+        "",
+        f"{'':34}{'wall':>10}{'user':>9}{'sys':>9}{'CPU':>9}{'entries':>10}",
+    ]
+
+    def row(label: str, rs: list[dict]) -> str:
+        return (
+            f"{label:34}{_med(rs, 'wall'):>9.2f}s{_med(rs, 'user'):>8.2f}s"
+            f"{_med(rs, 'sys'):>8.2f}s{statistics.median(_cpu_total(r) for r in rs):>8.2f}s"
+            f"{int(statistics.median(r.get('entries', entries) for r in rs)):>10}"
+        )
+
+    lines += [
+        row("ours, full scan (no budget)", full),
+        row("conntrack -L > /dev/null", ct),
+        row(f"ours, sampled (budget {args.budget})", sampled),
+        row("recv-only floor (no decoding)", recv),
+        row("diagnostic: ours, full, no pruning", unpruned),
+        row(f"pyroute2 dump_entries(), first {py['entries']}", [py]),
+        "",
+    ]
+    f_wall, c_wall, s_wall = _med(full, "wall"), _med(ct, "wall"), _med(sampled, "wall")
+    f_cpu = statistics.median(map(_cpu_total, full))
+    c_cpu = statistics.median(map(_cpu_total, ct))
+    per100k_ours = f_wall / entries * 100_000
+    per100k_py = py["wall"] / py["entries"] * 100_000
+    growth = [r["growth_kib"] for r in full]
+    s_growth = [r["growth_kib"] for r in sampled]
+    lines += [
+        f"full / conntrack -L, wall: {f_wall / c_wall:.2f} (per round "
+        + " ".join(f"{f['wall'] / c['wall']:.2f}" for f, c in zip(full, ct, strict=True))
+        + f"); CPU: {f_cpu / c_cpu:.2f}"
+        "   [target <= 1.2]",
+        f"  ours as a whole process (ip netns exec, Python start-up, imports, scan): "
+        f"{_med(full, 'process_wall'):.2f} s, "
+        f"{_med(full, 'process_wall') / c_wall:.2f} x conntrack -L",
+        f"sampled / full, wall: {s_wall / f_wall:.2f} (sampled read {sampled[0]['entries']} of "
+        f"{entries} = {sampled[0]['entries'] / entries:.2f} of the table)   [target <= 0.3]",
+        f"peak RSS growth during the full scan (VmHWM after - VmRSS before): "
+        f"{max(growth) / 1024:.1f} MiB max, rounds "
+        + " ".join(f"{g / 1024:.1f}" for g in growth)
+        + f" MiB (RSS before {full[0]['rss_before_kib'] / 1024:.1f} MiB); sampled "
+        f"{max(s_growth) / 1024:.1f} MiB   [target <= 10 MB]",
+        f"per 100k entries: ours {per100k_ours:.3f} s, pyroute2 {per100k_py:.2f} s: pyroute2 "
+        f"takes {per100k_py / per100k_ours:.0f}x as long",
+        "",
+        "the kernel's share (sys time, median): "
+        f"ours {_med(full, 'sys'):.2f} s of {statistics.median(map(_cpu_total, full)):.2f} s CPU, "
+        f"conntrack -L {_med(ct, 'sys'):.2f} s of {statistics.median(map(_cpu_total, ct)):.2f} s, "
+        f"recv-only {_med(recv, 'sys'):.2f} s of {statistics.median(map(_cpu_total, recv)):.2f} s "
+        f"({recv[0]['datagrams']} datagrams, {recv[0]['bytes'] / 2**20:.0f} MiB)",
+        f"  our user time above the recv-only floor: "
+        f"{_med(full, 'user') - _med(recv, 'user'):.2f} s "
+        f"({(_med(full, 'user') - _med(recv, 'user')) / entries * 1e6:.2f} us per entry)",
+        f"pruning the address tallies (full - no pruning): "
+        f"{f_wall - _med(unpruned, 'wall'):.2f} s wall, "
+        f"{_med(full, 'user') - _med(unpruned, 'user'):.2f} s user; unpruned the tallies hold "
+        f"{unpruned[0]['tally']['destinations']} destinations, RSS growth "
+        f"{unpruned[0]['growth_kib'] / 1024:.1f} MiB",
+        f"tally after a full scan: {full[0]['tally']}, pruned {full[0]['pruned']}; "
+        f"complete={full[0]['complete']}, interrupted={full[0]['interrupted']}",
+        f"table size before/after the rounds: {info['count_before']} / {info['count_after']}",
+        "",
+        "per round, wall seconds: "
+        + "; ".join(
+            f"{name} " + " ".join(f"{r['wall']:.2f}" for r in rs) for name, rs in runs.items()
+        ),
+    ]
+    if "profile" in info:
+        prof = info["profile"]
+        lines += [
+            "",
+            f"cProfile of one full scan (wall {prof['wall']:.2f} s under the profiler, "
+            f"{prof['profile_total']:.2f} s tottime in all; top {PROFILE_ROWS} by tottime):",
+            f"{'tottime':>9}{'cumtime':>9}{'ncalls':>10}  function",
+        ]
+        lines += [
+            f"{r['tottime']:>8.2f}s{r['cumtime']:>8.2f}s{r['ncalls']:>10}  {r['function']}"
+            for r in prof["profile"]
+        ]
+    print("\n".join(lines))
+
+
+# --- main -----------------------------------------------------------------------------------------
+
+
+def _interrupt(_signum: int, _frame: object) -> None:
+    # A SIGTERM unwinds through the same `finally` blocks as a Ctrl-C.
+    raise KeyboardInterrupt
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--entries", type=int, default=1_000_000, help="table size (1000000)")
+    parser.add_argument(
+        "--subset", type=int, default=100_000, help="entries pyroute2 reads (100000)"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the timed scans (3)")
+    parser.add_argument(
+        "--budget", type=int, default=250_000, help="entries of the sampled scan (250000)"
+    )
+    parser.add_argument(
+        "--profile",
+        choices=["auto", "always", "never"],
+        default="auto",
+        help="cProfile one full scan: when it misses 1.2x conntrack -L (auto), always, never",
+    )
+    parser.add_argument(
+        "--role", choices=["fill", "scan", "recv-only", "pyroute2"], help=argparse.SUPPRESS
+    )
+    parser.add_argument("--plan", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--cprofile", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--capacity", type=int, default=0, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def child_main(args: argparse.Namespace) -> int:
+    if args.role == "fill":
+        fill_main(json.loads(args.plan), args.worker)
+        return 0
+    if args.role == "scan":
+        out = scan_main(args.budget, args.cprofile, args.capacity)
+    elif args.role == "recv-only":
+        out = recv_only_main()
+    else:
+        out = pyroute2_main(args.subset)
+    sys.stdout.write(json.dumps(out))
+    sys.stdout.flush()
+    # pyroute2 would otherwise tidy up an abandoned dump at exit; nothing here needs it.
+    os._exit(0)
+
+
+def measure(ns: Namespace, args: argparse.Namespace, info: dict) -> tuple[dict, dict]:
+    jobs = {
+        "full": lambda: run_role(ns, ["scan", "--budget", "0"]),
+        # A diagnostic, no target: the same scan with address tallies too large to be pruned,
+        # so that full minus this is what bounding their memory costs on this table.
+        "unpruned": lambda: run_role(
+            ns, ["scan", "--budget", "0", "--capacity", str(UNPRUNED_CAPACITY)]
+        ),
+        "conntrack": lambda: conntrack_list(ns),
+        "sampled": lambda: run_role(ns, ["scan", "--budget", str(args.budget)]),
+        "recv-only": lambda: run_role(ns, ["recv-only"]),
+    }
+    names = list(jobs)
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    info["count_before"] = ns.count()
+    for i in range(args.rounds):
+        # Rotate who goes first, so a drift in machine load hits all alike.
+        order = names[i % len(names) :] + names[: i % len(names)]
+        for name in order:
+            runs[name].append(jobs[name]())
+        log(
+            f"round {i + 1}/{args.rounds}: "
+            + ", ".join(f"{n} {runs[n][-1]['wall']:.2f} s" for n in names)
+        )
+    info["count_after"] = ns.count()
+    log(f"pyroute2: dump_entries() over the first {args.subset} entries")
+    py = run_role(ns, ["pyroute2", "--subset", str(args.subset)])
+    ratio = _med(runs["full"], "wall") / _med(runs["conntrack"], "wall")
+    if args.profile == "always" or (args.profile == "auto" and ratio > 1.2):
+        log(f"full / conntrack -L = {ratio:.2f}: profiling one full scan")
+        info["profile"] = run_role(ns, ["scan", "--budget", "0", "--cprofile"])
+    return runs, py
+
+
+def main() -> int:
+    args = parse_args()
+    if args.role:
+        return child_main(args)
+    if os.geteuid() != 0:
+        sys.exit("table_scan.py needs root: it creates a network namespace and raises a sysctl")
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    # A shell without job control starts background commands with SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    info: dict = {
+        "buckets": int(BUCKETS.read_text()),
+        "conntrack_version": run(["conntrack", "--version"]).stdout.split("(")[0].strip(),
+    }
+    try:
+        with Namespace() as ns, RaisedConntrackMax(args.entries + MAX_MARGIN):
+            log(f"netns {ns.name}: filling {args.entries} entries")
+            info["fill_seconds"] = fill(ns, args.entries)
+            info["entries"] = ns.count()
+            log(f"{info['entries']} entries in {info['fill_seconds']:.1f} s")
+            if info["entries"] < args.entries * 0.99:
+                log(f"warning: only {info['entries']} of {args.entries} entries made it")
+            runs, py = measure(ns, args, info)
+    except KeyboardInterrupt:
+        log("interrupted; nf_conntrack_max restored and namespace removed")
+        return 130
+    report(args, info, runs, py)
+    return 0
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
