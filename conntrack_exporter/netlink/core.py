@@ -16,6 +16,7 @@ NLMSG_NOOP = 1
 NLMSG_ERROR = 2
 NLMSG_DONE = 3
 NLMSG_OVERRUN = 4
+NLMSG_MIN_TYPE = 0x10  # types below are control messages, not protocol replies
 
 NLM_F_REQUEST = 0x01
 NLM_F_MULTI = 0x02
