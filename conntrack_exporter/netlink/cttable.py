@@ -229,18 +229,28 @@ class TableTally:
             raise NetlinkParseError("conntrack entry shorter than its nfgenmsg header")
         family = buf[start]
         pos = start + NFGENMSG_SIZE
+        generic = False
         if family == AF_INET and end - pos >= 104 and _v4_headers(buf, pos) == _V4_EXPECTED:
             src, dst, proto, _, dport, _, nat, _, _, _ = _v4_values(buf, pos)
             v6 = 0
-            status, state, zone, mark = _scalars_after_tuples(buf, pos + 104, end, proto)
+            pos += 104
         elif family == AF_INET6 and end - pos >= 152 and _v6_headers(buf, pos) == _V6_EXPECTED:
             s1, s2, d1, d2, proto, _, dport, _, _, n1, n2, _, _, _ = _v6_values(buf, pos)
             src, dst, nat = s1 << 64 | s2, d1 << 64 | d2, n1 << 64 | n2
             v6 = 1
-            status, state, zone, mark = _scalars_after_tuples(buf, pos + 152, end, proto)
+            pos += 152
         else:
             v6, proto, src, dst, dport, nat = self._generic_tuples(buf, pos, end)
+            generic = True
+        if generic:  # an unknown layout: no assumption about the order either
             status, state, zone, mark = _scalars(buf, pos, end, proto == 6, complete=True)
+        elif proto != 6 and end - pos >= 16 and _status_mark_headers(buf, pos) == _STATUS_MARK:
+            # The common case: STATUS then MARK after the tuples, no TCP info to look for.
+            status, mark = _status_mark_values(buf, pos)
+            state = NO_STATE
+            zone = 0
+        else:
+            status, state, zone, mark = _scalars(buf, pos, end, proto == 6)
 
         # Packed int keys, plain dicts: no tuple, no Counter.__missing__ call per entry.
         self.entries += 1
@@ -296,13 +306,15 @@ class TableTally:
         half = self._capacity // 2
         for tally in (self.sources, self.destinations, self.nat_pools):
             if len(tally) > self._capacity:
-                cutoff = sorted(tally.values(), reverse=True)[half - 1]
-                keep = {key: count for key, count in tally.items() if count > cutoff}
-                for key, count in tally.items():  # then ties at the cutoff, up to half
-                    if len(keep) == half:
-                        break
-                    if count == cutoff:
-                        keep[key] = count
+                keep = {}
+                if half:
+                    cutoff = sorted(tally.values(), reverse=True)[half - 1]
+                    keep = {key: count for key, count in tally.items() if count > cutoff}
+                    for key, count in tally.items():  # then ties at the cutoff, up to half
+                        if len(keep) == half:
+                            break
+                        if count == cutoff:
+                            keep[key] = count
                 self.pruned += sum(tally.values()) - sum(keep.values())
                 tally.clear()
                 tally.update(keep)
@@ -315,15 +327,6 @@ def _count_of(item: tuple[int, int]) -> int:
 def top(tally: dict[int, int], k: int) -> list[tuple[int, int]]:
     """The k (key, count) pairs with the highest counts, highest first."""
     return heapq.nlargest(k, tally.items(), key=_count_of)
-
-
-def _scalars_after_tuples(buf: Buffer, pos: int, end: int, proto: int) -> tuple[int, int, int, int]:
-    """_scalars for the attributes that follow the tuples, with the common case, STATUS
-    then MARK and no TCP info to look for, read in two struct calls."""
-    if proto != 6 and end - pos >= 16 and _status_mark_headers(buf, pos) == _STATUS_MARK:
-        status, mark = _status_mark_values(buf, pos)
-        return status, NO_STATE, 0, mark
-    return _scalars(buf, pos, end, proto == 6)
 
 
 def _scalars(
