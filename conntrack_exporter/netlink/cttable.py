@@ -303,18 +303,16 @@ class TableTally:
         # Keep the keys counted more often than the median-ish cutoff: a C-level sort of the
         # counts alone, not a key function called per item (a 1M-entry table with 300k
         # destinations prunes ~90 times per scan).
-        half = self._capacity // 2
+        half = max(self._capacity // 2, 1)  # a capacity of 1 still keeps the top key
         for tally in (self.sources, self.destinations, self.nat_pools):
             if len(tally) > self._capacity:
-                keep = {}
-                if half:
-                    cutoff = sorted(tally.values(), reverse=True)[half - 1]
-                    keep = {key: count for key, count in tally.items() if count > cutoff}
-                    for key, count in tally.items():  # then ties at the cutoff, up to half
-                        if len(keep) == half:
-                            break
-                        if count == cutoff:
-                            keep[key] = count
+                cutoff = sorted(tally.values(), reverse=True)[half - 1]
+                keep = {key: count for key, count in tally.items() if count > cutoff}
+                for key, count in tally.items():  # then ties at the cutoff, up to half
+                    if len(keep) == half:
+                        break
+                    if count == cutoff:
+                        keep[key] = count
                 self.pruned += sum(tally.values()) - sum(keep.values())
                 tally.clear()
                 tally.update(keep)
