@@ -106,6 +106,7 @@ TABLE_MASKS = [
 TABLE_CASES = {
     "conntrack_table": {"top_k": 5, "label_ct_zone": True, "label_mark": True},
     "conntrack_table_no_top": {"top_k": 0},
+    "conntrack_table_every_pool": {"top_k": 100},
 }
 
 

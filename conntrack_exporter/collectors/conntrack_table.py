@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 COUNT_FILE = "sys/net/netfilter/nf_conntrack_count"
 ERROR_REASONS = ("permission", "timeout", "no_buffer_space", "interrupted", "parse", "other")
 CACHED = "From the last background table scan"
+# SNAT maps ICMP echo ids, not ports, and picks them from the whole 16-bit range.
+ICMP_NAMES = frozenset({"icmp", "icmpv6"})
+ICMP_ID_POOL = 65536
 
 
 @dataclass(frozen=True)
@@ -231,11 +234,12 @@ class ConntrackTableCollector:
         size = GaugeMetricFamily(
             "conntrack_nat_port_pool_size",
             "Source ports available to one SNAT pool (collectors.conntrack_table."
-            "nat_port_range; the kernel's default range is 1024-65535).",
+            "nat_port_range; the kernel's default range is 1024-65535). ICMP pools map echo "
+            "ids: 65536.",
             labels=["protocol"],
         )
         for protocol in sorted(pool_protocols):
-            size.add_metric([protocol], self._pool_size)
+            size.add_metric([protocol], ICMP_ID_POOL if protocol in ICMP_NAMES else self._pool_size)
         return [sources, destinations, used, size]
 
     def _scan_families(self, result: ScanResult) -> list[Metric]:
