@@ -31,6 +31,7 @@ from conntrack_exporter.netlink.core import (
     NLMSG_DONE,
     Message,
     NetlinkParseError,
+    iter_attributes,
     iter_messages,
 )
 from conntrack_exporter.netlink.ctnetlink import CT_NEW
@@ -1002,3 +1003,29 @@ def test_spliced_junk(index, cuts, junk):
         cut %= len(data) + 1
         data = data[:cut] + junk + data[cut:]
     attempt(fed(TableTally()), data, 0, len(data))
+
+
+def test_any_tcp_state_byte_round_trips_through_the_kind_key():
+    # The kernel sends 0..9; even a byte of 255 must not spill into the protocol field.
+    dump = bytearray((FIXTURES / "ct_dump_mix.bin").read_bytes())
+    for msg in iter_messages(dump, len(dump)):
+        if msg.type != CT_NEW:
+            continue
+        tally = TableTally()
+        tally.add(dump, msg.start, msg.end)
+        if decode_kind(next(iter(tally.kinds))).protocol == 6:
+            break
+    state_offset = None
+    for attr, start, end in iter_attributes(dump, msg.start + 4, msg.end):
+        if attr == 4:  # CTA_PROTOINFO > CTA_PROTOINFO_TCP > CTA_PROTOINFO_TCP_STATE
+            for inner, inner_start, inner_end in iter_attributes(dump, start, end):
+                for field, value_start, _ in iter_attributes(dump, inner_start, inner_end):
+                    if inner == 1 and field == 1:
+                        state_offset = value_start
+    assert state_offset is not None
+    for state in (0, 9, 254, 255):
+        dump[state_offset] = state
+        tally = TableTally()
+        tally.add(dump, msg.start, msg.end)
+        (kind,) = [decode_kind(key) for key in tally.kinds]
+        assert (kind.family, kind.protocol, kind.state) == (2, 6, state)

@@ -256,7 +256,7 @@ class TableTally:
         self.entries += 1
         tally = self.kinds
         key = (
-            (((family << 8 | proto) << 8 | state + 1) << 16 | zone & self._zone_mask) << 32
+            (((family << 8 | proto) << 9 | state + 1) << 16 | zone & self._zone_mask) << 32
         ) | mark & self._mark_mask
         tally[key] = tally.get(key, 0) + 1
         tally = self.statuses
@@ -405,8 +405,8 @@ def decode_kind(key: int) -> Kind:
     key >>= 32
     zone = key & 0xFFFF
     key >>= 16
-    state = (key & 0xFF) - 1
-    key >>= 8
+    state = (key & 0x1FF) - 1  # nine bits: a state byte + 1 (NO_STATE is 0)
+    key >>= 9
     return Kind(key >> 8, key & 0xFF, state, zone, mark)
 
 
