@@ -24,10 +24,7 @@ import array
 import gzip
 import json
 import os
-import platform
-import secrets
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -37,7 +34,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+if __package__:  # python -m bench.scrape_cpu
+    from bench import common
+else:  # python bench/scrape_cpu.py, and the children it starts the same way
+    import common
+
 NODE_EXPORTER = "/usr/bin/prometheus-node-exporter"
 OURS_PORT = 19371
 NODE_PORT = 19100
@@ -69,23 +70,12 @@ for i in range(n):
 # --- the parent: namespace, exporters, measurement -------------------------------------------
 
 
-def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kwargs)
-
-
 def cpu_seconds(pid: int) -> float:
     """utime + stime of every thread of pid, dead threads included (the kernel sums them)."""
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat[stat.rindex(")") + 2 :].split()
     # Fields 14 and 15 of proc(5), counted after "pid (comm)": indexes 11 and 12 here.
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def status_kib(pid: int, key: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise KeyError(key)
 
 
 @dataclass
@@ -107,39 +97,15 @@ class Exporter:
         return self.process.pid
 
 
-class Namespace:
-    """A uniquely named netns with lo up and conntrack active; deleted on exit."""
-
+class Namespace(common.Namespace):
     def __init__(self) -> None:
-        self.name = f"ctx-bench-{os.getpid()}-{secrets.token_hex(3)}"
-        self.created = False
-
-    def __enter__(self) -> Namespace:
-        run(["ip", "netns", "add", self.name])
-        self.created = True
-        run(["ip", "-n", self.name, "link", "set", "lo", "up"])
-        # conntrack stays idle in a fresh netns until a rule references it.
-        self.exec(["nft", "add", "table", "inet", "bench"])
-        self.exec(["nft", "add chain inet bench out { type filter hook output priority 0; }"])
-        self.exec(["nft", "add", "rule", "inet", "bench", "out", "ct", "state", "new", "counter"])
         # Unreplied UDP entries live nf_conntrack_udp_timeout (30 s): keep them for the run.
-        for knob in ("nf_conntrack_udp_timeout", "nf_conntrack_udp_timeout_stream"):
-            self.exec(["sysctl", "-qw", f"net.netfilter.{knob}=3600"])
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.created:
-            subprocess.run(["ip", "netns", "del", self.name], check=False)
-
-    def argv(self, cmd: list[str]) -> list[str]:
-        return ["ip", "netns", "exec", self.name, *cmd]
-
-    def exec(self, cmd: list[str]) -> str:
-        return run(self.argv(cmd)).stdout
+        timeouts = ("nf_conntrack_udp_timeout", "nf_conntrack_udp_timeout_stream")
+        super().__init__("ctx-bench", timeouts, 3600)
 
     def make_flows(self, flows: int) -> int:
         self.exec([sys.executable, "-c", FLOW_SCRIPT, str(flows)])
-        return int(self.exec(["conntrack", "-C"]).strip())
+        return self.count()
 
 
 def start(ns: Namespace, exporter: Exporter, logdir: Path) -> None:
@@ -153,7 +119,7 @@ def start(ns: Namespace, exporter: Exporter, logdir: Path) -> None:
         # Its own process group: a Ctrl-C reaches only us, and `finally` stops it in order.
         start_new_session=True,
         # `python -m conntrack_exporter` then imports the package from this checkout.
-        cwd=REPO,
+        cwd=common.REPO,
     )
 
 
@@ -303,7 +269,7 @@ def _connect(port: int):
 def alloc_main(scrapes: int, accept: str) -> None:
     import tracemalloc
 
-    sys.path.insert(0, str(REPO))
+    sys.path.insert(0, str(common.REPO))
     from conntrack_exporter.cli import build_collectors
     from conntrack_exporter.config import load_config
     from conntrack_exporter.registry import ExporterCollector
@@ -362,8 +328,7 @@ def report(args: argparse.Namespace, exporters: list[Exporter], extra: dict) -> 
     alloc = extra["alloc"]
     lines = [
         "",
-        f"machine: {platform.node()}, Linux {platform.release()}, {os.cpu_count()} CPUs, "
-        f"Python {platform.python_version()}, {extra['node_version']}",
+        f"{common.machine()}, {extra['node_version']}",
         f"netns with {extra['entries']} conntrack entries; {args.rounds} rounds x "
         f"{args.scrapes} scrapes per exporter, Accept: {args.accept}, Accept-Encoding: gzip, "
         "one keep-alive connection each",
@@ -421,11 +386,6 @@ def _short(content_type: str) -> str:
 
 
 # --- main ---------------------------------------------------------------------------------------
-
-
-def _interrupt(_signum: int, _frame: object) -> None:
-    # A SIGTERM unwinds through the same `finally` blocks as a Ctrl-C.
-    raise KeyboardInterrupt
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -503,16 +463,14 @@ def main() -> int:
     if not os.access(NODE_EXPORTER, os.X_OK):
         sys.exit(f"{NODE_EXPORTER} is missing: apt-get install prometheus-node-exporter")
 
-    signal.signal(signal.SIGTERM, _interrupt)
-    # A shell without job control starts background commands with SIGINT ignored.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    common.catch_interrupts()
     exporters = build_exporters()
     logdir = Path(tempfile.mkdtemp(prefix="scrape-cpu-"))
     client = None
     try:
         with Namespace() as ns:
             try:
-                log(f"netns {ns.name}: making {args.flows} UDP flows")
+                common.log(f"netns {ns.name}: making {args.flows} UDP flows")
                 entries = ns.make_flows(args.flows)
                 for exporter in exporters:
                     start(ns, exporter, logdir)
@@ -523,28 +481,26 @@ def main() -> int:
                     exe = os.readlink(f"/proc/{exporter.pid}/exe")
                     if os.path.basename(exe) == "ip":
                         raise RuntimeError(f"{exporter.name}: pid {exporter.pid} is {exe}")
-                log(f"warming up: {args.warmup} scrapes each")
+                common.log(f"warming up: {args.warmup} scrapes each")
                 for exporter in exporters:
                     client.call(op="scrape", target=exporter.name, n=args.warmup)
                 for i in range(args.rounds):
-                    # Rotate who goes first, so a drift in machine load hits all alike.
-                    shift = i % len(exporters)
-                    for exporter in exporters[shift:] + exporters[:shift]:
+                    for exporter in common.rotated(exporters, i):
                         measure_round(client, exporter, args.scrapes)
-                    log(
+                    common.log(
                         f"round {i + 1}/{args.rounds}: "
                         + ", ".join(f"{e.name} {_us(e.cpu_per_scrape[-1])}" for e in exporters)
                     )
                 idle = idle_cpu(exporters, 5.0)
                 for exporter in exporters:
-                    exporter.info["hwm_kib"] = status_kib(exporter.pid, "VmHWM")
-                log(f"tracemalloc: {args.alloc_scrapes} scrapes in-process")
+                    exporter.info["hwm_kib"] = common.status_kib("VmHWM", exporter.pid)
+                common.log(f"tracemalloc: {args.alloc_scrapes} scrapes in-process")
                 alloc = allocations(ns, args.alloc_scrapes, args.accept)
-                node_version = run([NODE_EXPORTER, "--version"]).stdout.split("(")[0].strip()
+                node_version = common.run([NODE_EXPORTER, "--version"]).stdout.split("(")[0].strip()
             except BaseException:
                 for exporter in exporters:
                     if exporter.process is not None and exporter.process.poll() is not None:
-                        log(f"--- {exporter.name} exited:\n{exporter_log(exporter)}")
+                        common.log(f"--- {exporter.name} exited:\n{exporter_log(exporter)}")
                 raise
             finally:
                 if client is not None:
@@ -552,7 +508,7 @@ def main() -> int:
                 for exporter in exporters:
                     stop(exporter)
     except KeyboardInterrupt:
-        log("interrupted; namespace and exporters cleaned up")
+        common.log("interrupted; namespace and exporters cleaned up")
         return 130
     finally:
         for exporter in exporters:
@@ -565,10 +521,6 @@ def main() -> int:
         {"alloc": alloc, "idle": idle, "entries": entries, "node_version": node_version},
     )
     return 0
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -26,17 +26,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
-import secrets
-import signal
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+if __package__:  # python -m bench.table_scan
+    from bench import common
+else:  # python bench/table_scan.py, and the children it starts the same way
+    import common
+
 CONNTRACK_MAX = Path("/proc/sys/net/netfilter/nf_conntrack_max")
 BUCKETS = Path("/proc/sys/net/netfilter/nf_conntrack_buckets")
 # Room above --entries for the entries of other namespaces' tests, which share the limit.
@@ -60,60 +61,21 @@ UNPRUNED_CAPACITY = 1 << 30  # address tallies that never reach their capacity
 # --- the namespace and the global limit -----------------------------------------------------------
 
 
-def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kwargs)
-
-
-class Namespace:
-    """A uniquely named netns with lo up and conntrack active; deleted on exit."""
-
+class Namespace(common.Namespace):
     def __init__(self) -> None:
-        self.name = f"ctx-tscan-{os.getpid()}-{secrets.token_hex(3)}"
-        self.created = False
-
-    def __enter__(self) -> Namespace:
-        run(["ip", "netns", "add", self.name])
-        self.created = True
-        try:
-            self._setup()
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def _setup(self) -> None:
-        run(["ip", "-n", self.name, "link", "set", "lo", "up"])
-        # conntrack stays idle in a fresh netns until a rule references it. The input chain
-        # drops the TCP SYNs after conntrack has confirmed their entries on output, so they
-        # stay SYN_SENT, and no RST comes back to close them.
-        ruleset = f"""
-table inet bench {{
-    chain out {{ type filter hook output priority 0; ct state new counter; }}
-    chain in {{ type filter hook input priority 0; ip daddr {TCP_NET}.0.0/16 tcp dport \
-{TCP_PORT} drop; }}
-}}
-"""
-        run(self.argv(["nft", "-f", "-"]), input=ruleset)
+        # The input chain drops the TCP SYNs after conntrack has confirmed their entries on
+        # output, so they stay SYN_SENT, and no RST comes back to close them.
+        drop_syns = (
+            "chain in { type filter hook input priority 0; "
+            f"ip daddr {TCP_NET}.0.0/16 tcp dport {TCP_PORT} drop; }}"
+        )
         # Keep every entry for the whole run (UDP unreplied: 30 s by default; SYN_SENT 120 s).
-        for knob in (
+        timeouts = (
             "nf_conntrack_udp_timeout",
             "nf_conntrack_udp_timeout_stream",
             "nf_conntrack_tcp_timeout_syn_sent",
-        ):
-            self.exec(["sysctl", "-qw", f"net.netfilter.{knob}=7200"])
-
-    def __exit__(self, *exc: object) -> None:
-        if self.created:
-            subprocess.run(["ip", "netns", "del", self.name], check=False)
-
-    def argv(self, cmd: list[str]) -> list[str]:
-        return ["ip", "netns", "exec", self.name, *cmd]
-
-    def exec(self, cmd: list[str]) -> str:
-        return run(self.argv(cmd)).stdout
-
-    def count(self) -> int:
-        return int(self.exec(["conntrack", "-C"]).strip())
+        )
+        super().__init__("ctx-tscan", timeouts, 7200, chains=(drop_syns,))
 
 
 class RaisedConntrackMax:
@@ -134,7 +96,9 @@ class RaisedConntrackMax:
         if self.old < self.wanted:
             self.set_to = self.wanted  # first: a signal right after the write still restores
             CONNTRACK_MAX.write_text(str(self.wanted))
-            log(f"nf_conntrack_max {self.old} -> {self.wanted} (global; restored at the end)")
+            common.log(
+                f"nf_conntrack_max {self.old} -> {self.wanted} (global; restored at the end)"
+            )
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -146,10 +110,10 @@ class RaisedConntrackMax:
         current = int(CONNTRACK_MAX.read_text())
         if current == self.set_to:
             CONNTRACK_MAX.write_text(str(self.old))
-            log(f"nf_conntrack_max restored to {self.old}")
+            common.log(f"nf_conntrack_max restored to {self.old}")
         else:
             # Someone else changed the shared limit since: theirs to restore, not ours to clobber.
-            log(
+            common.log(
                 f"nf_conntrack_max is {current}, not the {self.set_to} set here: left alone "
                 f"(it was {self.old} before this run)"
             )
@@ -242,14 +206,6 @@ def fill_main(plan: dict, worker: str) -> None:
 # --- the measured roles ---------------------------------------------------------------------------
 
 
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
 def _cpu() -> tuple[float, float]:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime, usage.ru_stime
@@ -260,7 +216,7 @@ def scan_main(budget: int, profile: bool, capacity: int) -> dict:
     import gc
     import inspect
 
-    sys.path.insert(0, str(REPO))
+    sys.path.insert(0, str(common.REPO))
     from conntrack_exporter.netlink.ctnetlink import ConntrackTableReader
     from conntrack_exporter.netlink.cttable import TableTally
 
@@ -281,7 +237,7 @@ def scan_main(budget: int, profile: bool, capacity: int) -> dict:
 
         profiler = cProfile.Profile()
     gc.collect()
-    rss_before = _status_kib("VmRSS")
+    rss_before = common.status_kib("VmRSS")
     # Reset the high-water mark to the current RSS (proc(5), clear_refs "5"), so that VmHWM
     # afterwards is the peak during the scan, not whatever start-up and imports peaked at.
     with open("/proc/self/clear_refs", "w") as f:
@@ -296,7 +252,7 @@ def scan_main(budget: int, profile: bool, capacity: int) -> dict:
         profiler.disable()
     wall = time.perf_counter() - started
     user1, sys1 = _cpu()
-    hwm_after = _status_kib("VmHWM")
+    hwm_after = common.status_kib("VmHWM")
     reader.close()
     out = {
         "entries": tally.entries,
@@ -324,7 +280,7 @@ def scan_main(budget: int, profile: bool, capacity: int) -> dict:
         rows = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)
         out["profile"] = [
             {
-                "function": pstats.func_std_string(func).replace(str(REPO) + "/", ""),
+                "function": pstats.func_std_string(func).replace(str(common.REPO) + "/", ""),
                 "ncalls": nc,
                 "tottime": tt,
                 "cumtime": ct,
@@ -340,7 +296,7 @@ def recv_only_main() -> dict:
     import socket
     import struct
 
-    sys.path.insert(0, str(REPO))
+    sys.path.insert(0, str(common.REPO))
     from conntrack_exporter.netlink.core import NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR
     from conntrack_exporter.netlink.ctnetlink import CT_GET, nfgen_request
 
@@ -413,7 +369,7 @@ def run_role(ns: Namespace, role: list[str]) -> dict:
         ns.argv([sys.executable, __file__, "--role", *role]),
         capture_output=True,
         text=True,
-        cwd=REPO,
+        cwd=common.REPO,
         start_new_session=True,
     )
     if proc.returncode:
@@ -468,9 +424,7 @@ def report(args: argparse.Namespace, info: dict, runs: dict[str, list[dict]], py
     entries = info["entries"]
     lines = [
         "",
-        f"machine: {platform.node()}, Linux {platform.release()}, {os.cpu_count()} CPUs, "
-        f"Python {platform.python_version()}, {info['conntrack_version']}, "
-        f"pyroute2 {py['version']}",
+        f"{common.machine()}, {info['conntrack_version']}, pyroute2 {py['version']}",
         f"netns with {entries} conntrack entries (asked {args.entries}; filled in "
         f"{info['fill_seconds']:.1f} s by {FILL_WORKERS} processes), nf_conntrack_buckets "
         f"{info['buckets']}, {args.rounds} rounds in rotating order",
@@ -559,11 +513,6 @@ def report(args: argparse.Namespace, info: dict, runs: dict[str, list[dict]], py
 # --- main -----------------------------------------------------------------------------------------
 
 
-def _interrupt(_signum: int, _frame: object) -> None:
-    # A SIGTERM unwinds through the same `finally` blocks as a Ctrl-C.
-    raise KeyboardInterrupt
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--entries", type=int, default=1_000_000, help="table size (1000000)")
@@ -622,20 +571,18 @@ def measure(ns: Namespace, args: argparse.Namespace, info: dict) -> tuple[dict, 
     runs: dict[str, list[dict]] = {name: [] for name in names}
     info["count_before"] = ns.count()
     for i in range(args.rounds):
-        # Rotate who goes first, so a drift in machine load hits all alike.
-        order = names[i % len(names) :] + names[: i % len(names)]
-        for name in order:
+        for name in common.rotated(names, i):
             runs[name].append(jobs[name]())
-        log(
+        common.log(
             f"round {i + 1}/{args.rounds}: "
             + ", ".join(f"{n} {runs[n][-1]['wall']:.2f} s" for n in names)
         )
     info["count_after"] = ns.count()
-    log(f"pyroute2: dump_entries() over the first {args.subset} entries")
+    common.log(f"pyroute2: dump_entries() over the first {args.subset} entries")
     py = run_role(ns, ["pyroute2", "--subset", str(args.subset)])
     ratio = _med(runs["full"], "wall") / _med(runs["conntrack"], "wall")
     if args.profile == "always" or (args.profile == "auto" and ratio > 1.2):
-        log(f"full / conntrack -L = {ratio:.2f}: profiling one full scan")
+        common.log(f"full / conntrack -L = {ratio:.2f}: profiling one full scan")
         info["profile"] = run_role(ns, ["scan", "--budget", "0", "--cprofile"])
     return runs, py
 
@@ -647,31 +594,25 @@ def main() -> int:
     if os.geteuid() != 0:
         sys.exit("table_scan.py needs root: it creates a network namespace and raises a sysctl")
 
-    signal.signal(signal.SIGTERM, _interrupt)
-    # A shell without job control starts background commands with SIGINT ignored.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    common.catch_interrupts()
     info: dict = {
         "buckets": int(BUCKETS.read_text()),
-        "conntrack_version": run(["conntrack", "--version"]).stdout.split("(")[0].strip(),
+        "conntrack_version": common.run(["conntrack", "--version"]).stdout.split("(")[0].strip(),
     }
     try:
         with Namespace() as ns, RaisedConntrackMax(args.entries + MAX_MARGIN):
-            log(f"netns {ns.name}: filling {args.entries} entries")
+            common.log(f"netns {ns.name}: filling {args.entries} entries")
             info["fill_seconds"] = fill(ns, args.entries)
             info["entries"] = ns.count()
-            log(f"{info['entries']} entries in {info['fill_seconds']:.1f} s")
+            common.log(f"{info['entries']} entries in {info['fill_seconds']:.1f} s")
             if info["entries"] < args.entries * 0.99:
-                log(f"warning: only {info['entries']} of {args.entries} entries made it")
+                common.log(f"warning: only {info['entries']} of {args.entries} entries made it")
             runs, py = measure(ns, args, info)
     except KeyboardInterrupt:
-        log("interrupted; nf_conntrack_max restored and namespace removed")
+        common.log("interrupted; nf_conntrack_max restored and namespace removed")
         return 130
     report(args, info, runs, py)
     return 0
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,112 @@
+"""What the benchmark scripts share: their throwaway namespace, signals, logging, /proc reads.
+
+Imported as `common` when a script runs as `python bench/X.py` (Python puts bench/ first on
+sys.path, for the children a script re-executes the same way too), as `bench.common` under
+`python -m bench.X`.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import secrets
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kwargs)
+
+
+class Namespace:
+    """A uniquely named netns with lo up and conntrack active; deleted on exit.
+
+    conntrack stays idle in a fresh netns until a rule references it: the nft table `bench`
+    counts new connections in an output chain, beside any `chains` given. The net.netfilter
+    sysctls named in `timeouts` are set to `timeout` seconds in the namespace, to keep its
+    entries for the whole run.
+    """
+
+    def __init__(
+        self, prefix: str, timeouts: tuple[str, ...], timeout: int, chains: tuple[str, ...] = ()
+    ) -> None:
+        self.name = f"{prefix}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.timeouts = timeouts
+        self.timeout = timeout
+        self.chains = chains
+        self.created = False
+
+    def __enter__(self) -> Namespace:
+        run(["ip", "netns", "add", self.name])
+        self.created = True
+        try:
+            self._setup()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _setup(self) -> None:
+        run(["ip", "-n", self.name, "link", "set", "lo", "up"])
+        chains = ("chain out { type filter hook output priority 0; ct state new counter; }",)
+        ruleset = "".join(f"    {chain}\n" for chain in chains + self.chains)
+        run(self.argv(["nft", "-f", "-"]), input=f"table inet bench {{\n{ruleset}}}\n")
+        for knob in self.timeouts:
+            self.exec(["sysctl", "-qw", f"net.netfilter.{knob}={self.timeout}"])
+
+    def __exit__(self, *exc: object) -> None:
+        if self.created:
+            subprocess.run(["ip", "netns", "del", self.name], check=False)
+
+    def argv(self, cmd: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.name, *cmd]
+
+    def exec(self, cmd: list[str]) -> str:
+        return run(self.argv(cmd)).stdout
+
+    def count(self) -> int:
+        return int(self.exec(["conntrack", "-C"]).strip())
+
+
+def status_kib(key: str, pid: int | str = "self") -> int:
+    """A `key:  N kB` line of /proc/PID/status, in KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def rotated(items: list, i: int) -> list:
+    """items starting at the i-th (mod their number): who goes first in round i.
+
+    Rotating the order from round to round makes a drift in machine load hit all alike.
+    """
+    shift = i % len(items)
+    return items[shift:] + items[:shift]
+
+
+def machine() -> str:
+    return (
+        f"machine: {platform.node()}, Linux {platform.release()}, {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}"
+    )
+
+
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def catch_interrupts() -> None:
+    """A SIGTERM unwinds through the same `finally` blocks as a Ctrl-C."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    # A shell without job control starts background commands with SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
