@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -79,10 +78,10 @@ class ConntrackTableCollector:
         self._procfs = context.procfs
         self._timeout = context.netlink_timeout
         self._reader: ConntrackTableReader | None = None
-        self._result: ScanResult | None = None
+        self._result: ScanResult | None = None  # the last good scan
+        self._metrics: list[Metric] | None = None  # its families, served to every scrape
         self._errors: Counter[str] = Counter(dict.fromkeys(ERROR_REASONS, 0))
         self._failure: str | None = None  # why there is no result, for the scrape to say
-        self._lock = threading.Lock()
         low, _, high = options.nat_port_range.partition("-")
         self._pool_size = int(high) - int(low) + 1
 
@@ -93,6 +92,18 @@ class ConntrackTableCollector:
     # -- background ---------------------------------------------------------------------
 
     def scan(self) -> None:
+        try:
+            self._scan()
+        finally:
+            # The families change only here: built once per scan, in this thread, so that a
+            # scrape costs a list read however large the table (and the top-K formatting).
+            if self._result is not None:
+                self._metrics = [
+                    *self._table_families(self._result),
+                    *self._scan_families(self._result),
+                ]
+
+    def _scan(self) -> None:
         if self._failure == "permission":
             return  # refused once, refused for good: capabilities do not come back
         try:
@@ -134,9 +145,8 @@ class ConntrackTableCollector:
         return tally, result.complete
 
     def _count_error(self, reason: str, exc: Exception | None) -> None:
-        with self._lock:
-            self._errors[reason] += 1
-            first = self._errors[reason] == 1
+        self._errors[reason] += 1
+        first = self._errors[reason] == 1
         if reason == "permission":
             self._failure = reason
             log.warning(
@@ -149,10 +159,10 @@ class ConntrackTableCollector:
     # -- scrape -------------------------------------------------------------------------
 
     def collect(self) -> Collected:
-        result = self._result
-        if result is None:
+        metrics = self._metrics
+        if metrics is None:
             raise NoDataError(self._failure or "no table scan has finished yet")
-        return Collected("netlink", [*self._table_families(result), *self._scan_families(result)])
+        return Collected("netlink", metrics)
 
     def _table_families(self, result: ScanResult) -> list[Metric]:
         tally = result.tally
@@ -249,9 +259,8 @@ class ConntrackTableCollector:
             "Table scans that failed or were inconsistent, by reason.",
             labels=["reason"],
         )
-        with self._lock:
-            for reason, count in self._errors.items():
-                errors.add_metric([reason], count)
+        for reason, count in self._errors.items():
+            errors.add_metric([reason], count)
         return [
             GaugeMetricFamily(
                 "conntrack_table_scan_duration_seconds",
