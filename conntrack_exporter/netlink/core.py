@@ -59,10 +59,6 @@ class Message(NamedTuple):
     end: int
 
 
-def align4(n: int) -> int:
-    return (n + 3) & ~3
-
-
 def build_message(msg_type: int, flags: int, seq: int, payload: bytes) -> bytes:
     return NLMSGHDR.pack(NLMSGHDR.size + len(payload), msg_type, flags, seq, 0) + payload
 
@@ -90,6 +86,7 @@ def iter_attributes(buf: Buffer, start: int, end: int) -> Iterator[tuple[int, in
     """Yield (type, value_start, value_end) for each attribute in buf[start:end]."""
     # The innermost loop of a table dump (tens of attributes per entry): locals, no calls.
     unpack = _unpack_nlattr
+    type_mask = NLA_TYPE_MASK
     offset = start
     while end - offset >= 4:
         attr_len, attr_type = unpack(buf, offset)
@@ -97,7 +94,7 @@ def iter_attributes(buf: Buffer, start: int, end: int) -> Iterator[tuple[int, in
             raise NetlinkParseError(
                 f"attribute length {attr_len} at offset {offset} does not fit {end - offset} bytes"
             )
-        yield attr_type & 0x3FFF, offset + 4, offset + attr_len
+        yield attr_type & type_mask, offset + 4, offset + attr_len
         offset += (attr_len + 3) & ~3
     # The last attribute's alignment padding was consumed with it (offset may now be past end
     # when a sender left that padding out); any byte still left is garbage, as for the kernel.

@@ -12,7 +12,13 @@ import ipaddress
 import struct
 from typing import NamedTuple
 
-from conntrack_exporter.netlink.core import Buffer, Message, NetlinkParseError, iter_attributes
+from conntrack_exporter.netlink.core import (
+    NLA_TYPE_MASK,
+    Buffer,
+    Message,
+    NetlinkParseError,
+    iter_attributes,
+)
 
 # enum ctattr_type
 CTA_TUPLE_ORIG = 1
@@ -339,13 +345,14 @@ def _scalars(
     state = NO_STATE
     seen_status = seen_mark = False
     unpack = _NLATTR.unpack_from
+    type_mask = NLA_TYPE_MASK
     while end - pos >= 4:
         attr_len, attr_type = unpack(buf, pos)
         if attr_len < 4 or attr_len > end - pos:
             raise NetlinkParseError(
                 f"attribute length {attr_len} at offset {pos} does not fit {end - pos} bytes"
             )
-        attr_type &= 0x3FFF
+        attr_type &= type_mask
         if attr_type == CTA_STATUS:
             status = _unpack(BE32, buf, pos + 4, pos + attr_len)[0]
             seen_status = True

@@ -31,7 +31,6 @@ from conntrack_exporter.netlink.core import (
 
 log = logging.getLogger(__name__)
 
-NETLINK_SOCK_DIAG = 4
 NETLINK_NETFILTER = 12
 
 # Large enough for the biggest single skb the kernel sends on a dump (32 KiB on 4 KiB pages).
