@@ -112,3 +112,18 @@ def test_refusal_stops_scanning_and_reports_no_data(collector):
 def test_before_the_first_scan_there_is_no_data(collector):
     with pytest.raises(NoDataError, match="no table scan has finished yet"):
         collector.collect()
+
+
+def test_a_socket_that_cannot_be_opened_is_a_counted_failure(collector, monkeypatch):
+    # A kernel without nfnetlink refuses the socket itself; it cannot be unloaded here.
+    import conntrack_exporter.collectors.conntrack_table as module
+
+    def no_netlink(timeout: float) -> None:
+        raise OSError(errno.EPROTONOSUPPORT, "Protocol not supported")
+
+    monkeypatch.setattr(module, "ConntrackTableReader", no_netlink)
+    collector.scan()  # must not raise into the scanner's last-resort handler
+    collector.scan()
+    assert collector._errors["other"] == 2
+    with pytest.raises(NoDataError, match="no table scan has finished yet"):
+        collector.collect()

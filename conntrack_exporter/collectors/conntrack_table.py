@@ -18,7 +18,7 @@ from typing import ClassVar, NamedTuple
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from conntrack_exporter.checks import non_negative, port_range, positive
-from conntrack_exporter.netlink import NetlinkError, NetlinkParseError, NetlinkTimeout
+from conntrack_exporter.netlink import NetlinkParseError, NetlinkTimeout
 from conntrack_exporter.netlink.ctnetlink import ConntrackTableReader
 from conntrack_exporter.netlink.cttable import (
     FAMILY_NAMES,
@@ -114,7 +114,7 @@ class ConntrackTableCollector:
         started = time.monotonic()
         try:
             tally, complete = self._dump()
-        except NetlinkError as exc:
+        except OSError as exc:  # NetlinkError, or a netlink socket that cannot be opened
             self._count_error(_reason(exc), exc)
             return
         except NetlinkParseError as exc:
@@ -287,7 +287,7 @@ class ConntrackTableCollector:
         ]
 
 
-def _reason(exc: NetlinkError) -> str:
+def _reason(exc: OSError) -> str:
     if exc.errno in (errno.EPERM, errno.EACCES):
         return "permission"
     if isinstance(exc, NetlinkTimeout):
