@@ -26,7 +26,7 @@ def test_example_config_is_the_defaults():
     config = load_config(None)
     assert config.web.listen_address == ":9371"
     assert config.web.telemetry_path == "/metrics"
-    assert config.enabled_collectors == ["conntrack", "conntrack_table"]
+    assert config.enabled_collectors == ["conntrack", "conntrack_table", "socket", "socket_ports"]
     assert config.collectors["conntrack"].options.per_cpu is False
 
 
@@ -68,7 +68,7 @@ def test_every_problem_is_listed_at_once(tmp_path):
         "FILE:6: log.level: expected one of debug, info, warn, error, got 'verbose'",
         "FILE:8: netlink.timeout_seconds: must be greater than 0, got -1.0",
         "FILE:10: collectors.conntrak: unknown key; expected one of disable_defaults, conntrack, "
-        "conntrack_table",
+        "conntrack_table, socket, socket_ports",
         "FILE:12: collectors.conntrack.enabled: expected a boolean, got 1",
         "FILE:13: collectors.conntrack.per_cpu: expected a boolean, got [True]",
     ]
