@@ -83,3 +83,41 @@ def parse_nf_conntrack_stat(text: str) -> list[dict[str, int]]:
             }
         )
     return rows
+
+
+def parse_port_range(text: str) -> tuple[int, int]:
+    """net.ipv4.ip_local_port_range ("32768\\t60999"): the (low, high) ephemeral ports."""
+    fields = text.split()
+    if len(fields) != 2 or not all(field.isdigit() for field in fields):
+        raise ValueError(f"ip_local_port_range is not two port numbers: {text!r}")
+    low, high = int(fields[0]), int(fields[1])
+    if not 0 < low <= high <= 65535:
+        raise ValueError(f"ip_local_port_range is not a range of ports: {text!r}")
+    return low, high
+
+
+def parse_port_ranges(text: str) -> list[tuple[int, int]]:
+    """net.ipv4.ip_local_reserved_ports ("8080,9000-9010", or empty): inclusive ranges."""
+    ranges = []
+    for item in text.strip().split(","):
+        if not item:
+            continue
+        low, _, high = item.partition("-")
+        high = high or low
+        if not (low.isdigit() and high.isdigit()) or not int(low) <= int(high) <= 65535:
+            raise ValueError(f"ip_local_reserved_ports has a bad range {item!r}: {text!r}")
+        ranges.append((int(low), int(high)))
+    return ranges
+
+
+def ephemeral_port_flags(port_range: tuple[int, int], reserved: list[tuple[int, int]]) -> bytes:
+    """65536 bytes, 1 where the kernel may pick the port as an ephemeral one, else 0.
+
+    Indexed by port: one lookup per socket when a scan walks every socket.
+    """
+    low, high = port_range
+    flags = bytearray(65536)
+    flags[low : high + 1] = b"\x01" * (high - low + 1)
+    for first, last in reserved:
+        flags[first : last + 1] = bytes(last - first + 1)
+    return bytes(flags)

@@ -10,7 +10,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conntrack_exporter.procfs import ProcFS, parse_nf_conntrack_stat
+from conntrack_exporter.procfs import (
+    ProcFS,
+    ephemeral_port_flags,
+    parse_nf_conntrack_stat,
+    parse_port_range,
+    parse_port_ranges,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CAPTURE = json.loads((FIXTURES / "netlink" / "capture.json").read_text())
@@ -229,3 +235,29 @@ def test_read_text_and_path_use_the_root(procfs, tmp_path):
         parse_nf_conntrack_stat(OLD)
     )
     assert ProcFS().root == "/proc"
+
+
+def test_port_range_and_reserved_ports():
+    assert parse_port_range("32768\t60999\n") == (32768, 60999)
+    assert parse_port_ranges("\n") == []
+    assert parse_port_ranges("8080,32770-32779,60999\n") == [
+        (8080, 8080),
+        (32770, 32779),
+        (60999, 60999),
+    ]
+    flags = ephemeral_port_flags((32768, 60999), [(8080, 8080), (32770, 32779), (60999, 60999)])
+    assert len(flags) == 65536 and sum(flags) == 60999 - 32768 + 1 - 10 - 1
+    assert flags[32768] == flags[32769] == flags[32780] == flags[60998] == 1
+    assert flags[32767] == flags[32770] == flags[32779] == flags[60999] == flags[8080] == 0
+
+
+@pytest.mark.parametrize("text", ["", "32768", "1 2 3", "60999 32768", "0 10", "1 65536", "-1 5"])
+def test_bad_port_range_is_a_value_error(text):
+    with pytest.raises(ValueError, match="ip_local_port_range"):
+        parse_port_range(text)
+
+
+@pytest.mark.parametrize("text", ["a", "5-3", "1-70000", "1,,x", "-5"])
+def test_bad_reserved_ports_are_a_value_error(text):
+    with pytest.raises(ValueError, match="ip_local_reserved_ports"):
+        parse_port_ranges(text)
