@@ -1,13 +1,15 @@
-"""Scrape cost: our exporter against node_exporter's conntrack collector, in one network namespace.
+"""Scrape cost: our exporter against node_exporter, in one network namespace.
 
-Our exporter and node_exporter (twice: as configured with only its conntrack collector, and the
-same without its own go_/process_/promhttp_ metrics) run side by side in a throwaway netns with
-real conntrack entries (UDP flows on loopback). A client process in the same netns scrapes each
-over one keep-alive connection with the headers Prometheus sends, the same number of times, in
-rounds whose order rotates. Each exporter's CPU time (utime + stime of all its threads, from
-/proc/PID/stat) is read around every round; the client's own work is never counted. Then, in a
-separate process in the same netns, our collection and exposition path runs under tracemalloc
-to report the memory a scrape allocates.
+Five exporters run side by side in a throwaway netns with real conntrack entries (UDP flows on
+loopback) and real sockets (held TCP connections): ours with its default collectors; ours
+without the socket collectors (what they add to a scrape); node_exporter with only its
+conntrack collector, with and without its own go_/process_/promhttp_ metrics (the core issue's
+peer); and node_exporter with conntrack, sockstat and netstat (the socket issue's peer). A
+client process in the same netns scrapes each over one keep-alive connection with the headers
+Prometheus sends, the same number of times, in rounds whose order rotates. Each exporter's CPU
+time (utime + stime of all its threads, from /proc/PID/stat) is read around every round; the
+client's own work is never counted. Then, in a separate process in the same netns, our
+collection and exposition path runs under tracemalloc to report the memory a scrape allocates.
 
 Needs root (netns, nft) and Debian's prometheus-node-exporter. Our exporter runs from the
 checkout this script is in. Run it with `make bench`, or:
@@ -43,6 +45,8 @@ NODE_EXPORTER = "/usr/bin/prometheus-node-exporter"
 OURS_PORT = 19371
 NODE_PORT = 19100
 NODE_LEAN_PORT = 19101
+NODE_SOCKETS_PORT = 19102
+OURS_NO_SOCKET_PORT = 19372
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # What Prometheus 2.x sends on every scrape (scrape/scrape.go, scrapeAcceptHeader).
@@ -66,6 +70,17 @@ for i in range(n):
     s.sendto(b"x", (f"127.1.{i // 250 % 250}.{i % 250 + 1}", 20000 + i // 62500))
 """
 
+# Holds N established TCP connections on loopback (2N sockets) until its stdin closes, so that
+# the socket collectors have real sockets to count.
+HOLD_SCRIPT = """
+import socket, sys
+n = int(sys.argv[1])
+listener = socket.create_server(("127.0.0.1", 18000), backlog=n)
+clients = [socket.create_connection(("127.0.0.1", 18000)) for _ in range(n)]
+accepted = [listener.accept()[0] for _ in range(n)]
+print("ready", flush=True)
+sys.stdin.read()
+"""
 
 # --- the parent: namespace, exporters, measurement -------------------------------------------
 
@@ -106,6 +121,18 @@ class Namespace(common.Namespace):
     def make_flows(self, flows: int) -> int:
         self.exec([sys.executable, "-c", FLOW_SCRIPT, str(flows)])
         return self.count()
+
+    def hold_connections(self, connections: int) -> subprocess.Popen:
+        holder = subprocess.Popen(
+            self.argv([sys.executable, "-c", HOLD_SCRIPT, str(connections)]),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert holder.stdout is not None
+        if holder.stdout.readline().strip() != "ready":
+            raise RuntimeError("the connection holder did not start")
+        return holder
 
 
 def start(ns: Namespace, exporter: Exporter, logdir: Path) -> None:
@@ -308,7 +335,7 @@ def alloc_main(scrapes: int, accept: str) -> None:
 
 # --- reporting ----------------------------------------------------------------------------------
 
-COLUMN = 20
+COLUMN = 23
 
 
 def _row(label: str, cells: list[str]) -> str:
@@ -329,7 +356,8 @@ def report(args: argparse.Namespace, exporters: list[Exporter], extra: dict) -> 
     lines = [
         "",
         f"{common.machine()}, {extra['node_version']}",
-        f"netns with {extra['entries']} conntrack entries; {args.rounds} rounds x "
+        f"netns with {extra['entries']} conntrack entries and {args.connections} held TCP "
+        f"connections; {args.rounds} rounds x "
         f"{args.scrapes} scrapes per exporter, Accept: {args.accept}, Accept-Encoding: gzip, "
         "one keep-alive connection each",
         "",
@@ -395,6 +423,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=300, help="unmeasured scrapes first (300)")
     parser.add_argument("--flows", type=int, default=5000, help="UDP flows to create (5000)")
     parser.add_argument(
+        "--connections", type=int, default=500, help="TCP connections to hold (500)"
+    )
+    parser.add_argument(
         "--alloc-scrapes", type=int, default=500, help="scrapes under tracemalloc (500)"
     )
     parser.add_argument(
@@ -409,43 +440,56 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_exporters() -> list[Exporter]:
-    ours = Exporter(
-        "ours",
-        OURS_PORT,
-        "/metrics",
-        [
-            sys.executable,
-            "-m",
-            "conntrack_exporter",
-            f"--web.listen-address=127.0.0.1:{OURS_PORT}",
-            "--log.level=warn",
-        ],
-    )
-    # node_exporter as the issue asks for it: only the conntrack collector. It still serves its
-    # own go_*, process_* and promhttp_* metrics by default, which we have no counterpart for,
-    # so a second instance without them compares like with like.
-    node = [NODE_EXPORTER, "--collector.disable-defaults", "--collector.conntrack"]
+    """Ours first (every other row is reported as a ratio of it), then the baselines."""
+
+    def ours(name: str, port: int, *flags: str, note: str = "") -> Exporter:
+        argv = [sys.executable, "-m", "conntrack_exporter", *flags]
+        argv += [f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"]
+        return Exporter(name, port, "/metrics", argv, note=note)
+
+    def node(name: str, port: int, *flags: str, note: str) -> Exporter:
+        argv = [NODE_EXPORTER, "--collector.disable-defaults", *flags]
+        argv += [f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"]
+        return Exporter(name, port, "/metrics", argv, note=note)
+
+    conntrack = "--collector.conntrack"
+    lean = "--web.disable-exporter-metrics"
     return [
-        ours,
-        Exporter(
+        ours("ours", OURS_PORT),
+        ours(
+            "ours-no-socket",
+            OURS_NO_SOCKET_PORT,
+            "--no-collector.socket",
+            "--no-collector.socket_ports",
+            note="--no-collector.socket --no-collector.socket_ports: the conntrack collectors "
+            "only, so the ratio is what the socket collectors add to a scrape",
+        ),
+        # node_exporter as the core issue asks for it: only the conntrack collector. It still
+        # serves its own go_*, process_* and promhttp_* metrics, which we have no counterpart
+        # for, so a second instance without them compares like with like.
+        node(
             "node_exporter",
             NODE_PORT,
-            "/metrics",
-            [*node, f"--web.listen-address=127.0.0.1:{NODE_PORT}", "--log.level=warn"],
+            conntrack,
             note="--collector.disable-defaults --collector.conntrack",
         ),
-        Exporter(
+        node(
             "node_exporter-lean",
             NODE_LEAN_PORT,
-            "/metrics",
-            [
-                *node,
-                "--web.disable-exporter-metrics",
-                f"--web.listen-address=127.0.0.1:{NODE_LEAN_PORT}",
-                "--log.level=warn",
-            ],
-            note="the same with --web.disable-exporter-metrics: its conntrack collector and "
-            "scrape bookkeeping only, no go_/process_/promhttp_ metrics",
+            conntrack,
+            lean,
+            note=f"the same with {lean}: its conntrack collector and scrape bookkeeping only, "
+            "no go_/process_/promhttp_ metrics",
+        ),
+        # ... and as the socket issue asks for it: conntrack, sockstat and netstat.
+        node(
+            "node_exporter-sockets",
+            NODE_SOCKETS_PORT,
+            conntrack,
+            "--collector.sockstat",
+            "--collector.netstat",
+            note="--collector.disable-defaults --collector.conntrack --collector.sockstat "
+            "--collector.netstat (its default netstat field filter)",
         ),
     ]
 
@@ -466,12 +510,14 @@ def main() -> int:
     common.catch_interrupts()
     exporters = build_exporters()
     logdir = Path(tempfile.mkdtemp(prefix="scrape-cpu-"))
-    client = None
+    client = holder = None
     try:
         with Namespace() as ns:
             try:
                 common.log(f"netns {ns.name}: making {args.flows} UDP flows")
                 entries = ns.make_flows(args.flows)
+                common.log(f"holding {args.connections} TCP connections")
+                holder = ns.hold_connections(args.connections)
                 for exporter in exporters:
                     start(ns, exporter, logdir)
                 client = Client(ns, exporters, ACCEPT[args.accept])
@@ -505,6 +551,9 @@ def main() -> int:
             finally:
                 if client is not None:
                     client.close()
+                if holder is not None:
+                    holder.kill()
+                    holder.wait()
                 for exporter in exporters:
                     stop(exporter)
     except KeyboardInterrupt:
