@@ -19,7 +19,7 @@ from conntrack_exporter.collectors.conntrack_table import (
 )
 from conntrack_exporter.netlink import NetlinkError, NetlinkTimeout
 from conntrack_exporter.netlink.core import iter_messages
-from conntrack_exporter.netlink.ctnetlink import DumpResult
+from conntrack_exporter.netlink.socket import DumpResult
 from conntrack_exporter.procfs import ProcFS
 from conntrack_exporter.registry import CollectorContext, ExporterCollector, NoDataError
 from tests.metrics import parse_samples, value

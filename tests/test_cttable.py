@@ -29,6 +29,7 @@ from conntrack_exporter.netlink import cttable
 from conntrack_exporter.netlink.core import (
     NLM_F_DUMP_INTR,
     NLMSG_DONE,
+    BudgetSpent,
     Message,
     NetlinkParseError,
     iter_attributes,
@@ -586,7 +587,7 @@ def test_add_message_takes_the_socket_messages_as_they_come():
 @pytest.mark.parametrize("budget", [1, 100, 385])
 def test_budget_stops_after_that_many_entries(budget):
     tally = TableTally(stop_after=budget)
-    with pytest.raises(cttable.BudgetSpent):
+    with pytest.raises(BudgetSpent):
         for buf, msg in entries():
             tally.add(buf, msg.start, msg.end)
     assert counters(tally) == counters(tally_of(entries()[:budget]))

@@ -48,6 +48,10 @@ class NetlinkTimeout(NetlinkError, TimeoutError):
     """No complete answer arrived before the deadline."""
 
 
+class BudgetSpent(Exception):
+    """A dump's consumer has read as many messages as it was allowed: stop the dump."""
+
+
 class Message(NamedTuple):
     """One netlink message inside a receive buffer; the payload is buf[start:end]."""
 

@@ -17,8 +17,8 @@ from conntrack_exporter.netlink.core import (
     NetlinkParseError,
     iter_attributes,
 )
-from conntrack_exporter.netlink.cttable import CT_NEW_MESSAGE, BudgetSpent, TableTally
-from conntrack_exporter.netlink.socket import NETLINK_NETFILTER, NetlinkSocket
+from conntrack_exporter.netlink.cttable import CT_NEW_MESSAGE, TableTally
+from conntrack_exporter.netlink.socket import NETLINK_NETFILTER, DumpResult, NetlinkSocket
 
 NFNL_SUBSYS_CTNETLINK = 1
 NFNL_SUBSYS_CTNETLINK_EXP = 2
@@ -116,11 +116,6 @@ def parse_cpu_stats(buf: Buffer, msg: Message, names: dict[int, str]) -> CpuStat
     return CpuStats(cpu, counters)
 
 
-class DumpResult(NamedTuple):
-    complete: bool  # every entry was read (False when the budget stopped the dump)
-    interrupted: bool  # the kernel flagged the dump NLM_F_DUMP_INTR: the table changed under it
-
-
 class ConntrackTableReader:
     """Dumps the conntrack table (IPv4 and IPv6) of the socket's network namespace."""
 
@@ -132,17 +127,7 @@ class ConntrackTableReader:
 
     def dump(self, tally: TableTally) -> DumpResult:
         """Feed every entry to tally, until the tally's budget is spent."""
-        try:
-            interrupted = self._socket.request(
-                CT_GET, NLM_F_DUMP, nfgen_request(), tally.add_message
-            )
-        except BudgetSpent:
-            self._socket.reopen()
-            return DumpResult(complete=False, interrupted=False)
-        except Exception:
-            self._socket.reopen()  # whatever the kernel still sends belongs to a dead dump
-            raise
-        return DumpResult(complete=True, interrupted=interrupted)
+        return self._socket.dump(CT_GET, nfgen_request(), tally.add_message)
 
 
 class ConntrackStatsReader:

@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 from conntrack_exporter.netlink.core import (
     NLA_TYPE_MASK,
+    BudgetSpent,
     Buffer,
     Message,
     NetlinkParseError,
@@ -181,10 +182,6 @@ _STATUS_BITS = (
 )
 
 
-class BudgetSpent(Exception):
-    """The tally has read as many entries as it was allowed: stop the dump."""
-
-
 class TableTally:
     """Counts of one dump: by kind, by status, by source, destination and SNAT pool.
 
@@ -306,22 +303,31 @@ class TableTally:
         self._prune()
 
     def _prune(self) -> None:
-        # Keep the keys counted more often than the median-ish cutoff: a C-level sort of the
-        # counts alone, not a key function called per item (a 1M-entry table with 300k
-        # destinations prunes ~90 times per scan).
-        half = max(self._capacity // 2, 1)  # a capacity of 1 still keeps the top key
         for tally in (self.sources, self.destinations, self.nat_pools):
-            if len(tally) > self._capacity:
-                cutoff = sorted(tally.values(), reverse=True)[half - 1]
-                keep = {key: count for key, count in tally.items() if count > cutoff}
-                for key, count in tally.items():  # then ties at the cutoff, up to half
-                    if len(keep) == half:
-                        break
-                    if count == cutoff:
-                        keep[key] = count
-                self.pruned += sum(tally.values()) - sum(keep.values())
-                tally.clear()
-                tally.update(keep)
+            self.pruned += prune(tally, self._capacity)
+
+
+def prune(tally: dict[int, int], capacity: int) -> int:
+    """Past `capacity` keys, keep the half (at least one) counted most; return the count lost.
+
+    Keys counted more often than the median-ish cutoff stay: a C-level sort of the counts
+    alone, not a key function called per item (a 1M-entry table with 300k destinations
+    prunes ~90 times per scan). Then ties at the cutoff, up to half.
+    """
+    if len(tally) <= capacity:
+        return 0
+    half = max(capacity // 2, 1)  # a capacity of 1 still keeps the top key
+    cutoff = sorted(tally.values(), reverse=True)[half - 1]
+    keep = {key: count for key, count in tally.items() if count > cutoff}
+    for key, count in tally.items():
+        if len(keep) == half:
+            break
+        if count == cutoff:
+            keep[key] = count
+    lost = sum(tally.values()) - sum(keep.values())
+    tally.clear()
+    tally.update(keep)
+    return lost
 
 
 def _count_of(item: tuple[int, int]) -> int:

@@ -10,6 +10,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 from conntrack_exporter.netlink.core import (
     NLM_F_ACK,
@@ -19,6 +20,7 @@ from conntrack_exporter.netlink.core import (
     NLMSG_DONE,
     NLMSG_ERROR,
     NLMSG_MIN_TYPE,
+    BudgetSpent,
     Buffer,
     Message,
     NetlinkError,
@@ -38,6 +40,11 @@ RECEIVE_BUFFER_BYTES = 64 * 1024
 TIMEVAL = struct.Struct("@ll")
 
 MessageHandler = Callable[[Buffer, Message], None]
+
+
+class DumpResult(NamedTuple):
+    complete: bool  # every message was read (False when the consumer's budget stopped it)
+    interrupted: bool  # the kernel flagged the dump NLM_F_DUMP_INTR: the data changed under it
 
 
 class NetlinkSocket:
@@ -104,6 +111,22 @@ class NetlinkSocket:
                 flags |= NLM_F_ACK
             self._sock.send(build_message(msg_type, flags | NLM_F_REQUEST, self._seq, payload))
             return self._receive(self._seq, time.monotonic() + self._timeout, on_message)
+
+    def dump(self, msg_type: int, payload: bytes, on_message: MessageHandler) -> DumpResult:
+        """A dump request whose messages go to on_message, until it raises BudgetSpent.
+
+        A dump stopped early, or failed, leaves the kernel with more to send to this socket:
+        it is reopened then, so that the next request starts clean.
+        """
+        try:
+            interrupted = self.request(msg_type, NLM_F_DUMP, payload, on_message)
+        except BudgetSpent:
+            self.reopen()
+            return DumpResult(complete=False, interrupted=False)
+        except Exception:
+            self.reopen()  # whatever the kernel still sends belongs to a dead dump
+            raise
+        return DumpResult(complete=True, interrupted=interrupted)
 
     def _receive(self, seq: int, deadline: float, on_message: MessageHandler) -> bool:
         interrupted = False
