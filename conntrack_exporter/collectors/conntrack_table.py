@@ -8,17 +8,16 @@ Scrapes only turn the last scan's tallies into metrics.
 
 from __future__ import annotations
 
-import errno
-import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from typing import ClassVar, NamedTuple
 
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from conntrack_exporter.checks import non_negative, port_range, positive
-from conntrack_exporter.netlink import NetlinkParseError, NetlinkTimeout
+from conntrack_exporter.collectors.background import BackgroundScanCollector
 from conntrack_exporter.netlink.ctnetlink import ConntrackTableReader
 from conntrack_exporter.netlink.cttable import (
     FAMILY_NAMES,
@@ -35,12 +34,10 @@ from conntrack_exporter.netlink.cttable import (
     status_names,
     top,
 )
-from conntrack_exporter.registry import Collected, CollectorContext, NoDataError
-
-log = logging.getLogger(__name__)
+from conntrack_exporter.netlink.socket import DumpResult
+from conntrack_exporter.registry import CollectorContext
 
 COUNT_FILE = "sys/net/netfilter/nf_conntrack_count"
-ERROR_REASONS = ("permission", "timeout", "no_buffer_space", "interrupted", "parse", "other")
 CACHED = "From the last background table scan"
 # SNAT maps ICMP echo ids, not ports, and picks them from the whole 16-bit range.
 ICMP_NAMES = frozenset({"icmp", "icmpv6"})
@@ -68,20 +65,24 @@ class ScanResult(NamedTuple):
     finished_at: float  # Unix time
 
 
-class ConntrackTableCollector:
+class ConntrackTableCollector(BackgroundScanCollector[ScanResult]):
     name: ClassVar[str] = "conntrack_table"
     default_enabled: ClassVar[bool] = True
     options_type: ClassVar[type] = ConntrackTableOptions
+    metric_prefix: ClassVar[str] = "conntrack_table"
+    subject: ClassVar[str] = "table"
+    scan_name: ClassVar[str] = "conntrack table"
+    refusal: ClassVar[str] = (
+        "conntrack table scan refused: dumping the table needs CAP_NET_ADMIN; the "
+        "conntrack_table collector stays off (the conntrack collector still works)"
+    )
 
     def __init__(self, options: ConntrackTableOptions, context: CollectorContext) -> None:
+        super().__init__()
         self._options = options
         self._procfs = context.procfs
         self._timeout = context.netlink_timeout
         self._reader: ConntrackTableReader | None = None
-        self._result: ScanResult | None = None  # the last good scan
-        self._metrics: list[Metric] | None = None  # its families, served to every scrape
-        self._errors: Counter[str] = Counter(dict.fromkeys(ERROR_REASONS, 0))
-        self._failure: str | None = None  # why there is no result, for the scrape to say
         low, _, high = options.nat_port_range.partition("-")
         self._pool_size = int(high) - int(low) + 1
 
@@ -91,78 +92,45 @@ class ConntrackTableCollector:
 
     # -- background ---------------------------------------------------------------------
 
-    def scan(self) -> None:
-        try:
-            self._scan()
-        finally:
-            # The families change only here: built once per scan, in this thread, so that a
-            # scrape costs a list read however large the table (and the top-K formatting).
-            if self._result is not None:
-                self._metrics = [
-                    *self._table_families(self._result),
-                    *self._scan_families(self._result),
-                ]
-
     def _scan(self) -> None:
-        if self._failure == "permission":
-            return  # refused once, refused for good: capabilities do not come back
         try:
             table_size = self._procfs.read_int(COUNT_FILE)
         except FileNotFoundError:
             self._failure = "conntrack is not loaded"
             return
         started = time.monotonic()
-        try:
-            tally, complete = self._dump()
-        except OSError as exc:  # NetlinkError, or a netlink socket that cannot be opened
-            self._count_error(_reason(exc), exc)
+        dumped = self._counted(self._dump)
+        if dumped is None:
             return
-        except NetlinkParseError as exc:
-            self._count_error("parse", exc)
-            return
+        tally, complete = dumped
         tally.finish()
-        self._result = ScanResult(
-            tally, max(table_size, tally.entries), complete, time.monotonic() - started, time.time()
+        self._publish(
+            ScanResult(
+                tally,
+                max(table_size, tally.entries),
+                complete,
+                time.monotonic() - started,
+                time.time(),
+            )
         )
-        self._failure = None
 
     def _dump(self) -> tuple[TableTally, bool]:
         if self._reader is None:
             self._reader = ConntrackTableReader(self._timeout)
-        for attempt in (1, 2):
-            tally = TableTally(
-                self._options.label_ct_zone,
-                self._options.label_mark,
-                stop_after=self._options.max_entries,
-            )
-            result = self._reader.dump(tally)
-            if not result.interrupted:
-                break
-            # The table changed under the dump (a resize, or entries moved): once more,
-            # then take what we have and say so.
-            if attempt == 2:
-                self._count_error("interrupted", None)
-        return tally, result.complete
+        return self._retried(partial(self._dump_once, self._reader))
 
-    def _count_error(self, reason: str, exc: Exception | None) -> None:
-        self._errors[reason] += 1
-        first = self._errors[reason] == 1
-        if reason == "permission":
-            self._failure = reason
-            log.warning(
-                "conntrack table scan refused: dumping the table needs CAP_NET_ADMIN; the "
-                "conntrack_table collector stays off (the conntrack collector still works)"
-            )
-        elif first or reason == "other":
-            log.warning("conntrack table scan failed", extra={"reason": reason, "err": str(exc)})
+    def _dump_once(self, reader: ConntrackTableReader) -> tuple[TableTally, DumpResult]:
+        tally = TableTally(
+            self._options.label_ct_zone,
+            self._options.label_mark,
+            stop_after=self._options.max_entries,
+        )
+        return tally, reader.dump(tally)
 
-    # -- scrape -------------------------------------------------------------------------
+    # -- the families, built once per scan ----------------------------------------------
 
-    def collect(self) -> Collected:
-        metrics = self._metrics
-        if metrics is None:
-            raise NoDataError(self._failure or "no table scan has finished yet")
-        return Collected("netlink", metrics)
+    def _families(self, result: ScanResult) -> list[Metric]:
+        return [*self._table_families(result), *self._scan_families(result)]
 
     def _table_families(self, result: ScanResult) -> list[Metric]:
         tally = result.tally
@@ -254,24 +222,7 @@ class ConntrackTableCollector:
 
     def _scan_families(self, result: ScanResult) -> list[Metric]:
         ratio = 1.0 if result.complete else result.tally.entries / result.table_size
-        errors = CounterMetricFamily(
-            "conntrack_table_scan_errors",
-            "Table scans that failed or were inconsistent, by reason.",
-            labels=["reason"],
-        )
-        for reason, count in self._errors.items():
-            errors.add_metric([reason], count)
-        return [
-            GaugeMetricFamily(
-                "conntrack_table_scan_duration_seconds",
-                "How long the last table scan took.",
-                value=result.duration,
-            ),
-            GaugeMetricFamily(
-                "conntrack_table_scan_timestamp_seconds",
-                "When the last table scan finished (Unix time).",
-                value=result.finished_at,
-            ),
+        counts = [
             GaugeMetricFamily(
                 "conntrack_table_scan_entries",
                 "Entries the last table scan read.",
@@ -283,18 +234,8 @@ class ConntrackTableCollector:
                 "when collectors.conntrack_table.max_entries stopped it and counts are scaled.",
                 value=ratio,
             ),
-            errors,
         ]
-
-
-def _reason(exc: OSError) -> str:
-    if exc.errno in (errno.EPERM, errno.EACCES):
-        return "permission"
-    if isinstance(exc, NetlinkTimeout):
-        return "timeout"
-    if exc.errno == errno.ENOBUFS:
-        return "no_buffer_space"
-    return "other"
+        return self._health_families(result.duration, result.finished_at, counts)
 
 
 def _tcp_state_name(state: int) -> str:
