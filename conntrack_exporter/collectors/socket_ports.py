@@ -1,15 +1,45 @@
 """The socket_ports collector: ephemeral ports in use toward each destination.
 
-Skeleton: filled in by the socket-pools work (issue 4).
+A node that opens connections to one destination (address, port) faster than they leave
+TIME_WAIT runs out of local ports for it: connect() fails with EADDRNOTAVAIL, whatever the
+conntrack table says. A background sock_diag dump (see scanner.py and netlink/inet_diag.py)
+counts, per destination, the TCP and UDP sockets whose local port the kernel could have picked
+as an ephemeral one: inside net.ipv4.ip_local_port_range, outside ip_local_reserved_ports (both
+read from procfs at each scan), and not a TCP listener's port (the sockets a listener accepted
+carry it). Unconnected UDP sockets and bound-only TCP sockets draw from the same range without
+a destination: they count under destination="".
+
+Past `max_sockets` the scan stops and the counts are lower bounds. Unlike conntrack_table's
+they are not scaled up: the kernel filters the dump by port, so what share of the sockets the
+scan walked is unknown. Scrapes only serve the families of the last scan.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
-from typing import ClassVar
+from functools import partial
+from typing import ClassVar, NamedTuple
+
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from conntrack_exporter.checks import non_negative, positive
-from conntrack_exporter.registry import Collected, CollectorContext, NoDataError
+from conntrack_exporter.collectors.background import BackgroundScanCollector
+from conntrack_exporter.netlink.cttable import decode_destination, top
+from conntrack_exporter.netlink.inet_diag import (
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    PortTally,
+    SockDiagReader,
+)
+from conntrack_exporter.netlink.socket import DumpResult
+from conntrack_exporter.procfs import ephemeral_port_flags, parse_port_range, parse_port_ranges
+from conntrack_exporter.registry import CollectorContext
+
+RANGE_FILE = "sys/net/ipv4/ip_local_port_range"
+RESERVED_FILE = "sys/net/ipv4/ip_local_reserved_ports"
+CACHED = "From the last background socket scan (sock_diag SOCK_DIAG_BY_FAMILY dump)"
+PROTOCOL_NAMES = {IPPROTO_TCP: "tcp", IPPROTO_UDP: "udp"}
 
 
 @dataclass(frozen=True)
@@ -21,20 +51,120 @@ class SocketPortsOptions:
     top_k: int = field(default=10, metadata={"check": non_negative})
 
 
-class SocketPortsCollector:
+class ScanResult(NamedTuple):
+    tally: PortTally
+    complete: bool
+    duration: float
+    finished_at: float  # Unix time
+
+
+class SocketPortsCollector(BackgroundScanCollector[ScanResult]):
     name: ClassVar[str] = "socket_ports"
     default_enabled: ClassVar[bool] = True
     options_type: ClassVar[type] = SocketPortsOptions
+    metric_prefix: ClassVar[str] = "socket_ports"
+    subject: ClassVar[str] = "socket"
+    scan_name: ClassVar[str] = "socket port"
+    refusal: ClassVar[str] = (
+        "socket port scan refused: sock_diag needs no privilege, so a security policy "
+        "(seccomp, an LSM) denies it; the socket_ports collector stays off"
+    )
 
     def __init__(self, options: SocketPortsOptions, context: CollectorContext) -> None:
+        super().__init__()
         self._options = options
+        self._procfs = context.procfs
+        self._timeout = context.netlink_timeout
+        self._reader: SockDiagReader | None = None
 
     @property
     def interval(self) -> float:
         return self._options.interval_seconds
 
-    def scan(self) -> None:
-        pass
+    # -- background ---------------------------------------------------------------------
 
-    def collect(self) -> Collected:
-        raise NoDataError("not implemented yet")
+    def _scan(self) -> None:
+        try:
+            port_range = parse_port_range(self._procfs.read_text(RANGE_FILE))
+            reserved = parse_port_ranges(self._procfs.read_text(RESERVED_FILE))
+        except FileNotFoundError:
+            self._failure = f"no {RANGE_FILE} or {RESERVED_FILE} in procfs"
+            return
+        ephemeral = ephemeral_port_flags(port_range, reserved)
+        started = time.monotonic()
+        dumped = self._counted(partial(self._dump, port_range, ephemeral))
+        if dumped is None:
+            return
+        tally, complete = dumped
+        tally.finish()
+        self._publish(ScanResult(tally, complete, time.monotonic() - started, time.time()))
+
+    def _dump(self, port_range: tuple[int, int], ephemeral: bytes) -> tuple[PortTally, bool]:
+        if self._reader is None:
+            self._reader = SockDiagReader(self._timeout)
+        return self._retried(partial(self._dump_once, self._reader, port_range, ephemeral))
+
+    def _dump_once(
+        self, reader: SockDiagReader, port_range: tuple[int, int], ephemeral: bytes
+    ) -> tuple[PortTally, DumpResult]:
+        tally = PortTally(stop_after=self._options.max_sockets)
+        return tally, reader.dump_ports(tally, port_range, ephemeral)
+
+    # -- the families, built once per scan ----------------------------------------------
+
+    def _families(self, result: ScanResult) -> list[Metric]:
+        return [*self._port_families(result.tally), *self._scan_families(result)]
+
+    def _port_families(self, tally: PortTally) -> list[Metric]:
+        metrics: list[Metric] = []
+        k = self._options.top_k
+        if k:
+            used = GaugeMetricFamily(
+                "socket_ephemeral_ports_used",
+                f"Local ports of the ephemeral range (net.ipv4.ip_local_port_range less "
+                f"ip_local_reserved_ports) that sockets hold toward one destination, for the "
+                f'{k} destinations holding the most; destination="" for unconnected UDP and '
+                f"bound-only TCP sockets. Listeners' ports are left out. {CACHED}.",
+                labels=["protocol", "destination", "port"],
+            )
+            every: dict[int, int] = {}  # keys name their protocol: no clash
+            for per_protocol in tally.destinations.values():
+                every.update(per_protocol)
+            for key, count in top(every, k):
+                used.add_metric(_labels(key), count)
+            metrics.append(used)
+        largest = GaugeMetricFamily(
+            "socket_ephemeral_ports_used_max",
+            f"The most ephemeral ports held toward any one destination: the largest "
+            f"socket_ephemeral_ports_used of the protocol, 0 with none. {CACHED}.",
+            labels=["protocol"],
+        )
+        for protocol, name in PROTOCOL_NAMES.items():
+            largest.add_metric([name], tally.largest(protocol))
+        metrics.append(largest)
+        return metrics
+
+    def _scan_families(self, result: ScanResult) -> list[Metric]:
+        counts = [
+            GaugeMetricFamily(
+                "socket_ports_scan_sockets",
+                "Sockets the last socket scan read: those whose local port lies in "
+                "ip_local_port_range (the kernel filters out the others).",
+                value=result.tally.sockets,
+            ),
+            GaugeMetricFamily(
+                "socket_ports_scan_complete",
+                "1 if the last socket scan read every socket, 0 when "
+                "collectors.socket_ports.max_sockets stopped it: counts are then lower bounds.",
+                value=1.0 if result.complete else 0.0,
+            ),
+        ]
+        return self._health_families(result.duration, result.finished_at, counts)
+
+
+def _labels(key: int) -> list[str]:
+    """[protocol, destination, port] of a destination key; "" for no destination."""
+    address, protocol, port = decode_destination(key)
+    if not port:
+        return [PROTOCOL_NAMES[protocol], "", ""]
+    return [PROTOCOL_NAMES[protocol], address, str(port)]
