@@ -24,6 +24,7 @@ PROCFS = HERE / "fixtures" / "procfs"
 CASES = {
     "conntrack": ("conntrack", []),
     "conntrack_per_cpu": ("conntrack", ["--config.file", str(HERE / "fixtures" / "per_cpu.yml")]),
+    "socket": ("socket", []),
 }
 MASKS = [
     (

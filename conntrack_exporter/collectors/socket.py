@@ -1,14 +1,220 @@
 """The socket collector: every kernel socket pool beside its limit, from procfs.
 
-Skeleton: filled in by the socket-pools work (issue 4).
+Counts and limits come from /proc/net/sockstat(6) and the sysctls that bound them; the
+counters that say a pool ran out come from /proc/net/netstat, snmp and snmp6. A value the
+running kernel does not have (a missing file or column) is left out, never reported as 0:
+sockstat6 is absent without IPv6, and tcp_mem, udp_mem and tcp_max_orphans exist only in the
+host's network namespace. Needs no privilege.
+
+Every file is read on every scrape, over a file descriptor kept open (procfs.ProcFile).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import ClassVar
 
-from conntrack_exporter.registry import Collected, CollectorContext, NoDataError
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.samples import Sample
+
+from conntrack_exporter.procfs import (
+    ProcFile,
+    ephemeral_port_flags,
+    parse_ints,
+    parse_port_range,
+    parse_port_ranges,
+    parse_snmp6_values,
+    parse_snmp_table,
+    parse_sockstat,
+)
+from conntrack_exporter.registry import Collected, CollectorContext
+
+SOCKSTAT_FILE = "net/sockstat"
+SOCKSTAT6_FILE = "net/sockstat6"
+NETSTAT_FILE = "net/netstat"
+SNMP_FILE = "net/snmp"
+SNMP6_FILE = "net/snmp6"
+MAX_ORPHANS_FILE = "sys/net/ipv4/tcp_max_orphans"
+MAX_TIMEWAIT_FILE = "sys/net/ipv4/tcp_max_tw_buckets"
+TCP_MEM_FILE = "sys/net/ipv4/tcp_mem"
+UDP_MEM_FILE = "sys/net/ipv4/udp_mem"
+PORT_RANGE_FILE = "sys/net/ipv4/ip_local_port_range"
+RESERVED_PORTS_FILE = "sys/net/ipv4/ip_local_reserved_ports"
+FILE_NR_FILE = "sys/fs/file-nr"
+
+
+class _Family:
+    """A metric family's fixed parts, checked once; a fresh family per scrape costs a copy.
+
+    prometheus_client's constructors validate the name and build label dicts on every call,
+    a microsecond per family; these families are the same on every scrape but for values.
+    Label dicts are shared between scrapes: nothing downstream writes to a sample.
+    """
+
+    def __init__(self, template: Metric) -> None:
+        self._fields = template.__dict__
+        # CounterMetricFamily drops "_total" from the family name; its samples carry it.
+        self.sample_name = template.name + ("_total" if template.type == "counter" else "")
+
+    def build(self, samples: list[Sample]) -> Metric:
+        metric = Metric.__new__(Metric)
+        metric.__dict__.update(self._fields)
+        metric.samples = samples
+        return metric
+
+    def sample(self, labels: dict[str, str], value: float) -> Sample:
+        return Sample(self.sample_name, labels, value)
+
+
+def _gauge(name: str, documentation: str) -> _Family:
+    return _Family(GaugeMetricFamily(name, documentation))
+
+
+def _counter(name: str, documentation: str) -> _Family:
+    return _Family(CounterMetricFamily(name, documentation))
+
+
+NO_LABELS: dict[str, str] = {}
+
+INUSE = _gauge(
+    "socket_inuse",
+    "Sockets in this network namespace that hold an address or port (bound, listening or "
+    "connected), by address family and protocol (/proc/net/sockstat and sockstat6 inuse).",
+)
+# (family label, sockstat line, labels). FRAG lines count reassembly queues, not sockets.
+INUSE_POOLS = [
+    (family, line, {"family": family, "protocol": protocol})
+    for family, suffix in (("ipv4", ""), ("ipv6", "6"))
+    for line, protocol in (
+        ("TCP" + suffix, "tcp"),
+        ("UDP" + suffix, "udp"),
+        ("UDPLITE" + suffix, "udplite"),
+        ("RAW" + suffix, "raw"),
+    )
+]
+ALLOCATED = _gauge(
+    "socket_allocated",
+    "Sockets of every family (inet, unix, netlink, ...) open in this network namespace, bound "
+    "or not (/proc/net/sockstat sockets: used).",
+)
+TCP_ALLOCATED = _gauge(
+    "socket_tcp_allocated",
+    "TCP sockets allocated on the host, IPv4 and IPv6 in every network namespace, orphans "
+    "included (/proc/net/sockstat TCP alloc).",
+)
+ORPHANS = _gauge(
+    "socket_tcp_orphans",
+    "TCP sockets closed by their process but not yet finished, on the host "
+    "(/proc/net/sockstat TCP orphan).",
+)
+ORPHANS_LIMIT = _gauge(
+    "socket_tcp_orphans_limit",
+    "Most orphaned TCP sockets the kernel keeps before it resets them "
+    "(net.ipv4.tcp_max_orphans, in the host's network namespace only).",
+)
+TIMEWAIT = _gauge(
+    "socket_tcp_timewait",
+    "TCP sockets in TIME_WAIT in this network namespace, IPv4 and IPv6 "
+    "(/proc/net/sockstat TCP tw).",
+)
+TIMEWAIT_LIMIT = _gauge(
+    "socket_tcp_timewait_limit",
+    "Most TIME_WAIT sockets this network namespace keeps; past it they are destroyed at once "
+    "(net.ipv4.tcp_max_tw_buckets).",
+)
+MEMORY = _gauge(
+    "socket_memory_bytes",
+    "Memory charged to the protocol's socket buffers on the host "
+    "(/proc/net/sockstat TCP and UDP mem, pages times the page size).",
+)
+MEMORY_POOLS = [("TCP", {"protocol": "tcp"}), ("UDP", {"protocol": "udp"})]
+# tcp_mem and udp_mem: three page counts, in this order.
+MEMORY_THRESHOLDS = [
+    _gauge(
+        "socket_memory_min_bytes",
+        "Socket buffer memory of the protocol below which the kernel does not regulate it "
+        "(net.ipv4.tcp_mem or udp_mem min, in the host's network namespace only).",
+    ),
+    _gauge(
+        "socket_memory_pressure_bytes",
+        "Socket buffer memory of the protocol above which the kernel is under memory pressure "
+        "and shrinks buffers (net.ipv4.tcp_mem or udp_mem pressure, in the host's network "
+        "namespace only).",
+    ),
+    _gauge(
+        "socket_memory_limit_bytes",
+        "Most socket buffer memory the protocol may use on the host; past it allocations fail "
+        "(net.ipv4.tcp_mem or udp_mem max, in the host's network namespace only).",
+    ),
+]
+# TcpExt column -> family.
+TCPEXT_COUNTERS = {
+    "ListenOverflows": _counter(
+        "socket_listen_overflows",
+        "Connections that completed the handshake while the listener's accept queue was full "
+        "(/proc/net/netstat TcpExt ListenOverflows).",
+    ),
+    "ListenDrops": _counter(
+        "socket_listen_drops",
+        "Connections dropped at a listening socket for any reason, overflows included "
+        "(/proc/net/netstat TcpExt ListenDrops).",
+    ),
+    "TCPMemoryPressures": _counter(
+        "socket_tcp_memory_pressures",
+        "Times TCP entered memory pressure, past tcp_mem's pressure threshold "
+        "(/proc/net/netstat TcpExt TCPMemoryPressures).",
+    ),
+    "TCPAbortOnMemory": _counter(
+        "socket_tcp_aborts_on_memory",
+        "TCP connections reset for lack of memory or because there were too many orphans "
+        "(/proc/net/netstat TcpExt TCPAbortOnMemory).",
+    ),
+    "TCPTimeWaitOverflow": _counter(
+        "socket_tcp_timewait_overflows",
+        "TIME_WAIT sockets not kept because tcp_max_tw_buckets was reached "
+        "(/proc/net/netstat TcpExt TCPTimeWaitOverflow).",
+    ),
+}
+# snmp's Udp column (snmp6 calls it Udp6<column>) -> family.
+UDP_COUNTERS = {
+    "RcvbufErrors": _counter(
+        "socket_udp_receive_buffer_errors",
+        "UDP datagrams dropped because the receiving socket's buffer was full "
+        "(/proc/net/snmp Udp RcvbufErrors, /proc/net/snmp6 Udp6RcvbufErrors).",
+    ),
+    "SndbufErrors": _counter(
+        "socket_udp_send_buffer_errors",
+        "UDP datagrams not sent because the socket's send buffer was full "
+        "(/proc/net/snmp Udp SndbufErrors, /proc/net/snmp6 Udp6SndbufErrors).",
+    ),
+    "InErrors": _counter(
+        "socket_udp_in_errors",
+        "UDP datagrams received but not delivered, buffer and memory errors included "
+        "(/proc/net/snmp Udp InErrors, /proc/net/snmp6 Udp6InErrors).",
+    ),
+    "MemErrors": _counter(
+        "socket_udp_memory_errors",
+        "UDP datagrams dropped because UDP memory (udp_mem) was exhausted; absent on kernels "
+        "without the counter (/proc/net/snmp Udp MemErrors, /proc/net/snmp6 Udp6MemErrors).",
+    ),
+}
+UDP6_COLUMNS = ["Udp6" + column for column in UDP_COUNTERS]
+IPV4 = {"family": "ipv4"}
+IPV6 = {"family": "ipv6"}
+FILE_HANDLES = _gauge(
+    "socket_file_handles_allocated",
+    "File handles allocated on the host, sockets among them (/proc/sys/fs/file-nr, first field).",
+)
+FILE_HANDLES_LIMIT = _gauge(
+    "socket_file_handles_limit",
+    "Most file handles the kernel allocates (fs.file-max, /proc/sys/fs/file-nr third field).",
+)
+EPHEMERAL_RANGE = _gauge(
+    "socket_ephemeral_ports_range_size",
+    "Local ports the kernel may pick for outgoing connections: net.ipv4.ip_local_port_range "
+    "minus the ports of ip_local_reserved_ports within it.",
+)
 
 
 @dataclass(frozen=True)
@@ -22,7 +228,150 @@ class SocketCollector:
     options_type: ClassVar[type] = SocketOptions
 
     def __init__(self, options: SocketOptions, context: CollectorContext) -> None:
-        self._procfs = context.procfs
+        procfs = context.procfs
+        # The kernel counts socket memory in pages of the running system: 4 KiB is not a
+        # given (arm64 and ppc64 kernels may use 16 or 64 KiB pages).
+        self._page_size = os.sysconf("SC_PAGE_SIZE")
+        self._sockstat = procfs.file(SOCKSTAT_FILE)
+        self._sockstat6 = procfs.file(SOCKSTAT6_FILE)
+        self._netstat = procfs.file(NETSTAT_FILE)
+        self._snmp = procfs.file(SNMP_FILE)
+        self._snmp6 = procfs.file(SNMP6_FILE)
+        self._max_orphans = procfs.file(MAX_ORPHANS_FILE)
+        self._max_timewait = procfs.file(MAX_TIMEWAIT_FILE)
+        self._memory_sysctls = [
+            (procfs.file(TCP_MEM_FILE), {"protocol": "tcp"}),
+            (procfs.file(UDP_MEM_FILE), {"protocol": "udp"}),
+        ]
+        self._port_range = procfs.file(PORT_RANGE_FILE)
+        self._reserved_ports = procfs.file(RESERVED_PORTS_FILE)
+        self._file_nr = procfs.file(FILE_NR_FILE)
+        # The last (ip_local_port_range, ip_local_reserved_ports) texts and the range size
+        # they give: both rarely change, and the size takes a 64 KiB table to compute.
+        self._ports: tuple[str, str, int] | None = None
 
     def collect(self) -> Collected:
-        raise NoDataError("not implemented yet")
+        metrics: list[Metric] = []
+        self._sockstat_families(metrics)
+        self._memory_limit_families(metrics)
+        _add_value(metrics, EPHEMERAL_RANGE, self._ephemeral_range_size())
+        self._counter_families(metrics)
+        self._file_families(metrics)
+        return Collected("procfs", metrics)
+
+    def _sockstat_families(self, out: list[Metric]) -> None:
+        # Required, unlike every other file: sockstat exists on every kernel with networking,
+        # so without it the procfs root is wrong and the collector must say so.
+        sockstat = parse_sockstat(self._sockstat.read_text(), self._sockstat.path)
+        text6 = _read_optional(self._sockstat6)
+        by_family = {"ipv4": sockstat}
+        if text6 is not None:
+            by_family["ipv6"] = parse_sockstat(text6, self._sockstat6.path)
+        inuse = []
+        for family, line, labels in INUSE_POOLS:
+            value = by_family.get(family, {}).get(line, {}).get("inuse")
+            if value is not None:
+                inuse.append(INUSE.sample(labels, value))
+        _add(out, INUSE, inuse)
+
+        _add_value(out, ALLOCATED, sockstat.get("sockets", {}).get("used"))
+        tcp = sockstat.get("TCP", {})
+        _add_value(out, TCP_ALLOCATED, tcp.get("alloc"))
+        _add_value(out, ORPHANS, tcp.get("orphan"))
+        _add_value(out, ORPHANS_LIMIT, _read_int(self._max_orphans))
+        _add_value(out, TIMEWAIT, tcp.get("tw"))
+        _add_value(out, TIMEWAIT_LIMIT, _read_int(self._max_timewait))
+        memory = []
+        for line, labels in MEMORY_POOLS:
+            pages = sockstat.get(line, {}).get("mem")
+            if pages is not None:
+                memory.append(MEMORY.sample(labels, pages * self._page_size))
+        _add(out, MEMORY, memory)
+
+    def _memory_limit_families(self, out: list[Metric]) -> None:
+        thresholds: list[list[Sample]] = [[], [], []]
+        for file, labels in self._memory_sysctls:
+            text = _read_optional(file)
+            if text is None:
+                continue
+            for samples, family, pages in zip(
+                thresholds, MEMORY_THRESHOLDS, parse_ints(text, 3, file.path), strict=True
+            ):
+                samples.append(family.sample(labels, pages * self._page_size))
+        for family, samples in zip(MEMORY_THRESHOLDS, thresholds, strict=True):
+            _add(out, family, samples)
+
+    def _counter_families(self, out: list[Metric]) -> None:
+        text = _read_optional(self._netstat)
+        if text is not None:
+            path = self._netstat.path
+            tcpext = parse_snmp_table(text, "TcpExt", TCPEXT_COUNTERS, path) or {}
+            for column, family in TCPEXT_COUNTERS.items():
+                _add_value(out, family, tcpext.get(column))
+
+        text = _read_optional(self._snmp)
+        udp = {}
+        if text is not None:
+            udp = parse_snmp_table(text, "Udp", UDP_COUNTERS, self._snmp.path) or {}
+        text = _read_optional(self._snmp6)
+        udp6 = {}
+        if text is not None:
+            udp6 = parse_snmp6_values(text, UDP6_COLUMNS, self._snmp6.path)
+        for column, family in UDP_COUNTERS.items():
+            samples = []
+            if column in udp:
+                samples.append(family.sample(IPV4, udp[column]))
+            if "Udp6" + column in udp6:
+                samples.append(family.sample(IPV6, udp6["Udp6" + column]))
+            _add(out, family, samples)
+
+    def _file_families(self, out: list[Metric]) -> None:
+        text = _read_optional(self._file_nr)
+        if text is not None:
+            # The second field is always 0 since Linux 2.6; the third is fs.file-max.
+            allocated, _, limit = parse_ints(text, 3, self._file_nr.path)
+            _add_value(out, FILE_HANDLES, allocated)
+            _add_value(out, FILE_HANDLES_LIMIT, limit)
+
+    def _ephemeral_range_size(self) -> int | None:
+        port_range = _read_optional(self._port_range)
+        if port_range is None:
+            return None
+        reserved = _read_optional(self._reserved_ports) or ""
+        cached = self._ports
+        if cached is not None and cached[0] == port_range and cached[1] == reserved:
+            return cached[2]
+        try:
+            low_high = parse_port_range(port_range)
+        except ValueError as exc:
+            raise ValueError(f"{self._port_range.path}: {exc}") from None
+        try:
+            reserved_ranges = parse_port_ranges(reserved)
+        except ValueError as exc:
+            raise ValueError(f"{self._reserved_ports.path}: {exc}") from None
+        size = ephemeral_port_flags(low_high, reserved_ranges).count(1)  # the sum of the flags
+        self._ports = (port_range, reserved, size)
+        return size
+
+
+def _read_optional(file: ProcFile) -> str | None:
+    try:
+        return file.read_text()
+    except FileNotFoundError:
+        return None
+
+
+def _read_int(file: ProcFile) -> int | None:
+    text = _read_optional(file)
+    return None if text is None else parse_ints(text, 1, file.path)[0]
+
+
+def _add(out: list[Metric], family: _Family, samples: list[Sample]) -> None:
+    # A family without samples is left out whole: the kernel does not have it.
+    if samples:
+        out.append(family.build(samples))
+
+
+def _add_value(out: list[Metric], family: _Family, value: int | None) -> None:
+    if value is not None:
+        out.append(family.build([family.sample(NO_LABELS, value)]))
