@@ -343,14 +343,17 @@ def tree(tmp_path):
     return root
 
 
-def scrape(root: Path, collector: SocketCollector | None = None) -> tuple[dict, float]:
-    """The samples of one scrape and the collector's success."""
+def exposition(root: Path, collector: SocketCollector | None = None) -> str:
     from prometheus_client.exposition import generate_latest
 
     if collector is None:
         collector = make_collector(root)
-    text = generate_latest(ExporterCollector([collector])).decode()
-    samples = parse_samples(text)
+    return generate_latest(ExporterCollector([collector])).decode()
+
+
+def scrape(root: Path, collector: SocketCollector | None = None) -> tuple[dict, float]:
+    """The samples of one scrape and the collector's success."""
+    samples = parse_samples(exposition(root, collector))
     success = samples["conntrack_exporter_collector_success"][(("collector", "socket"),)]
     return samples, success
 
@@ -407,6 +410,7 @@ def test_files_the_kernel_lacks_give_absent_series_not_zero(tree):
         "sys/fs/file-nr",
     ]:
         (tree / relative).unlink()
+    text = exposition(tree)
     samples, success = scrape(tree)
     assert success == 1
     for name in [
@@ -420,6 +424,7 @@ def test_files_the_kernel_lacks_give_absent_series_not_zero(tree):
         "socket_file_handles_limit",
     ]:
         assert name not in samples
+        assert f"# HELP {name} " not in text  # no empty family either
     protocols = ("tcp", "udp", "udplite", "raw")
     assert set(samples["socket_inuse"]) == {
         (("family", "ipv4"), ("protocol", protocol)) for protocol in protocols
@@ -434,10 +439,14 @@ def test_an_older_kernel_has_no_udp_memory_series(tree):
     samples, success = scrape(tree)
     assert success == 1
     assert "socket_udp_memory_errors_total" not in samples  # neither Udp nor Udp6 MemErrors
+    assert "socket_udp_memory_errors" not in exposition(tree)
     assert list(samples["socket_memory_bytes"]) == [(("protocol", "tcp"),)]
     assert (("family", "ipv4"), ("protocol", "udplite")) not in samples["socket_inuse"]
     assert one(samples, "socket_inuse", family="ipv6", protocol="raw") == 1
+    # Distinct values in the old snmp6 tell the columns apart (this kernel's are 49 alike).
+    assert one(samples, "socket_udp_receive_buffer_errors_total", family="ipv6") == 9
     assert one(samples, "socket_udp_send_buffer_errors_total", family="ipv6") == 8
+    assert one(samples, "socket_udp_in_errors_total", family="ipv6") == 0
     assert one(samples, "socket_udp_receive_buffer_errors_total", family="ipv4") == 0
     assert one(samples, "socket_tcp_timewait") == 4
 
@@ -500,3 +509,47 @@ def test_values_are_read_on_every_scrape(tree):
     sockstat.write_text(sockstat.read_text().replace("tw 2", "tw 7"))
     samples, _ = scrape(tree, collector)
     assert one(samples, "socket_tcp_timewait") == 7
+
+
+def numbered(text: str) -> str:
+    """An snmp/netstat text whose every value is its column's position: 1, 2, 3, ..."""
+    lines = text.splitlines()
+    for index in range(1, len(lines), 2):
+        prefix, count = lines[index].split()[0], len(lines[index].split()) - 1
+        lines[index] = " ".join([prefix, *(str(position) for position in range(1, count + 1))])
+    return "\n".join(lines) + "\n"
+
+
+def test_each_counter_reads_its_own_column(tree):
+    """Distinct values in every column, so that a counter read from its neighbour shows."""
+    for name in ("netstat", "snmp"):
+        path = tree / "net" / name
+        path.write_text(numbered(path.read_text()))
+    snmp6 = tree / "net" / "snmp6"
+    snmp6.write_text(
+        "".join(
+            f"{line.split()[0]:<32s}\t{position}\n"
+            for position, line in enumerate(snmp6.read_text().splitlines(), start=1)
+        )
+    )
+    tcpext = read(CURRENT, "netstat").splitlines()[0].split()
+    udp = next(line for line in read(CURRENT, "snmp").splitlines() if line.startswith("Udp:"))
+    names6 = [line.split()[0] for line in read(CURRENT, "snmp6").splitlines()]
+    samples, success = scrape(tree)
+    assert success == 1
+    for column, name in [
+        ("ListenOverflows", "socket_listen_overflows_total"),
+        ("ListenDrops", "socket_listen_drops_total"),
+        ("TCPMemoryPressures", "socket_tcp_memory_pressures_total"),
+        ("TCPAbortOnMemory", "socket_tcp_aborts_on_memory_total"),
+        ("TCPTimeWaitOverflow", "socket_tcp_timewait_overflows_total"),
+    ]:
+        assert one(samples, name) == tcpext.index(column)
+    for column, name in [
+        ("RcvbufErrors", "socket_udp_receive_buffer_errors_total"),
+        ("SndbufErrors", "socket_udp_send_buffer_errors_total"),
+        ("InErrors", "socket_udp_in_errors_total"),
+        ("MemErrors", "socket_udp_memory_errors_total"),
+    ]:
+        assert one(samples, name, family="ipv4") == udp.split().index(column)
+        assert one(samples, name, family="ipv6") == names6.index("Udp6" + column) + 1
