@@ -181,20 +181,27 @@ def test_fixture_dumps_list_what_ss_listed():
     assert len(bound) == RECORD["groups"]["tcp_bound_inactive"] == 1
 
 
-def ss_truth() -> Counter:
-    """What the collector should count, from the ss text alone: sockets whose local port lies
-    in the range, listeners and their accepted sockets excluded, by (protocol, peer, port)."""
-    listed = parse_ss(SS_TEXT)
+def ss_counts(text: str, counted: bytes) -> Counter:
+    """What the collector should count, from `ss -tuan` text alone: sockets whose local port
+    counts (`counted`, by port: the range less reserved ports), listeners and the sockets
+    they accepted excluded, by (protocol, peer, port)."""
+    listed = parse_ss(text)
     listening = {s.local_port for s in listed if s.protocol == "tcp" and s.state == "LISTEN"}
     truth: Counter = Counter()
     for s in listed:
-        if s.state in ("LISTEN", "SYN-RECV") or not LOW <= s.local_port <= HIGH:
+        if s.state in ("LISTEN", "SYN-RECV") or not counted[s.local_port]:
             continue
         if s.protocol == "tcp" and s.local_port in listening:
             continue
         peer = ("", "") if not s.peer_port else (unmapped(s.peer), str(s.peer_port))
         truth[(s.protocol, *peer)] += 1
-    truth[("tcp", "", "")] += RECORD["groups"]["tcp_bound_inactive"]  # not shown by ss 6.1
+    return truth
+
+
+def ss_truth() -> Counter:
+    """ss_counts of the fixture, and the bound-only TCP socket that ss 6.1 does not show."""
+    truth = ss_counts(SS_TEXT, ephemeral())
+    truth[("tcp", "", "")] += RECORD["groups"]["tcp_bound_inactive"]
     return truth
 
 
