@@ -58,13 +58,24 @@ class _Family:
         self.sample_name = template.name + ("_total" if template.type == "counter" else "")
 
     def build(self, samples: list[Sample]) -> Metric:
-        metric = Metric.__new__(Metric)
+        metric = _new_metric(Metric)
         metric.__dict__.update(self._fields)
         metric.samples = samples
         return metric
 
+    def build_one(self, value: float) -> Metric:
+        """The family with one unlabelled sample: build([sample(...)]) in one call."""
+        metric = _new_metric(Metric)
+        metric.__dict__.update(self._fields)
+        metric.samples = [Sample(self.sample_name, NO_LABELS, value)]
+        return metric
+
     def sample(self, labels: dict[str, str], value: float) -> Sample:
         return Sample(self.sample_name, labels, value)
+
+
+_new_metric = Metric.__new__
+NO_LABELS: dict[str, str] = {}
 
 
 def _gauge(name: str, documentation: str) -> _Family:
@@ -74,8 +85,6 @@ def _gauge(name: str, documentation: str) -> _Family:
 def _counter(name: str, documentation: str) -> _Family:
     return _Family(CounterMetricFamily(name, documentation))
 
-
-NO_LABELS: dict[str, str] = {}
 
 INUSE = _gauge(
     "socket_inuse",
@@ -374,4 +383,4 @@ def _add(out: list[Metric], family: _Family, samples: list[Sample]) -> None:
 
 def _add_value(out: list[Metric], family: _Family, value: int | None) -> None:
     if value is not None:
-        out.append(family.build([family.sample(NO_LABELS, value)]))
+        out.append(family.build_one(value))
