@@ -237,10 +237,9 @@ def parse_snmp_table(
 ) -> dict[str, int] | None:
     """One table of /proc/net/snmp or netstat ("TcpExt"), None when the kernel has none.
 
-    Reads the table's first header and value pair only: enough for every table but IcmpMsg.
-
     With `columns`, only those are converted; a column this kernel lacks is left out. The
-    rest of the file is not looked at: netstat is 6 KB of which we want five numbers.
+    rest of the file is not looked at (netstat is 6 KB of which we want five numbers), and
+    only the table's first header and value pair is: enough for every table but IcmpMsg.
     """
     if not text.isascii():
         raise ValueError(f"{source}: not ASCII text")
