@@ -553,3 +553,22 @@ def test_each_counter_reads_its_own_column(tree):
     ]:
         assert one(samples, name, family="ipv4") == udp.split().index(column)
         assert one(samples, name, family="ipv6") == names6.index("Udp6" + column) + 1
+
+
+def test_concurrent_scrapes_see_the_same_values(tree):
+    """The HTTP server collects on several threads at once, over the same open files."""
+    collector = make_collector(tree)
+    expected = [(m.name, m.samples) for m in collector.collect().metrics]
+    results: list[bool] = []
+
+    def scraper() -> None:
+        for _ in range(100):
+            got = [(m.name, m.samples) for m in collector.collect().metrics]
+            results.append(got == expected)
+
+    threads = [threading.Thread(target=scraper) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [True] * 800
