@@ -8,7 +8,7 @@ APT_PACKAGES := conntrack nftables iproute2 procps prometheus prometheus-node-ex
 # One command per apt package above, to tell whether it is already installed.
 APT_COMMANDS := conntrack nft ip sysctl promtool prometheus-node-exporter
 
-.PHONY: run test lint unit bench bench-scrape bench-table system-deps deps clean
+.PHONY: run test lint unit bench bench-scrape bench-table bench-ports system-deps deps clean
 
 run: deps
 	$(BIN)/conntrack-exporter $(ARGS)
@@ -26,13 +26,16 @@ unit: deps
 
 # Benchmarks: scripts that run us beside a peer and print ratios (see BENCHMARKS.md). Both need
 # root. BENCH_ARGS goes to whichever script runs; use it with one target, not with `bench`.
-bench: bench-scrape bench-table
+bench: bench-scrape bench-table bench-ports
 
 bench-scrape: system-deps deps
 	$(BIN)/python bench/scrape_cpu.py $(BENCH_ARGS)
 
 bench-table: system-deps deps
 	$(BIN)/python bench/table_scan.py $(BENCH_ARGS)
+
+bench-ports: system-deps deps
+	$(BIN)/python bench/port_scan.py $(BENCH_ARGS)
 
 system-deps:
 	@missing=""; for c in $(APT_COMMANDS); do command -v $$c >/dev/null 2>&1 || \

@@ -7,12 +7,16 @@ sys.path, for the children a script re-executes the same way too), as `bench.com
 
 from __future__ import annotations
 
+import gc
+import json
 import os
 import platform
+import resource
 import secrets
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -79,6 +83,76 @@ def status_kib(key: str, pid: int | str = "self") -> int:
             if line.startswith(key + ":"):
                 return int(line.split()[1])
     raise KeyError(key)
+
+
+class Measured:
+    """Wall time, CPU time and peak RSS growth of a `with` block, from inside this process.
+
+    The peak is VmHWM after the block less VmRSS before it, the high-water mark reset to the
+    current RSS on entry (proc(5), clear_refs "5"): start-up and imports do not count.
+    """
+
+    def __enter__(self) -> Measured:
+        gc.collect()
+        self.rss_before_kib = status_kib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        self._usage = resource.getrusage(resource.RUSAGE_SELF)
+        self._started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall = time.perf_counter() - self._started
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        self.user = usage.ru_utime - self._usage.ru_utime
+        self.sys = usage.ru_stime - self._usage.ru_stime
+        self.growth_kib = status_kib("VmHWM") - self.rss_before_kib
+
+    def result(self) -> dict:
+        return {
+            "wall": self.wall,
+            "user": self.user,
+            "sys": self.sys,
+            "rss_before_kib": self.rss_before_kib,
+            "growth_kib": self.growth_kib,
+        }
+
+
+def command_usage(cmd: list[str]) -> dict:
+    """Wall and CPU time of a command whose output goes to /dev/null.
+
+    CPU is the child's own user + sys from wait4: `ip netns exec` execs the command in place.
+    """
+    started = time.perf_counter()
+    with open(os.devnull, "wb") as devnull:
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=devnull, stderr=subprocess.PIPE,
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            assert proc.stderr is not None
+            err = proc.stderr.read().decode(errors="replace")
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                proc.wait()
+    wall = time.perf_counter() - started
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {err}")
+    return {"wall": wall, "user": usage.ru_utime, "sys": usage.ru_stime, "stderr": err}
+
+
+def run_json(cmd: list[str]) -> dict:
+    """Run a child that prints one JSON object, and add its whole wall time as process_wall."""
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, start_new_session=True)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    out = json.loads(proc.stdout)
+    out["process_wall"] = time.perf_counter() - started
+    return out
 
 
 def rotated(items: list, i: int) -> list:
