@@ -31,6 +31,9 @@ _is_plain_name = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*").fullmatch
 # Only the families of a fixed set of collectors pass through here; the cap guards against a
 # collector that puts changing text into HELP.
 _MAX_CACHED_HEADERS = 1024
+# Label sets seen recently. Top-K families bring new addresses as the top changes: the cap
+# bounds memory, and clearing it only costs a scrape the rendering it did before the cache.
+_MAX_CACHED_PREFIXES = 8192
 _EOF = "# EOF\n"
 
 
@@ -56,6 +59,8 @@ class _Families:
 # name needs prometheus_client's escaping. Dict reads and writes are atomic under the GIL, and a
 # race only renders the same header twice.
 _headers: dict[tuple[str, str, str, str, str], str | None] = {}
+# (sample name, label items) -> "name{labels} "; None when a label name needs the library.
+_prefixes: dict[tuple[str, tuple[tuple[str, str], ...]], str | None] = {}
 
 
 def encode(collector: SupportsCollect, accept: str) -> tuple[bytes, str]:
@@ -143,11 +148,32 @@ def _sample_lines(metric: Metric) -> list[str] | None:
         if not labels:
             lines.append(f"{name} {_format_value(value)}\n")
             continue
-        if not all(_is_plain_name(key) for key in labels):
+        prefix = _prefix(name, labels)
+        if prefix is None:
             return None
-        pairs = ",".join(f'{key}="{_escape(labels[key])}"' for key in sorted(labels))
-        lines.append(f"{name}{{{pairs}}} {_format_value(value)}\n")
+        lines.append(f"{prefix}{_format_value(value)}\n")
     return lines
+
+
+def _prefix(name: str, labels: dict[str, str]) -> str | None:
+    """`name{labels} ` for a labelled sample, or None when a label name needs the library.
+
+    Label sets repeat from scrape to scrape (a CPU, a protocol, a top-K address): escaping and
+    joining them once, not per sample per scrape, halves the cost of a labelled sample.
+    """
+    key = (name, tuple(labels.items()))
+    try:
+        return _prefixes[key]
+    except KeyError:
+        pass
+    prefix = None
+    if all(_is_plain_name(label) for label in labels):
+        pairs = ",".join(f'{label}="{_escape(labels[label])}"' for label in sorted(labels))
+        prefix = f"{name}{{{pairs}}} "
+    if len(_prefixes) >= _MAX_CACHED_PREFIXES:
+        _prefixes.clear()
+    _prefixes[key] = prefix
+    return prefix
 
 
 def _format_value(value: float) -> str:
