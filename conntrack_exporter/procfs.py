@@ -165,8 +165,9 @@ def parse_port_ranges(text: str) -> list[tuple[int, int]]:
     for item in text.strip().split(","):
         if not item:
             continue
-        low, _, high = item.partition("-")
-        high = high or low
+        low, dash, high = item.partition("-")
+        if not dash:
+            high = low
         if not (low.isdigit() and high.isdigit()) or not int(low) <= int(high) <= 65535:
             raise ValueError(f"ip_local_reserved_ports has a bad range {item!r}: {text!r}")
         ranges.append((int(low), int(high)))

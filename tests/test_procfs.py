@@ -257,7 +257,7 @@ def test_bad_port_range_is_a_value_error(text):
         parse_port_range(text)
 
 
-@pytest.mark.parametrize("text", ["a", "5-3", "1-70000", "1,,x", "-5"])
+@pytest.mark.parametrize("text", ["a", "5-3", "1-70000", "1,,x", "-5", "80-", "1-2-3"])
 def test_bad_reserved_ports_are_a_value_error(text):
     with pytest.raises(ValueError, match="ip_local_reserved_ports"):
         parse_port_ranges(text)
