@@ -213,7 +213,6 @@ def _cpu() -> tuple[float, float]:
 
 def scan_main(budget: int, profile: bool, capacity: int) -> dict:
     """One dump into a TableTally, measured from inside this process."""
-    import gc
     import inspect
 
     sys.path.insert(0, str(common.REPO))
@@ -236,34 +235,19 @@ def scan_main(budget: int, profile: bool, capacity: int) -> dict:
         import cProfile
 
         profiler = cProfile.Profile()
-    gc.collect()
-    rss_before = common.status_kib("VmRSS")
-    # Reset the high-water mark to the current RSS (proc(5), clear_refs "5"), so that VmHWM
-    # afterwards is the peak during the scan, not whatever start-up and imports peaked at.
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    user0, sys0 = _cpu()
-    started = time.perf_counter()
-    if profiler is not None:
-        profiler.enable()
-    result = reader.dump(*dump_args)
-    tally.finish()
-    if profiler is not None:
-        profiler.disable()
-    wall = time.perf_counter() - started
-    user1, sys1 = _cpu()
-    hwm_after = common.status_kib("VmHWM")
+    with common.Measured() as measured:
+        if profiler is not None:
+            profiler.enable()
+        result = reader.dump(*dump_args)
+        tally.finish()
+        if profiler is not None:
+            profiler.disable()
     reader.close()
     out = {
         "entries": tally.entries,
         "complete": result.complete,
         "interrupted": result.interrupted,
-        "wall": wall,
-        "user": user1 - user0,
-        "sys": sys1 - sys0,
-        "rss_before_kib": rss_before,
-        "hwm_after_kib": hwm_after,
-        "growth_kib": hwm_after - rss_before,
+        **measured.result(),
         "tally": {
             "kinds": len(tally.kinds),
             "statuses": len(tally.statuses),
@@ -364,47 +348,15 @@ def pyroute2_main(subset: int) -> dict:
 
 
 def run_role(ns: Namespace, role: list[str]) -> dict:
-    started = time.perf_counter()
-    proc = subprocess.run(
-        ns.argv([sys.executable, __file__, "--role", *role]),
-        capture_output=True,
-        text=True,
-        cwd=common.REPO,
-        start_new_session=True,
-    )
-    if proc.returncode:
-        raise RuntimeError(f"role {role[0]} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    out = json.loads(proc.stdout)
-    # The whole child, `ip netns exec` and Python's start-up and imports included.
-    out["process_wall"] = time.perf_counter() - started
-    return out
+    # process_wall: the whole child, `ip netns exec` and Python's start-up and imports included.
+    return common.run_json(ns.argv([sys.executable, __file__, "--role", *role]))
 
 
 def conntrack_list(ns: Namespace) -> dict:
-    started = time.perf_counter()
     # `ip netns exec` execs conntrack in place, so wait4 returns conntrack's own rusage.
-    with open(os.devnull, "wb") as devnull:
-        proc = subprocess.Popen(
-            ns.argv(["conntrack", "-L"]),
-            stdin=subprocess.DEVNULL,
-            stdout=devnull,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
-        try:
-            assert proc.stderr is not None
-            err = proc.stderr.read().decode(errors="replace")
-            _, status, usage = os.wait4(proc.pid, 0)
-            proc.returncode = os.waitstatus_to_exitcode(status)
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                proc.wait()
-    wall = time.perf_counter() - started
-    if proc.returncode:
-        raise RuntimeError(f"conntrack -L failed ({proc.returncode}): {err}")
-    shown = next((int(w) for w in err.split() if w.isdigit()), -1)
-    return {"wall": wall, "user": usage.ru_utime, "sys": usage.ru_stime, "entries": shown}
+    usage = common.command_usage(ns.argv(["conntrack", "-L"]))
+    shown = next((int(w) for w in usage.pop("stderr").split() if w.isdigit()), -1)
+    return {**usage, "entries": shown}
 
 
 # --- reporting ------------------------------------------------------------------------------------
