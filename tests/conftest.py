@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pytest
 
 KERNEL_TOOLS = ("ip", "nft", "conntrack", "setpriv")
+CLONE_NEWNET = 0x40000000
 
 
 def kernel_unavailable_reason() -> str | None:
@@ -67,6 +71,50 @@ class Netns:
             stderr=subprocess.PIPE,
             text=True,
         )
+
+    def thread_pool(self) -> ThreadPoolExecutor:
+        """A one-thread pool whose thread has joined the namespace: the sockets it opens (an
+        HTTP client, say) live there. Network namespaces are per thread."""
+        return ThreadPoolExecutor(max_workers=1, initializer=_join_netns, initargs=(self.name,))
+
+    def hold_tcp_connections(self, count: int) -> subprocess.Popen:
+        """Open `count` established loopback TCP connections in the namespace and hold them
+        until the returned process is killed; the table then holds exactly `count` entries
+        more."""
+        code = """
+            import socket, sys
+            listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
+            port = listener.getsockname()[1]
+            held = []
+            for _ in range(int(sys.argv[1])):
+                client = socket.create_connection(("127.0.0.1", port))
+                held += [client, listener.accept()[0]]
+            print("ready", flush=True)
+            sys.stdin.read()
+        """
+        before = self.conntrack_count()
+        proc = subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.name,
+                sys.executable,
+                "-c",
+                textwrap.dedent(code),
+                str(count),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        # One entry per connection (loopback: both directions are one entry); wait for all.
+        deadline = time.monotonic() + 10
+        while self.conntrack_count() < before + count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert self.conntrack_count() == before + count
+        return proc
 
     def conntrack_count(self) -> int:
         return int(self.run("conntrack", "-C").stdout)
@@ -122,6 +170,17 @@ class Netns:
             str(first_port),
             str(count),
         )
+
+
+def _join_netns(name: str) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/var/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            error = ctypes.get_errno()
+            raise OSError(error, f"setns into {name}: {os.strerror(error)}")
+    finally:
+        os.close(fd)
 
 
 def _as_user(user: str | None) -> list[str]:

@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
@@ -131,7 +130,7 @@ def test_conntrack_absent_reports_failure_and_no_series(netns, user):
 
 def test_table_full_drops_counted_like_conntrack_tools(netns):
     established = 40
-    holder = hold_tcp_connections(netns, established)
+    holder = netns.hold_tcp_connections(established)
     old_max = Path(MAX_FILE).read_text().strip()
     try:
         host_entries = int(Path("/proc/sys/net/netfilter/nf_conntrack_count").read_text())
@@ -158,43 +157,6 @@ def test_table_full_drops_counted_like_conntrack_tools(netns):
     assert after["early_drop"] - before["early_drop"] == (
         after_tools["early_drop"] - before_tools["early_drop"]
     )
-
-
-def hold_tcp_connections(netns, count: int) -> subprocess.Popen:
-    """Open `count` established loopback TCP connections inside the namespace and hold them."""
-    code = """
-        import socket, sys
-        listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
-        port = listener.getsockname()[1]
-        held = []
-        for _ in range(int(sys.argv[1])):
-            client = socket.create_connection(("127.0.0.1", port))
-            held += [client, listener.accept()[0]]
-        print("ready", flush=True)
-        sys.stdin.read()
-    """
-    proc = subprocess.Popen(
-        [
-            "ip",
-            "netns",
-            "exec",
-            netns.name,
-            sys.executable,
-            "-c",
-            textwrap.dedent(code),
-            str(count),
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout.readline().strip() == "ready"
-    # Loopback connections count both directions as one entry each; ensure all are in.
-    deadline = time.monotonic() + 10
-    while netns.conntrack_count() < count and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert netns.conntrack_count() == count
-    return proc
 
 
 def fetch(netns, url: str, headers: dict[str, str] | None = None) -> tuple[int, dict, str]:
