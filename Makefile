@@ -8,7 +8,7 @@ APT_PACKAGES := conntrack nftables iproute2 procps prometheus prometheus-node-ex
 # One command per apt package above, to tell whether it is already installed.
 APT_COMMANDS := conntrack nft ip sysctl promtool prometheus-node-exporter
 
-.PHONY: run test lint unit bench bench-scrape bench-table bench-ports system-deps deps clean
+.PHONY: run test lint unit bench bench-scrape bench-table bench-ports dashboards system-deps deps clean
 
 run: deps
 	$(BIN)/conntrack-exporter $(ARGS)
@@ -36,6 +36,11 @@ bench-table: system-deps deps
 
 bench-ports: system-deps deps
 	$(BIN)/python bench/port_scan.py $(BENCH_ARGS)
+
+# The Grafana dashboards' JSON, rewritten from grafana/dashboards/generate.py (a test fails when
+# the committed files differ from its output).
+dashboards: deps
+	$(BIN)/python grafana/dashboards/generate.py
 
 system-deps:
 	@missing=""; for c in $(APT_COMMANDS); do command -v $$c >/dev/null 2>&1 || \
