@@ -1,0 +1,338 @@
+"""The Grafana dashboards: generated from grafana/dashboards/generate.py, committed as JSON.
+
+Pure tests: the committed JSON is what the generator writes, and every panel is one Grafana can
+show (datasource, targets, unit, ids) with queries that filter on the template variables and
+name only metrics the exporter exposes (the golden files) or the recording rules.
+"""
+
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DASHBOARDS_DIR = ROOT / "grafana" / "dashboards"
+GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
+
+
+def _import_generator():
+    name = "conntrack_exporter_dashboards_generate"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, DASHBOARDS_DIR / "generate.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+generate = _import_generator()
+
+FILES = ("conntrack.json", "sockets.json")
+UIDS = {
+    "conntrack.json": "conntrack-exporter-conntrack",
+    "sockets.json": "conntrack-exporter-sockets",
+}
+CORE = {
+    "conntrack.json": {
+        "Table utilisation",
+        "Entries vs limit",
+        "Drops and early drops",
+        "Insert failures and clash resolutions",
+        "Entries by protocol and state",
+        "Top sources",
+        "Top destinations",
+        "Scan health",
+        "Collector status",
+    },
+    "sockets.json": {
+        "Sockets in use",
+        "TCP orphans vs limit",
+        "TIME_WAIT vs limit",
+        "Ephemeral ports: most used toward one destination vs range",
+        "Ephemeral ports by destination",
+        "File handles vs limit",
+        "Listen queue overflows and drops",
+        "UDP buffer and memory errors",
+    },
+}
+# Other panels the issue names; they may be empty on some hosts (no SNAT, no tcp_mem).
+NAMED = {
+    "conntrack.json": {"NAT port pools", "Hash table"},
+    "sockets.json": {
+        "TCP memory vs pressure and limit",
+        "TCP memory pressure and aborts",
+        "Socket scan health",
+    },
+}
+RECORDING_RULES = {
+    "instance:conntrack_entries:ratio",
+    "instance:conntrack_nat_port_pool:ratio",
+    "instance:socket_ephemeral_ports:ratio",
+    "instance:socket_memory:pressure_ratio",
+    "instance:socket_tcp_orphans:ratio",
+    "instance:socket_tcp_timewait:ratio",
+    "instance:socket_file_handles:ratio",
+}
+FILTERS = ('job=~"$job"', 'instance=~"$instance"', 'node=~"$node"')
+DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_NAME = re.compile(r"(?<![A-Za-z0-9_:])(?:[a-z_]+:[a-z_]+:[a-z_]+|(?:conntrack|socket)_[a-z_]+)")
+_SELECTOR = r'{name}(?![A-Za-z0-9_:])(\{{(?:[^}}"]|"(?:[^"\\]|\\.)*")*\}})?'
+_RANGE = re.compile(r"\[([^\]]*)\]")
+
+
+def golden_metric_names() -> set[str]:
+    names = set()
+    for path in GOLDEN_DIR.glob("*.prom"):
+        for line in path.read_text().splitlines():
+            if line.startswith("# TYPE "):
+                names.add(line.split()[2])
+            elif line and not line.startswith("#"):
+                names.add(re.split(r"[{ ]", line, maxsplit=1)[0])
+    return names
+
+
+def metric_names(expr: str) -> list[str]:
+    """Metric and recording-rule names an expression references (label values left out)."""
+    return _NAME.findall(_STRING.sub('""', expr))
+
+
+def selectors(expr: str, name: str) -> list[str]:
+    """The `{...}` of every selector of `name` in `expr` ("" where it has none)."""
+    return [m.group(1) or "" for m in re.finditer(_SELECTOR.format(name=re.escape(name)), expr)]
+
+
+def every_query(dashboard: dict) -> list[tuple[str, str]]:
+    queries = list(generate.panel_queries(dashboard))
+    queries += [
+        (f"variable {v['name']}", v["query"])
+        for v in dashboard["templating"]["list"]
+        if v["type"] == "query"
+    ]
+    return queries
+
+
+@pytest.fixture(scope="module", params=FILES)
+def dashboard(request) -> tuple[str, dict]:
+    name = request.param
+    return name, json.loads((DASHBOARDS_DIR / name).read_text())
+
+
+# --- generated, committed, deterministic ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_committed_json_is_the_generators_output(name):
+    expected = generate.rendered()[name]
+    committed = (DASHBOARDS_DIR / name).read_text()
+    assert committed == expected, (
+        f"grafana/dashboards/{name} differs from generate.py's output: run make dashboards"
+    )
+
+
+def test_generator_writes_sorted_indented_json_with_a_newline():
+    for name, text in generate.rendered().items():
+        assert text.endswith("}\n"), name
+        assert text == json.dumps(json.loads(text), indent=2, sort_keys=True) + "\n", name
+    assert generate.rendered() == generate.rendered()
+
+
+def test_check_names_the_file_that_drifted(tmp_path, capsys):
+    assert generate.main(["--output", str(tmp_path)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(FILES)
+    assert generate.main(["--check", "--output", str(tmp_path)]) == 0
+
+    drifted = tmp_path / "sockets.json"
+    drifted.write_text(drifted.read_text().replace("Sockets in use", "Sockets used", 1))
+    capsys.readouterr()
+    assert generate.main(["--check", "--output", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "sockets.json" in err and "conntrack.json" not in err
+
+    (tmp_path / "conntrack.json").unlink()
+    assert generate.main(["--check", "--output", str(tmp_path)]) == 1
+    assert "conntrack.json" in capsys.readouterr().err
+
+
+# --- dashboard-level ------------------------------------------------------------------------------
+
+
+def test_uids_are_fixed_and_unique():
+    uids = {name: json.loads((DASHBOARDS_DIR / name).read_text())["uid"] for name in FILES}
+    assert uids == UIDS
+    assert len(set(uids.values())) == len(uids)
+
+
+def test_title_tags_refresh_time(dashboard):
+    _, board = dashboard
+    assert board["title"]
+    assert "conntrack-exporter" in board["tags"]
+    assert re.fullmatch(r"\d+[sm]", board["refresh"])
+    assert board["time"]["to"] == "now" and board["time"]["from"].startswith("now-")
+    assert "grafana/runbooks.md" in board["description"]
+
+
+def test_the_dashboards_link_to_each_other(dashboard):
+    name, board = dashboard
+    other = next(uid for file, uid in UIDS.items() if file != name)
+    links = [link for link in board["links"] if link.get("url") == f"/d/{other}"]
+    assert links, f"{name} does not link to {other}"
+    assert links[0]["includeVars"] and links[0]["keepTime"]
+
+
+def test_template_variables(dashboard):
+    _, board = dashboard
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    assert list(variables)[:4] == ["datasource", "job", "instance", "node"]
+
+    datasource = variables["datasource"]
+    assert datasource["type"] == "datasource" and datasource["query"] == "prometheus"
+
+    job = variables["job"]
+    assert job["type"] == "query"
+    assert job["query"] == "label_values(conntrack_exporter_build_info, job)"
+
+    for label in ("instance", "node"):
+        variable = variables[label]
+        assert variable["type"] == "query"
+        assert variable["query"] == (
+            f'label_values(conntrack_exporter_build_info{{job=~"$job"}}, {label})'
+        )
+        assert variable["multi"] is True
+        assert variable["includeAll"] is True
+        assert variable["allValue"] == ".*"
+
+    for variable in (job, variables["instance"], variables["node"]):
+        assert variable["datasource"] == DATASOURCE
+        assert variable["refresh"] in (1, 2)
+
+
+# --- panels ---------------------------------------------------------------------------------------
+
+
+def test_every_panel_has_datasource_targets_unit_description(dashboard):
+    _, board = dashboard
+    panels = list(generate.iter_panels(board))
+    assert panels
+    for panel in panels:
+        title = panel["title"]
+        assert title, panel
+        assert panel["datasource"] == DATASOURCE, title
+        assert panel["fieldConfig"]["defaults"].get("unit"), title
+        assert len(panel.get("description", "")) >= 80, title
+        targets = panel.get("targets", [])
+        assert targets, title
+        for target in targets:
+            assert target.get("expr", "").strip(), title
+            assert target["datasource"] == DATASOURCE, title
+        ref_ids = [target["refId"] for target in targets]
+        assert all(ref_ids) and len(ref_ids) == len(set(ref_ids)), title
+
+
+def test_panel_ids_are_unique(dashboard):
+    _, board = dashboard
+    ids = []
+    for panel in board["panels"]:
+        ids.append(panel["id"])
+        ids.extend(nested["id"] for nested in panel.get("panels", []))
+    assert all(isinstance(i, int) and i > 0 for i in ids)
+    assert len(ids) == len(set(ids)), ids
+
+
+def test_panels_fit_the_grid_without_overlapping(dashboard):
+    _, board = dashboard
+    taken: dict[tuple[int, int], str] = {}
+    for panel in board["panels"]:
+        pos = panel["gridPos"]
+        assert pos["x"] >= 0 and pos["w"] > 0 and pos["x"] + pos["w"] <= 24, panel["title"]
+        for x in range(pos["x"], pos["x"] + pos["w"]):
+            for y in range(pos["y"], pos["y"] + pos["h"]):
+                assert (x, y) not in taken, f"{panel['title']} overlaps {taken[(x, y)]}"
+                taken[(x, y)] = panel["title"]
+
+
+def test_core_and_named_panels_exist(dashboard):
+    name, board = dashboard
+    titles = [panel["title"] for panel in generate.iter_panels(board)]
+    assert CORE[name] <= set(titles), CORE[name] - set(titles)
+    assert NAMED[name] <= set(titles), NAMED[name] - set(titles)
+    assert set(generate.CORE_PANELS[name]) == CORE[name]
+
+
+def test_core_panels_query_raw_exporter_metrics_only(dashboard):
+    name, board = dashboard
+    for title, expr in generate.panel_queries(board):
+        if title in CORE[name]:
+            assert not set(metric_names(expr)) & RECORDING_RULES, (title, expr)
+
+
+def test_table_utilisation_is_a_ratio_with_thresholds():
+    board = generate.load("conntrack.json")
+    panel = next(p for p in generate.iter_panels(board) if p["title"] == "Table utilisation")
+    defaults = panel["fieldConfig"]["defaults"]
+    assert defaults["unit"] == "percentunit"
+    steps = [step["value"] for step in defaults["thresholds"]["steps"]]
+    assert 0.75 in steps and 0.9 in steps
+    (expr,) = [target["expr"] for target in panel["targets"]]
+    assert metric_names(expr) == ["conntrack_entries", "conntrack_entries_limit"]
+
+
+# --- queries --------------------------------------------------------------------------------------
+
+
+def test_every_metric_name_is_exposed_by_the_exporter(dashboard):
+    _, board = dashboard
+    known = golden_metric_names() | RECORDING_RULES
+    assert "conntrack_stat_drop_total" in known and "socket_inuse" in known
+    for title, expr in every_query(board):
+        names = metric_names(expr)
+        assert names, (title, expr)
+        unknown = set(names) - known
+        assert not unknown, f"{title}: unknown metric {sorted(unknown)} in {expr}"
+
+
+def test_every_query_filters_on_job_instance_and_node(dashboard):
+    _, board = dashboard
+    for title, expr in generate.panel_queries(board):
+        for name in set(metric_names(expr)):
+            for matchers in selectors(expr, name):
+                missing = [f for f in FILTERS if f not in matchers]
+                assert not missing, f"{title}: {name}{matchers} lacks {missing}"
+
+
+def test_rates_use_the_rate_interval(dashboard):
+    _, board = dashboard
+    for title, expr in generate.panel_queries(board):
+        for window in _RANGE.findall(expr):
+            assert window == "$__rate_interval", (title, expr)
+        if re.search(r"\b(rate|irate|increase)\(", expr):
+            assert "[$__rate_interval]" in expr, (title, expr)
+
+
+def test_panel_queries_includes_panels_nested_in_rows():
+    board = {
+        "panels": [
+            {"type": "row", "title": "r", "panels": [{"title": "in", "targets": [{"expr": "a"}]}]},
+            {"type": "stat", "title": "out", "targets": [{"expr": "b"}, {"expr": ""}]},
+        ]
+    }
+    assert generate.panel_queries(board) == [("in", "a"), ("out", "b")]
+
+
+def test_query_checks_catch_mistakes():
+    """The helpers above fail on what they are meant to catch."""
+    assert metric_names('rate(conntrack_stat_drop_totl{job=~"$job"}[5m])') == [
+        "conntrack_stat_drop_totl"
+    ]
+    assert metric_names('x{collector=~"conntrack|socket_ports"}') == []
+    assert metric_names("instance:conntrack_entries:ratio > 0.9") == [
+        "instance:conntrack_entries:ratio"
+    ]
+    assert selectors('socket_inuse / socket_inuse_x{a="}"}', "socket_inuse") == [""]
+    assert selectors('max(socket_inuse{job=~"$job"})', "socket_inuse") == ['{job=~"$job"}']
