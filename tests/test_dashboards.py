@@ -5,32 +5,17 @@ show (datasource, targets, unit, ids) with queries that filter on the template v
 name only metrics the exporter exposes (the golden files) or the recording rules.
 """
 
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.dashboards import DASHBOARDS_DIR, generate
+
 ROOT = Path(__file__).resolve().parent.parent
-DASHBOARDS_DIR = ROOT / "grafana" / "dashboards"
 GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
 
-
-def _import_generator():
-    name = "conntrack_exporter_dashboards_generate"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, DASHBOARDS_DIR / "generate.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-generate = _import_generator()
 
 FILES = ("conntrack.json", "sockets.json")
 UIDS = {
