@@ -1,0 +1,232 @@
+"""The Prometheus rules in grafana/rules: promtool's checks and unit tests, and what promtool does
+not check: annotations, runbook links, test coverage of every alert, and that every metric a
+rule reads is one the exporter exposes."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+RULES = ROOT / "grafana" / "rules" / "conntrack-exporter.rules.yml"
+RUNBOOKS = ROOT / "grafana" / "runbooks.md"
+RULE_TESTS = sorted((ROOT / "tests" / "rules").glob("*.yml"))
+GOLDEN = sorted((ROOT / "tests" / "golden").glob("*.prom"))
+
+RUNBOOK_BASE = (
+    "https://github.com/conntrack-exporter/conntrack-exporter/blob/main/grafana/runbooks.md#"
+)
+NODE_TEMPLATE = "{{ with $labels.node }}{{ . }}{{ else }}{{ $labels.instance }}{{ end }}"
+# The names the dashboards and the end-to-end test rely on.
+CONTRACT_RECORDINGS = {
+    "instance:conntrack_entries:ratio",
+    "instance:conntrack_nat_port_pool:ratio",
+    "instance:socket_ephemeral_ports:ratio",
+    "instance:socket_memory:pressure_ratio",
+    "instance:socket_tcp_orphans:ratio",
+    "instance:socket_tcp_timewait:ratio",
+    "instance:socket_file_handles:ratio",
+}
+# A metric name of ours in an expression: not part of a recording rule's name (colons).
+METRIC_NAME = re.compile(r"(?<![\w:])(?:conntrack|socket)_[a-z_]+(?![\w:])")
+STRING_LITERAL = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'')
+COUNTER_WINDOW = re.compile(r"\b(?:rate|increase)\([^()\[]*\[(\d+[smh])\]")
+PROMTOOL_TIMEOUT = 120
+
+
+def load_rules() -> list[dict]:
+    return yaml.safe_load(RULES.read_text())["groups"]
+
+
+def rules_of(kind: str) -> list[dict]:
+    return [rule for group in load_rules() for rule in group["rules"] if kind in rule]
+
+
+def alerts() -> list[dict]:
+    return rules_of("alert")
+
+
+def alert_ids() -> list[str]:
+    return [f"{rule['alert']}-{rule['labels']['severity']}" for rule in alerts()]
+
+
+def seconds(duration: str) -> int:
+    return int(duration[:-1]) * {"s": 1, "m": 60, "h": 3600}[duration[-1]]
+
+
+def exported_metrics() -> set[str]:
+    """Every sample name in the golden expositions of the collectors."""
+    names = set()
+    for path in GOLDEN:
+        for line in path.read_text().splitlines():
+            if line and not line.startswith("#"):
+                names.add(re.split(r"[{ ]", line, maxsplit=1)[0])
+    return names
+
+
+def metrics_in(expr: str) -> set[str]:
+    return set(METRIC_NAME.findall(STRING_LITERAL.sub('""', expr)))
+
+
+def runbook_sections() -> list[str]:
+    return re.findall(r"^## (.+?)\s*$", RUNBOOKS.read_text(), flags=re.MULTILINE)
+
+
+def alert_test_cases() -> list[dict]:
+    """Every alert_rule_test item of every promtool test file."""
+    cases = []
+    for path in RULE_TESTS:
+        for test in yaml.safe_load(path.read_text())["tests"]:
+            cases.extend(test.get("alert_rule_test") or [])
+    return cases
+
+
+def expr_tests() -> list[dict]:
+    cases = []
+    for path in RULE_TESTS:
+        for test in yaml.safe_load(path.read_text())["tests"]:
+            cases.extend(test.get("promql_expr_test") or [])
+    return cases
+
+
+# -- promtool ---------------------------------------------------------------------------------
+
+
+def promtool() -> str:
+    path = shutil.which("promtool")
+    if path is None:
+        pytest.skip("promtool not found (make test installs it: apt package prometheus)")
+    return path
+
+
+def run_promtool(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [promtool(), *args],
+        capture_output=True,
+        text=True,
+        timeout=PROMTOOL_TIMEOUT,
+        cwd=ROOT,
+    )
+
+
+def test_promtool_check_rules_finds_every_rule():
+    result = run_promtool("check", "rules", str(RULES))
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    expected = sum(len(group["rules"]) for group in load_rules())
+    assert re.search(rf"\bSUCCESS: {expected} rules found\b", output), output
+
+
+def test_promtool_unit_tests_pass():
+    assert RULE_TESTS, "no promtool test files in tests/rules"
+    result = run_promtool("test", "rules", *map(str, RULE_TESTS))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# -- the rule file ----------------------------------------------------------------------------
+
+
+def test_groups_and_recording_rule_names():
+    groups = {group["name"]: group for group in load_rules()}
+    assert set(groups) == {"conntrack-exporter.recording", "conntrack-exporter.alerts"}
+    recorded = {rule["record"] for rule in groups["conntrack-exporter.recording"]["rules"]}
+    assert recorded >= CONTRACT_RECORDINGS
+    assert all("alert" in rule for rule in groups["conntrack-exporter.alerts"]["rules"])
+
+
+@pytest.mark.parametrize("rule", alerts(), ids=alert_ids())
+def test_alert_has_severity_and_annotations(rule):
+    assert set(rule["labels"]) == {"severity"}
+    assert rule["labels"]["severity"] in {"warning", "critical"}
+    annotations = rule["annotations"]
+    assert set(annotations) == {"summary", "description", "runbook_url"}
+    assert annotations["summary"].strip()
+    description = annotations["description"]
+    assert NODE_TEMPLATE in description, "the description must name the node"
+    if not rule["expr"].strip().endswith("== 0"):
+        assert "$value" in description, "the description must give the value"
+    assert annotations["runbook_url"] == RUNBOOK_BASE + rule["alert"].lower()
+
+
+@pytest.mark.parametrize("rule", alerts(), ids=alert_ids())
+def test_alert_waits_longer_than_its_counter_window(rule):
+    """One burst of a counter keeps rate()/increase() above 0 for one window: `for:` must be
+    at least the window, or a single burst fires."""
+    pending = seconds(rule.get("for", "0s"))
+    assert pending > 0, "every alert needs a `for:` so that a spike does not fire"
+    for window in COUNTER_WINDOW.findall(rule["expr"]):
+        assert seconds(window) <= pending, (window, rule["for"])
+
+
+@pytest.mark.parametrize("kind", ["alert", "record"])
+def test_expressions_read_only_exported_metrics(kind):
+    exported = exported_metrics()
+    assert "conntrack_stat_drop_total" in exported  # the golden files were read
+    for rule in rules_of(kind):
+        unknown = metrics_in(rule["expr"]) - exported
+        assert not unknown, f"{rule[kind]}: not exposed by the exporter: {sorted(unknown)}"
+
+
+def test_metric_name_extraction():
+    expr = (
+        'label_replace(time() - socket_ports_scan_timestamp_seconds, "collector", '
+        '"socket_ports", "", "") or instance:conntrack_entries:ratio > 0.5 and '
+        "sum without (cpu) (increase(conntrack_stat_drop_totl[2m]))"
+    )
+    assert metrics_in(expr) == {"socket_ports_scan_timestamp_seconds", "conntrack_stat_drop_totl"}
+
+
+# -- runbooks ---------------------------------------------------------------------------------
+
+
+def test_every_alert_has_a_runbook_section_and_every_section_an_alert():
+    sections = runbook_sections()
+    assert len(sections) == len(set(sections)), "a runbook section appears twice"
+    names = {rule["alert"] for rule in alerts()}
+    assert set(sections) == names
+    anchors = {section.lower() for section in sections}
+    for rule in alerts():
+        assert rule["annotations"]["runbook_url"].rsplit("#", 1)[1] in anchors
+
+
+def test_runbook_links_between_sections_resolve():
+    anchors = {section.lower() for section in runbook_sections()}
+    for anchor in re.findall(r"\]\(#([^)]+)\)", RUNBOOKS.read_text()):
+        assert anchor in anchors, anchor
+
+
+# -- coverage of the promtool tests -----------------------------------------------------------
+
+
+def test_test_files_load_the_rule_file():
+    for path in RULE_TESTS:
+        test_file = yaml.safe_load(path.read_text())
+        files = [(path.parent / name).resolve() for name in test_file["rule_files"]]
+        assert files == [RULES], path
+
+
+def test_every_alert_fires_and_stays_silent_in_some_test():
+    names = {rule["alert"] for rule in alerts()}
+    severities = {(rule["alert"], rule["labels"]["severity"]) for rule in alerts()}
+    cases = alert_test_cases()
+    tested = {case["alertname"] for case in cases}
+    assert tested <= names, f"tests of alerts that do not exist: {sorted(tested - names)}"
+    silent = {case["alertname"] for case in cases if not case.get("exp_alerts")}
+    fired = {
+        (case["alertname"], alert["exp_labels"]["severity"])
+        for case in cases
+        for alert in case.get("exp_alerts") or []
+    }
+    assert names <= silent, f"never tested silent: {sorted(names - silent)}"
+    assert severities <= fired, f"never tested firing: {sorted(severities - fired)}"
+
+
+def test_every_recording_rule_value_is_tested():
+    recorded = {rule["record"] for rule in rules_of("record")}
+    tested = {case["expr"].strip() for case in expr_tests() if case.get("exp_samples")}
+    assert recorded <= tested, f"untested recording rules: {sorted(recorded - tested)}"
