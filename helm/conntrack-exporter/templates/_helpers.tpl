@@ -61,3 +61,23 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "conntrack-exporter.configDir" -}}
 /etc/conntrack-exporter
 {{- end }}
+
+{{/*
+The relabelings of a ServiceMonitor endpoint or a PodMonitor podMetricsEndpoint: the node label
+first, then the user's. Argument: serviceMonitor or podMonitor values.
+*/}}
+{{- define "conntrack-exporter.relabelings" -}}
+{{- $relabelings := list }}
+{{- if .attachNodeLabel }}
+{{- $relabelings = append $relabelings (dict "sourceLabels" (list "__meta_kubernetes_pod_node_name") "targetLabel" "node" "action" "replace") }}
+{{- end }}
+{{- $relabelings = concat $relabelings .relabelings }}
+{{- if $relabelings }}
+relabelings:
+  {{- toYaml $relabelings | nindent 2 }}
+{{- end }}
+{{- with .metricRelabelings }}
+metricRelabelings:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
