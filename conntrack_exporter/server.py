@@ -71,8 +71,8 @@ class MetricsServer(ThreadingHTTPServer):
         host, port = parse_listen_address(web.listen_address)
         self._dual_stack = not host and socket.has_dualstack_ipv6()
         if self._dual_stack:
-            host = "::"
-        elif ":" in host:
+            host = "::"  # an IPv6 socket that takes IPv4 too (IPV6_V6ONLY off in server_bind)
+        if ":" in host:
             self.address_family = socket.AF_INET6
         self.exporter = exporter
         self.telemetry_path = web.telemetry_path

@@ -285,11 +285,6 @@ def test_unprivileged_reads_procfs_and_keeps_serving(image, netns):
 
 
 @pytest.mark.kernel
-@pytest.mark.xfail(
-    strict=True,
-    reason="the default --web.listen-address ':9371' fails with 'Protocol not available' "
-    "(server.MetricsServer binds '::' on an AF_INET socket); remove this mark once fixed",
-)
 def test_default_listen_address_serves(image, netns):
     netns.untrack_tcp_port(PORT)
     with serving(image, netns) as (_, pool):

@@ -21,6 +21,7 @@ from tests.metrics import parse_samples, stat_counters, value
 pytestmark = pytest.mark.kernel
 
 NOBODY = "65534"
+DEFAULT_PORT = 9371
 MAX_FILE = "/proc/sys/net/netfilter/nf_conntrack_max"
 # Counters the kernel no longer reports over netlink but procfs still shows, always 0.
 PROCFS_ONLY_RETIRED = {"new", "delete", "searched", "delete_list"}
@@ -229,6 +230,22 @@ def test_live_server_serves_metrics_landing_page_and_health(netns):
     # SIGTERM: a clean stop, promptly (the generous timeout above is not a benchmark).
     assert proc.returncode == 0, stderr
     assert "msg=stopping signal=SIGTERM" in stderr
+
+
+def test_default_listen_address_serves_ipv4_and_ipv6(netns):
+    """No --web.listen-address: ':9371', every interface, IPv4 and IPv6 on one socket."""
+    netns.untrack_tcp_port(DEFAULT_PORT)
+    proc = netns.popen_exporter()
+    try:
+        wait_listening(netns, DEFAULT_PORT, proc)
+        for host in ("127.0.0.1", "[::1]"):
+            status, _, body = fetch(netns, f"http://{host}:{DEFAULT_PORT}/healthz")
+            assert (status, body) == (200, "ok\n")
+    finally:
+        proc.terminate()
+        _, stderr = proc.communicate(timeout=5)
+    assert proc.returncode == 0, stderr
+    assert f"address=[::]:{DEFAULT_PORT}" in stderr
 
 
 def test_live_server_falls_back_once_when_unprivileged(netns):
