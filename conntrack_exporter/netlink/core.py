@@ -32,6 +32,7 @@ NLA_TYPE_MASK = 0x3FFF
 NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 NLATTR = struct.Struct("=HH")  # len, type
 NLMSGERR_ERRNO = struct.Struct("=i")
+MAX_ERRNO = 4095  # include/linux/err.h: the kernel's error numbers are 1 to 4095
 _unpack_nlattr = NLATTR.unpack_from
 _unpack_nlmsghdr = NLMSGHDR.unpack_from
 
@@ -112,4 +113,9 @@ def error_code(buf: Buffer, msg: Message) -> int:
         if msg.type == NLMSG_DONE:
             return 0  # older kernels send an empty DONE
         raise NetlinkParseError(f"netlink message type {msg.type} too short for an error code")
-    return -NLMSGERR_ERRNO.unpack_from(buf, msg.start)[0]
+    code = -NLMSGERR_ERRNO.unpack_from(buf, msg.start)[0]
+    # The kernel sends 0 or a negated errno; anything else is no errno (and -INT_MIN would
+    # not even fit os.strerror's C int).
+    if not 0 <= code <= MAX_ERRNO:
+        raise NetlinkParseError(f"netlink error code {-code} is not 0 or a negated errno")
+    return code
