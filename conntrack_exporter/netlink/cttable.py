@@ -296,6 +296,10 @@ class TableTally:
         if not (have_orig and have_reply):
             raise NetlinkParseError("conntrack entry lacks its original or reply tuple")
         orig = self._orig
+        # An SNAT pool's key holds the reply's address under the original's family bit: an
+        # IPv6 address there would not even decode into a label.
+        if orig.v6 != self._reply.v6:
+            raise NetlinkParseError("conntrack entry's tuples are of different families")
         return int(orig.v6), orig.proto, orig.src, orig.dst, max(orig.dport, 0), self._reply.dst
 
     def finish(self) -> None:
