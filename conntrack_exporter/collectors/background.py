@@ -5,7 +5,8 @@ and serve the metric families of their last good scan. Around each dump the book
 same: failures counted by reason and logged once, a refusal that stops scanning for good, one
 retry of a dump the kernel flagged as interrupted, the families rebuilt once per scan, and the
 scan health families (`<prefix>_scan_duration_seconds`, `_timestamp_seconds`,
-`_errors_total{reason}`).
+`_errors_total{reason}`). Whatever a scan raises is counted here, procfs trouble and bugs
+included: nothing reaches the scanner's last-resort handler uncounted.
 """
 
 from __future__ import annotations
@@ -46,18 +47,23 @@ class BackgroundScanCollector(Generic[R]):
         self._metrics: list[Metric] | None = None  # its families, served to every scrape
         self._errors: Counter[str] = Counter(dict.fromkeys(ERROR_REASONS, 0))
         self._failure: str | None = None  # why there is no result, for the scrape to say
+        self._logged: str | None = None  # the failure last logged, until a scan goes clean
 
     # -- background ---------------------------------------------------------------------
 
     def scan(self) -> None:
         if self._failure == "permission":
             return  # refused once, refused for good: capabilities do not come back
+        errors_before = self._errors.total()
         try:
             self._scan()
-        finally:
-            # Also after a failed scan: the last good result is served with new error counts.
-            if self._result is not None:
-                self._metrics = self._families(self._result)
+        except Exception as exc:  # what _counted does not expect: a procfs file, or a bug
+            self._count_error("parse" if isinstance(exc, ValueError) else "other", exc)
+        if self._errors.total() == errors_before:
+            self._logged = None  # a clean scan: the next failure is news again
+        # Also after a failed scan: the last good result is served with new error counts.
+        if self._result is not None:
+            self._metrics = self._families(self._result)
 
     def _scan(self) -> None:
         raise NotImplementedError
@@ -93,12 +99,26 @@ class BackgroundScanCollector(Generic[R]):
 
     def _count_error(self, reason: str, exc: Exception | None) -> None:
         self._errors[reason] += 1
-        log = logging.getLogger(type(self).__module__)
         if reason == "permission":
             self._failure = reason
-            log.warning(self.refusal)
-        elif self._errors[reason] == 1 or reason == "other":
-            log.warning(f"{self.scan_name} scan failed", extra={"reason": reason, "err": str(exc)})
+            logging.getLogger(type(self).__module__).warning(self.refusal)
+            return
+        failure = f"{reason}: {exc}"
+        if self._result is None:
+            self._failure = f"no {self.subject} scan has finished yet, the last failed: {failure}"
+        # Once per failure, not once per interval: the counter says how often it recurs.
+        if failure != self._logged:
+            self._logged = failure
+            self._log_failure(reason, exc)
+
+    def _log_failure(self, reason: str, exc: Exception | None) -> None:
+        # A traceback only for an exception nothing here expects, where it shows the bug.
+        expected = exc is None or isinstance(exc, OSError | ValueError)
+        logging.getLogger(type(self).__module__).warning(
+            f"{self.scan_name} scan failed",
+            extra={"reason": reason, "err": str(exc)},
+            exc_info=None if expected else exc,
+        )
 
     # -- scrape -------------------------------------------------------------------------
 
