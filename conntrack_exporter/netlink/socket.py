@@ -140,6 +140,10 @@ class NetlinkSocket:
                     # A late answer to an earlier request that timed out: not ours to read.
                     log.debug("dropping netlink message with sequence %d, expected %d", msg[2], seq)
                     continue
+                # The kernel checks a dump's consistency as it writes each message, NLMSG_DONE
+                # included: a change after the last entry flags only the DONE.
+                if msg[1] & NLM_F_DUMP_INTR:
+                    interrupted = True
                 msg_type = msg[0]
                 if msg_type < NLMSG_MIN_TYPE:
                     if msg_type in (NLMSG_ERROR, NLMSG_DONE):
@@ -148,8 +152,6 @@ class NetlinkSocket:
                             raise NetlinkError(code, os.strerror(code))
                         return interrupted
                     continue  # NLMSG_NOOP, NLMSG_OVERRUN and reserved control types
-                if msg[1] & NLM_F_DUMP_INTR:
-                    interrupted = True
                 on_message(view, msg)
 
     def _recv(self, deadline: float) -> int:
