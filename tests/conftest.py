@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import shutil
@@ -13,11 +14,17 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 KERNEL_TOOLS = ("ip", "nft", "conntrack", "setpriv")
 CLONE_NEWNET = 0x40000000
+MAX_FILE = Path("/proc/sys/net/netfilter/nf_conntrack_max")
+HOST_COUNT_FILE = Path("/proc/sys/net/netfilter/nf_conntrack_count")
+# A full table of ours holds at least this many entries, and this many more than the host's.
+MIN_FULL_TABLE = 40
+HOST_MARGIN = 200
 
 
 def kernel_unavailable_reason() -> str | None:
@@ -115,6 +122,29 @@ class Netns:
             time.sleep(0.05)
         assert self.conntrack_count() == before + count
         return proc
+
+    @contextlib.contextmanager
+    def table_full(self) -> Iterator[int]:
+        """This namespace's table full for real: enough TCP connections held that its count
+        stands well above the host's, then the global nf_conntrack_max lowered to that count
+        (it is global, and each namespace's count is compared with it), restored on exit.
+
+        Yields the count: every new flow in this namespace is then dropped, while the host's
+        own table (smaller by HOST_MARGIN) keeps room for its traffic.
+        """
+        host_entries = int(HOST_COUNT_FILE.read_text())
+        holder = self.hold_tcp_connections(max(MIN_FULL_TABLE, host_entries + HOST_MARGIN))
+        old_max = MAX_FILE.read_text().strip()
+        try:
+            entries = self.conntrack_count()
+            if int(HOST_COUNT_FILE.read_text()) + HOST_MARGIN // 2 > entries:
+                pytest.skip("the host's table grew too fast to fill ours above it")
+            MAX_FILE.write_text(str(entries))
+            yield entries
+        finally:
+            MAX_FILE.write_text(old_max)
+            holder.kill()
+            holder.wait()
 
     def conntrack_count(self) -> int:
         return int(self.run("conntrack", "-C").stdout)
