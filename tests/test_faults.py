@@ -533,6 +533,24 @@ def served(ns: Netns, prefix: list[str], *flags: str) -> tuple[subprocess.Popen,
     return proc, port
 
 
+def scraped(
+    ns: Netns, prefix: list[str], config: str, times: int, pause: float
+) -> tuple[list[dict], int, str]:
+    """The exporter serving in the namespace with the configuration file, scraped `times`
+    times `pause` seconds apart, then stopped with SIGTERM: the scrapes, its exit status and
+    its log."""
+    proc, port = served(ns, prefix, "--config.file", config)
+    try:
+        scrapes = []
+        for _ in range(times):
+            time.sleep(pause)
+            scrapes.append(parse_samples(fetch(ns, f"http://127.0.0.1:{port}/metrics")[2]))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=10)
+    return scrapes, proc.returncode, stderr
+
+
 @pytest.fixture
 def shared_file() -> Iterator[Callable[[str], str]]:
     """Files in /tmp that nobody can read (pytest's tmp_path is root's alone)."""
@@ -580,17 +598,9 @@ def test_a_refused_dump_fails_its_collector_alone(
     if prefix is UNDER_SECCOMP and platform.machine() != "x86_64":
         pytest.skip("the seccomp filter here is written for x86_64's syscall numbers")
     netns.udp_flows(20)
-    proc, port = served(netns, prefix, "--config.file", shared_file(FAST_SCANS))
-    try:
-        scrapes = []
-        for _ in range(2):
-            time.sleep(0.6)
-            scrapes.append(parse_samples(fetch(netns, f"http://127.0.0.1:{port}/metrics")[2]))
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=10)
+    scrapes, status, stderr = scraped(netns, prefix, shared_file(FAST_SCANS), times=2, pause=0.6)
 
-    assert proc.returncode == 0, stderr
+    assert status == 0, stderr
     for samples in scrapes:
         successes = samples["conntrack_exporter_collector_success"]
         assert {dict(k)["collector"]: v for k, v in successes.items()} == {

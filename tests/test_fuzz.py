@@ -163,27 +163,32 @@ def test_the_atheris_entry_point_runs(name, tmp_path):
 # -- what the config harness found, for config.py's owner -------------------------------------
 
 
-@pytest.mark.xfail(
-    raises=UnicodeDecodeError,
-    strict=True,
-    reason="config.py reads the file as "
-    "UTF-8 and lets UnicodeDecodeError escape: a traceback, not exit status 2",
+@pytest.mark.parametrize(
+    "content",
+    [
+        pytest.param(
+            b"log:\n  level: \xff\n",
+            marks=pytest.mark.xfail(
+                raises=UnicodeDecodeError,
+                strict=True,
+                reason="config.py reads the file as UTF-8 and lets UnicodeDecodeError escape: "
+                "a traceback, not exit status 2",
+            ),
+            id="not-utf8",
+        ),
+        pytest.param(
+            b"[" * 2000,
+            marks=pytest.mark.xfail(
+                raises=RecursionError,
+                strict=True,
+                reason="PyYAML composes recursively: deep nesting escapes as RecursionError",
+            ),
+            id="nested-2000-deep",
+        ),
+    ],
 )
-def test_a_config_file_that_is_not_utf8_is_a_config_error(tmp_path):
+def test_a_config_file_the_loader_cannot_read_is_a_config_error(tmp_path, content):
     path = tmp_path / "config.yml"
-    path.write_bytes(b"log:\n  level: \xff\n")
-    with pytest.raises(fuzz.config.ConfigError):
-        load_config(str(path))
-
-
-@pytest.mark.xfail(
-    raises=RecursionError,
-    strict=True,
-    reason="PyYAML composes recursively: "
-    "deep nesting escapes as RecursionError, not as a ConfigError",
-)
-def test_a_deeply_nested_config_file_is_a_config_error(tmp_path):
-    path = tmp_path / "config.yml"
-    path.write_text("[" * 2000)
+    path.write_bytes(content)
     with pytest.raises(fuzz.config.ConfigError):
         load_config(str(path))

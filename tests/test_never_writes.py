@@ -13,10 +13,8 @@ import ast
 import importlib
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from functools import cache, partial
 from pathlib import Path
@@ -31,10 +29,9 @@ from conntrack_exporter.netlink.ctnetlink import nfgen_request
 from conntrack_exporter.netlink.socket import NETLINK_NETFILTER, NetlinkSocket
 from tests.conftest import Netns
 from tests.metrics import parse_samples, value
-from tests.test_faults import EXPORTER, served
+from tests.test_faults import EXPORTER, scraped
 from tests.test_inet_diag import defines
 from tests.test_inet_diag import uapi as linux_uapi
-from tests.test_kernel_conntrack import fetch
 from tests.test_kernel_table import raise_timeouts
 from tests.test_netlink_parsers import parse_enums, uapi
 from tests.test_netlink_socket import RecordingSocket
@@ -447,15 +444,7 @@ def run_every_collector(ns: Netns, config: Path) -> list[dict]:
     """Every collector, scans every 0.2 s, three scrapes over a second and a half; then one
     `--once` run."""
     config.write_text(EVERY_COLLECTOR)
-    proc, port = served(ns, EXPORTER, "--config.file", str(config))
-    try:
-        scrapes = []
-        for _ in range(3):
-            time.sleep(0.5)
-            scrapes.append(parse_samples(fetch(ns, f"http://127.0.0.1:{port}/metrics")[2]))
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=10)
-    assert proc.returncode == 0 and "level=warn" not in stderr, stderr
+    scrapes, status, stderr = scraped(ns, EXPORTER, str(config), times=3, pause=0.5)
+    assert status == 0 and "level=warn" not in stderr, stderr
     scrapes.append(parse_samples(ns.exporter("--config.file", str(config)).stdout))
     return scrapes
