@@ -10,7 +10,7 @@ import dataclasses
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 
@@ -18,6 +18,7 @@ from conntrack_exporter.checks import positive
 from conntrack_exporter.collectors import COLLECTORS
 
 Check = Callable[[Any], str | None]
+T = TypeVar("T")
 
 
 def _listen_address_problem(value: str) -> str | None:
@@ -100,16 +101,33 @@ class ConfigError(Exception):
 
 
 @dataclass
-class _Validation:
+class Validation:
     """Problems found so far, and where each dotted key came from."""
 
     locations: dict[str, str]
     source: str
     problems: list[str] = field(default_factory=list)
+    failed: set[str] = field(default_factory=set)
 
     def problem(self, path: str, message: str) -> None:
-        where = self.locations.get(path, self.source)
-        self.problems.append(f"{where}: {path}: {message}")
+        self.problems.append(f"{self._where(path)}: {path}: {message}")
+        self.failed.add(path)
+
+    def given(self, path: str) -> bool:
+        """Whether the file or a flag set this key."""
+        return path in self.locations
+
+    def raise_problems(self) -> None:
+        if self.problems:
+            raise ConfigError(self.problems)
+
+    def _where(self, path: str) -> str:
+        # A key that is missing has no line of its own: name the line of its section.
+        while path:
+            if path in self.locations:
+                return self.locations[path]
+            path = path.rpartition(".")[0]
+        return self.source
 
 
 def load_config(
@@ -126,11 +144,21 @@ def load_config(
     for path, (flag, value) in (flags or {}).items():
         _set_path(data, path, value)
         locations[path] = f"flag {flag}"
-    validation = _Validation(locations, file or "flags")
+    validation = Validation(locations, file or "flags")
     config = _build_config(data, validation)
-    if validation.problems:
-        raise ConfigError(validation.problems)
+    validation.raise_problems()
     return config
+
+
+def read_dataclass(cls: type[T], file: str) -> tuple[T, Validation]:
+    """`cls` built from a YAML file whose top level holds its fields, and the problems found.
+
+    Problems are collected, not raised, so that the caller can add the checks that need more
+    than one key or the file system, then call `raise_problems()`.
+    """
+    data, locations = _read_yaml(file)
+    validation = Validation(locations, file)
+    return _build_dataclass(cls, data, "", validation), validation
 
 
 def _read_yaml(file: str) -> tuple[dict[str, Any], dict[str, str]]:
@@ -153,13 +181,20 @@ def _read_yaml(file: str) -> tuple[dict[str, Any], dict[str, str]]:
     return data, locations
 
 
-def _index_locations(node: yaml.Node, prefix: str, file: str, out: dict[str, str]) -> None:
+def _index_locations(node: yaml.Node, path: str, file: str, out: dict[str, str]) -> None:
+    if isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            out[f"{path}[{index}]"] = f"{file}:{item.start_mark.line + 1}"
     if not isinstance(node, yaml.MappingNode):
         return
     for key_node, value_node in node.value:
-        path = f"{prefix}{key_node.value}"
-        out[path] = f"{file}:{key_node.start_mark.line + 1}"
-        _index_locations(value_node, path + ".", file, out)
+        child = _child(path, key_node.value)
+        out[child] = f"{file}:{key_node.start_mark.line + 1}"
+        _index_locations(value_node, child, file, out)
+
+
+def _child(path: str, key: object) -> str:
+    return f"{path}.{key}" if path else str(key)
 
 
 def _set_path(data: dict[str, Any], path: str, value: Any) -> None:
@@ -172,7 +207,7 @@ def _set_path(data: dict[str, Any], path: str, value: Any) -> None:
     data[leaf] = value
 
 
-def _build_config(data: dict[str, Any], validation: _Validation) -> Config:
+def _build_config(data: dict[str, Any], validation: Validation) -> Config:
     _unknown_keys(data, [*SECTIONS, "collectors"], "", validation)
     sections = {
         name: _build_dataclass(cls, data.get(name, {}), name, validation)
@@ -182,7 +217,7 @@ def _build_config(data: dict[str, Any], validation: _Validation) -> Config:
     return Config(**sections, collectors=collectors)
 
 
-def _build_collectors(data: Any, validation: _Validation) -> dict[str, CollectorConfig]:
+def _build_collectors(data: Any, validation: Validation) -> dict[str, CollectorConfig]:
     if not _is_mapping(data, "collectors", validation):
         data = {}
     _unknown_keys(data, [DISABLE_DEFAULTS, *COLLECTORS], "collectors", validation)
@@ -208,7 +243,7 @@ def _build_collectors(data: Any, validation: _Validation) -> dict[str, Collector
 
 
 def _build_dataclass(
-    cls: type, data: Any, path: str, validation: _Validation, extra_keys: tuple[str, ...] = ()
+    cls: type, data: Any, path: str, validation: Validation, extra_keys: tuple[str, ...] = ()
 ) -> Any:
     if not _is_mapping(data, path, validation):
         return cls()
@@ -219,7 +254,7 @@ def _build_dataclass(
     for f in fields:
         if f.name not in data:
             continue
-        field_path = f"{path}.{f.name}"
+        field_path = _child(path, f.name)
         value = _convert(hints[f.name], data[f.name], field_path, validation)
         check = f.metadata.get("check")
         message = check(value) if check is not None and value is not None else None
@@ -230,14 +265,25 @@ def _build_dataclass(
     return cls(**values)
 
 
-def _convert(expected: Any, value: Any, path: str, validation: _Validation) -> Any:
-    """The value if it has the expected type (an int is a fine float), else None and a problem."""
-    if typing.get_origin(expected) is Literal:
+def _convert(expected: Any, value: Any, path: str, validation: Validation) -> Any:
+    """The value if it has the expected type (an int is a fine float), else None and a problem.
+
+    Besides scalars: a Literal's choices, a nested dataclass (a mapping of its fields), a
+    `tuple[X, ...]` (a list) and a `Mapping[str, X]`.
+    """
+    origin = typing.get_origin(expected)
+    if origin is Literal:
         choices = typing.get_args(expected)
         if value in choices:
             return value
         validation.problem(path, f"expected one of {', '.join(map(str, choices))}, got {value!r}")
         return None
+    if dataclasses.is_dataclass(expected):
+        return _build_dataclass(expected, value, path, validation)
+    if origin is tuple:
+        return _convert_list(typing.get_args(expected)[0], value, path, validation)
+    if origin is Mapping:
+        return _convert_mapping(typing.get_args(expected)[1], value, path, validation)
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
@@ -249,7 +295,35 @@ def _convert(expected: Any, value: Any, path: str, validation: _Validation) -> A
 _TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
 
 
-def _is_mapping(data: Any, path: str, validation: _Validation) -> bool:
+def _convert_list(item_type: Any, value: Any, path: str, validation: Validation) -> Any:
+    if not isinstance(value, list):
+        validation.problem(path, f"expected a list, got {value!r}")
+        return None
+    items = [
+        _convert(item_type, item, f"{path}[{index}]", validation)
+        for index, item in enumerate(value)
+    ]
+    return None if None in items else tuple(items)
+
+
+def _convert_mapping(value_type: Any, value: Any, path: str, validation: Validation) -> Any:
+    """The entries that convert: each is checked on its own, so that a bad entry hides no
+    problem of another (each entry that fails is a problem already)."""
+    if not _is_mapping(value, path, validation):
+        return None
+    result = {}
+    for key, item in value.items():
+        item_path = _child(path, key)
+        if not isinstance(key, str):
+            validation.problem(item_path, f"expected a string key, got {key!r}")
+            continue
+        converted = _convert(value_type, item, item_path, validation)
+        if converted is not None:
+            result[key] = converted
+    return result
+
+
+def _is_mapping(data: Any, path: str, validation: Validation) -> bool:
     if isinstance(data, dict):
         return True
     validation.problem(path, f"expected a mapping, got {_describe(data)}")
@@ -257,12 +331,12 @@ def _is_mapping(data: Any, path: str, validation: _Validation) -> bool:
 
 
 def _unknown_keys(
-    data: Mapping[str, Any], known: list[str], path: str, validation: _Validation
+    data: Mapping[str, Any], known: list[str], path: str, validation: Validation
 ) -> None:
     for key in data:
         if key not in known:
-            where = f"{path}.{key}" if path else str(key)
-            validation.problem(where, f"unknown key; expected one of {', '.join(known)}")
+            message = f"unknown key; expected one of {', '.join(known)}"
+            validation.problem(_child(path, key), message)
 
 
 def _describe(value: Any) -> str:

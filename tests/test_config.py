@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
-from conntrack_exporter.config import Config, ConfigError, load_config, parse_listen_address
+from conntrack_exporter.config import (
+    Config,
+    ConfigError,
+    load_config,
+    parse_listen_address,
+    read_dataclass,
+)
 
 EXAMPLE = Path(__file__).parent.parent / "config.example.yml"
 
@@ -146,6 +155,88 @@ def test_disable_defaults_keeps_only_explicit_collectors(tmp_path):
         str(file), {"collectors.conntrack.enabled": ("--no-collector.conntrack", False)}
     )
     assert off.enabled_collectors == []
+
+
+@dataclass(frozen=True)
+class Inner:
+    names: tuple[str, ...] = ()
+    mode: Literal["a", "b"] = "a"
+
+
+@dataclass(frozen=True)
+class Outer:
+    """Every shape the loader reads beside scalars: nested, lists, string maps."""
+
+    inner: Inner = Inner()
+    users: Mapping[str, str] = field(default_factory=dict)
+    count: int = 1
+
+
+def test_nested_dataclasses_lists_and_maps(tmp_path):
+    file = tmp_path / "outer.yml"
+    file.write_text("inner:\n  names: [x, y]\n  mode: b\nusers:\n  alice: one\ncount: 2\n")
+    value, validation = read_dataclass(Outer, str(file))
+    assert value == Outer(Inner(("x", "y"), "b"), {"alice": "one"}, 2)
+    assert validation.problems == []
+    assert validation.given("inner.mode") and not validation.given("inner.extra")
+
+
+def test_problems_inside_lists_and_maps_are_located(tmp_path):
+    file = tmp_path / "outer.yml"
+    file.write_text(
+        "inner:\n"
+        "  names:\n"
+        "    - x\n"
+        "    - 3\n"  # 4: not a string
+        "  mode: c\n"  # 5: not a choice
+        "  extra: 1\n"  # 6: unknown
+        "users:\n"
+        "  alice: [1]\n"  # 8: not a string
+        "  bob: fine\n"
+        "  7: x\n"  # 10: not a string key
+        "count: two\n"  # 11: not an integer
+    )
+    value, validation = read_dataclass(Outer, str(file))
+    assert [problem.replace(str(file), "FILE") for problem in validation.problems] == [
+        "FILE:6: inner.extra: unknown key; expected one of names, mode",
+        "FILE:4: inner.names[1]: expected a string, got 3",
+        "FILE:5: inner.mode: expected one of a, b, got 'c'",
+        "FILE:8: users.alice: expected a string, got [1]",
+        "FILE:10: users.7: expected a string key, got 7",
+        "FILE:11: count: expected an integer, got 'two'",
+    ]
+    # A bad entry hides no other: the ones that convert are there for further checks.
+    assert value.users == {"bob": "fine"}
+    assert validation.failed >= {"inner.names[1]", "users.alice"}
+    with pytest.raises(ConfigError):
+        validation.raise_problems()
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("inner: [1]\n", "FILE:1: inner: expected a mapping, got a list"),
+        ("inner:\n  names: x\n", "FILE:2: inner.names: expected a list, got 'x'"),
+        ("users: 3\n", "FILE:1: users: expected a mapping, got 3"),
+    ],
+)
+def test_wrong_shapes(tmp_path, text, problem):
+    file = tmp_path / "outer.yml"
+    file.write_text(text)
+    _value, validation = read_dataclass(Outer, str(file))
+    assert [p.replace(str(file), "FILE") for p in validation.problems] == [problem]
+
+
+def test_a_missing_key_is_located_at_its_section(tmp_path):
+    file = tmp_path / "outer.yml"
+    file.write_text("count: 2\ninner:\n  mode: a\n")
+    _value, validation = read_dataclass(Outer, str(file))
+    validation.problem("inner.names", "required here")
+    validation.problem("users.alice", "required here")
+    assert [p.replace(str(file), "FILE") for p in validation.problems] == [
+        "FILE:2: inner.names: required here",
+        "FILE: users.alice: required here",
+    ]
 
 
 @pytest.mark.parametrize(
