@@ -69,6 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, (key, help_text) in VALUE_FLAGS.items():
         parser.add_argument(flag, dest=key, metavar=key.rsplit(".", 1)[1].upper(), help=help_text)
     parser.add_argument(
+        "--web.max-requests",
+        dest="web.max_requests",
+        type=int,
+        metavar="N",
+        help=f"scrapes in flight at most; past it a scrape gets 503 at once, 0 for no limit "
+        f"(default {DEFAULTS.web.max_requests})",
+    )
+    parser.add_argument(
         "--config.file",
         dest="config_file",
         metavar="FILE",

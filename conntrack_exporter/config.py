@@ -14,7 +14,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
-from conntrack_exporter.checks import positive
+from conntrack_exporter.checks import non_negative, positive
 from conntrack_exporter.collectors import COLLECTORS
 
 Check = Callable[[Any], str | None]
@@ -51,6 +51,11 @@ def parse_listen_address(address: str) -> tuple[str, int]:
 class WebConfig:
     listen_address: str = field(default=":9371", metadata={"check": _listen_address_problem})
     telemetry_path: str = field(default="/metrics", metadata={"check": _telemetry_path_problem})
+    # Scrapes in flight at most; 0 for no limit.
+    max_requests: int = field(default=40, metadata={"check": non_negative})
+    # Open connections at most; 0 for no limit.
+    max_connections: int = field(default=512, metadata={"check": non_negative})
+    read_timeout_seconds: float = field(default=10.0, metadata={"check": positive})
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,22 @@
-"""The HTTP side: landing page, metrics, health, over a threaded keep-alive server."""
+"""The HTTP side: landing page, metrics, health, over a threaded keep-alive server.
+
+Hardened for an exporter reachable by anyone on the node's network: a cap on scrapes in
+flight (503 past it, at once) and on open connections, and deadlines on whole request heads
+and responses, so that a slow or silent client holds one thread for a bounded time.
+"""
 
 from __future__ import annotations
 
 import email.utils
 import functools
 import html
+import io
 import logging
+import math
 import socket
 import socketserver
+import sys
+import threading
 import time
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,6 +31,12 @@ log = logging.getLogger(__name__)
 
 # Prometheus keeps scrape connections open; an idle one is dropped after this long.
 IDLE_CONNECTION_TIMEOUT_SECONDS = 120
+# A response is a few KiB, which the socket buffers take at once: a client that has not taken
+# it in this long is not reading.
+WRITE_TIMEOUT_SECONDS = 10
+# A refused scrape or connection is logged at most this often, with how many since.
+REFUSAL_LOG_INTERVAL_SECONDS = 60
+TEXT = "text/plain; charset=utf-8"
 # A gzip stream (16 + window bits) with an 8 KiB window and a small hash table: 78 KiB of
 # compressor state per scrape instead of gzip.compress's 294 KiB, as fast, and as small a
 # result for our bodies of a few KiB (the lines that repeat are close together).
@@ -63,9 +78,45 @@ def _gzip(body: bytes) -> bytes:
     return compressor.compress(body) + compressor.flush()
 
 
+class _Limit:
+    """At most `maximum` holders at once (0: any number). Past it a caller is refused at once,
+    never queued, and a warning says so at most once a minute."""
+
+    def __init__(self, maximum: int, warning: str) -> None:
+        self.maximum = maximum
+        self._slots = threading.BoundedSemaphore(maximum) if maximum else None
+        self._warning = warning
+        self._lock = threading.Lock()
+        self._refused = 0
+        self._warned_at = -math.inf
+
+    def try_acquire(self) -> bool:
+        if self._slots is None or self._slots.acquire(blocking=False):
+            return True
+        self._refuse()
+        return False
+
+    def release(self) -> None:
+        if self._slots is not None:
+            self._slots.release()
+
+    def _refuse(self) -> None:
+        with self._lock:
+            self._refused += 1
+            now = time.monotonic()
+            if now - self._warned_at < REFUSAL_LOG_INTERVAL_SECONDS:
+                return
+            refused, self._refused, self._warned_at = self._refused, 0, now
+        # `refused`: how many since the last warning.
+        log.warning(self._warning, extra={"limit": self.maximum, "refused": refused})
+
+
 class MetricsServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
+    # Connections waiting for accept(): many scrapers connecting at once must not overflow
+    # socketserver's default of 5 and wait a second for a SYN retransmit.
+    request_queue_size = socket.SOMAXCONN
 
     def __init__(self, web: WebConfig, exporter: ExporterCollector, page: bytes) -> None:
         host, port = parse_listen_address(web.listen_address)
@@ -77,6 +128,9 @@ class MetricsServer(ThreadingHTTPServer):
         self.exporter = exporter
         self.telemetry_path = web.telemetry_path
         self.page = page
+        self.read_timeout = web.read_timeout_seconds
+        self.scrapes = _Limit(web.max_requests, "refusing scrapes (503): too many in flight")
+        self.connections = _Limit(web.max_connections, "refusing connections: too many open")
         super().__init__((host, port), _Handler)
 
     def server_bind(self) -> None:
@@ -95,6 +149,33 @@ class MetricsServer(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # In the accept loop: nothing here may wait on the client.
+        if not self.connections.try_acquire():
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.connections.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connections.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Called from an `except` block. A client that goes away mid-request is routine; any
+        # other exception is a bug of ours, worth its traceback (socketserver prints it to
+        # stderr, outside the log format).
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):
+            log.debug("connection error", extra={"client": client_address[0], "err": error})
+        else:
+            log.error("request failed", exc_info=True, extra={"client": client_address[0]})
+
 
 @functools.lru_cache(maxsize=1)
 def _http_date(second: int) -> str:
@@ -103,16 +184,81 @@ def _http_date(second: int) -> str:
     return email.utils.formatdate(second, usegmt=True)
 
 
+class _DeadlineIO(io.RawIOBase):
+    """A socket as a raw stream whose reads and writes all end by one deadline.
+
+    A socket's timeout bounds each call: a client sending a byte a second would never trip it.
+    Before each call the timeout is set to what is left until the deadline, so the deadline
+    bounds a whole request head, or a whole response, however it is split.
+    """
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        super().__init__()
+        self._sock = sock
+        self.deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:
+        self._arm()
+        return self._sock.recv_into(buffer)
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        self._arm()
+        return self._sock.send(data)
+
+    def _arm(self) -> None:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("deadline passed")
+        self._sock.settimeout(remaining)
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = f"conntrack-exporter/{__version__}"
-    timeout = IDLE_CONNECTION_TIMEOUT_SECONDS
-    # Headers and body written separately, with Nagle on, leave the body waiting for the
-    # client's delayed ACK of the headers: 40 ms per scrape. Buffer the response so that it
-    # leaves in one write (handle_one_request flushes it), and send without Nagle.
-    wbufsize = -1
-    disable_nagle_algorithm = True
     server: MetricsServer
+
+    def setup(self) -> None:
+        # StreamRequestHandler's set-up, with both directions under deadlines. Headers and
+        # body written separately, with Nagle on, leave the body waiting for the client's
+        # delayed ACK of the headers: 40 ms per scrape. The response is buffered so that it
+        # leaves in one write (handle_one_request flushes it), and sent without Nagle.
+        self.connection = self.request
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+        # The first request must come within read_timeout of the connection.
+        self._stream = _DeadlineIO(self.connection, time.monotonic() + self.server.read_timeout)
+        self.rfile = io.BufferedReader(self._stream)
+        self.wfile = io.BufferedWriter(self._stream)
+        self._requests = 0
+
+    def handle_one_request(self) -> None:
+        if self._requests and not self._next_request_started():
+            self.close_connection = True
+            return
+        self._requests += 1
+        super().handle_one_request()
+
+    def _next_request_started(self) -> bool:
+        """Wait up to the idle timeout for a kept-alive connection's next request; from its
+        first byte on, its head gets read_timeout."""
+        self._stream.deadline = time.monotonic() + IDLE_CONNECTION_TIMEOUT_SECONDS
+        try:
+            started = bool(self.rfile.peek(1))
+        except OSError:  # idle too long (TimeoutError), or reset
+            return False
+        self._stream.deadline = time.monotonic() + self.server.read_timeout
+        return started
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        # Every response, error pages included, starts here: from now on the writes have
+        # their own deadline, whatever the head and the collection took.
+        self._stream.deadline = time.monotonic() + WRITE_TIMEOUT_SECONDS
+        super().send_response(code, message)
 
     def date_time_string(self, timestamp: float | None = None) -> str:
         if timestamp is not None:
@@ -127,14 +273,23 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _route(self, send_body: bool) -> None:
         path = self.path.split("?", 1)[0]
-        if path == self.server.telemetry_path:
-            self._metrics(send_body)
-        elif path == "/":
+        if path != self.server.telemetry_path:
+            self._page(path, send_body)
+        elif not self.server.scrapes.try_acquire():
+            self._send(503, TEXT, b"too many scrapes in flight\n", send_body)
+        else:
+            try:
+                self._metrics(send_body)
+            finally:
+                self.server.scrapes.release()
+
+    def _page(self, path: str, send_body: bool) -> None:
+        if path == "/":
             self._send(200, "text/html; charset=utf-8", self.server.page, send_body)
         elif path == "/healthz":
-            self._send(200, "text/plain; charset=utf-8", b"ok\n", send_body)
+            self._send(200, TEXT, b"ok\n", send_body)
         else:
-            self._send(404, "text/plain; charset=utf-8", b"not found\n", send_body)
+            self._send(404, TEXT, b"not found\n", send_body)
 
     def _metrics(self, send_body: bool) -> None:
         body, content_type, headers = metrics_response(

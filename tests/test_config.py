@@ -70,7 +70,8 @@ def test_every_problem_is_listed_at_once(tmp_path):
     )
     assert problems_of(tmp_path, text) == [
         "FILE:14: extra: unknown key; expected one of web, log, path, netlink, collectors",
-        "FILE:4: web.tls: unknown key; expected one of listen_address, telemetry_path",
+        "FILE:4: web.tls: unknown key; expected one of listen_address, telemetry_path, "
+        "max_requests, max_connections, read_timeout_seconds",
         "FILE:2: web.listen_address: expected a string, got 9371",
         "FILE:3: web.telemetry_path: must be an absolute path other than / and /healthz, "
         "got 'metrics'",
@@ -277,6 +278,18 @@ def test_cli_exits_2_listing_every_problem(tmp_path):
     )
 
 
+def test_max_requests_flag(tmp_path):
+    file = tmp_path / "config.yml"
+    file.write_text("web:\n  max_requests: 5\n")
+    assert load_config(str(file)).web.max_requests == 5
+    flags = {"web.max_requests": ("--web.max-requests", 0)}
+    assert load_config(str(file), flags).web.max_requests == 0
+    result = run_cli("--web.max-requests", "-1", "--once")
+    assert result.returncode == 2
+    assert "flag --web.max-requests: web.max_requests: must be 0 or more, got -1" in result.stderr
+    assert run_cli("--web.max-requests", "many", "--once").returncode == 2
+
+
 def test_cli_usage_errors_exit_2():
     result = run_cli("--log.level", "loud")
     assert result.returncode == 2
@@ -295,6 +308,7 @@ def test_help_explains_every_flag():
         "--log.level",
         "--log.format",
         "--path.procfs",
+        "--web.max-requests",
         "--once",
     ]:
         assert flag in help_text
