@@ -1,0 +1,360 @@
+"""The web configuration file: TLS and basic authentication, as Prometheus' exporter-toolkit.
+
+The same YAML node_exporter takes with --web.config.file, as far as Python's ssl allows. It is
+read once at start-up into an `ssl.SSLContext` and a `BasicAuth`; every problem (unknown keys,
+wrong types, unreadable files, a certificate that does not match its key, a bad hash) is
+reported at once with its line, as for the exporter's own configuration.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import hashlib
+import hmac
+import os
+import re
+import secrets
+import ssl
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from conntrack_exporter.config import Validation, read_dataclass
+
+try:
+    import bcrypt
+except ImportError:  # an optional extra: only basic_auth_users needs it
+    bcrypt = None
+
+BCRYPT_INSTALL = "pip install 'conntrack-exporter[bcrypt]'"
+
+# Go's names of the cipher suites exporter-toolkit accepts (crypto/tls CipherSuites(), with the
+# RSA key exchange ones Go listed there until 1.22), as OpenSSL names them. Go, and so the
+# toolkit, applies the list to TLS 1.2 and below only: the TLS 1.3 suites are accepted and not
+# configurable (None).
+CIPHER_SUITES: dict[str, str | None] = {
+    "TLS_RSA_WITH_AES_128_CBC_SHA": "AES128-SHA",
+    "TLS_RSA_WITH_AES_256_CBC_SHA": "AES256-SHA",
+    "TLS_RSA_WITH_AES_128_GCM_SHA256": "AES128-GCM-SHA256",
+    "TLS_RSA_WITH_AES_256_GCM_SHA384": "AES256-GCM-SHA384",
+    "TLS_AES_128_GCM_SHA256": None,
+    "TLS_AES_256_GCM_SHA384": None,
+    "TLS_CHACHA20_POLY1305_SHA256": None,
+    "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA": "ECDHE-ECDSA-AES128-SHA",
+    "TLS_ECDHE_ECDSA_WITH_AES_256_CBC_SHA": "ECDHE-ECDSA-AES256-SHA",
+    "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA": "ECDHE-RSA-AES128-SHA",
+    "TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA": "ECDHE-RSA-AES256-SHA",
+    "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256": "ECDHE-ECDSA-AES128-GCM-SHA256",
+    "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384": "ECDHE-ECDSA-AES256-GCM-SHA384",
+    "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256": "ECDHE-RSA-AES128-GCM-SHA256",
+    "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384": "ECDHE-RSA-AES256-GCM-SHA384",
+    "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256": "ECDHE-RSA-CHACHA20-POLY1305",
+    "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256": "ECDHE-ECDSA-CHACHA20-POLY1305",
+}
+TLS_VERSIONS = {
+    "TLS10": ssl.TLSVersion.TLSv1,
+    "TLS11": ssl.TLSVersion.TLSv1_1,
+    "TLS12": ssl.TLSVersion.TLSv1_2,
+    "TLS13": ssl.TLSVersion.TLSv1_3,
+}
+# The configuration's types are built from the tables, so that a name the tables lack is a
+# problem reported by the loader, with its line, like any other wrong value.
+CipherSuiteName = Literal[tuple(CIPHER_SUITES)]  # type: ignore[valid-type]
+TLSVersionName = Literal[tuple(TLS_VERSIONS)]  # type: ignore[valid-type]
+
+# exporter-toolkit's client_auth_type values Python's ssl can honour. It verifies every
+# certificate it asks for, so Go's "ask but do not verify" modes have no equivalent.
+CLIENT_AUTH = {
+    "NoClientCert": ssl.CERT_NONE,
+    "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,
+    "RequireAndVerifyClientCert": ssl.CERT_REQUIRED,
+}
+UNSUPPORTED_CLIENT_AUTH = ("RequestClientCert", "RequireAnyClientCert", "RequireClientCert")
+
+# bcrypt's hash: $2a$, $2b$ or $2y$, a two-digit cost, 22 characters of salt, 31 of hash.
+BCRYPT_HASH = re.compile(r"\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{53}")
+# bcrypt reads at most 72 bytes of a password; the library refuses longer ones instead of
+# ignoring the rest as bcrypt always has (and htpasswd, and Go's bcrypt when comparing).
+BCRYPT_MAX_PASSWORD = 72
+# Successful checks remembered, so that a scraper with the right credentials pays bcrypt
+# once, not on every scrape (exporter-toolkit keeps 100 too).
+AUTH_CACHE_SIZE = 100
+
+
+def _client_auth_problem(value: str) -> str | None:
+    supported = ", ".join(CLIENT_AUTH)
+    if value in CLIENT_AUTH:
+        return None
+    if value in UNSUPPORTED_CLIENT_AUTH:
+        return (
+            f"{value} is not supported: Python's ssl verifies every client certificate it "
+            f"asks for; use one of {supported}"
+        )
+    return f"expected one of {supported}, got {value!r}"
+
+
+@dataclass(frozen=True)
+class TLSServerConfig:
+    cert_file: str = ""
+    key_file: str = ""
+    client_auth_type: str = field(default="NoClientCert", metadata={"check": _client_auth_problem})
+    client_ca_file: str = ""
+    min_version: TLSVersionName = "TLS12"
+    max_version: TLSVersionName = "TLS13"
+    cipher_suites: tuple[CipherSuiteName, ...] = ()
+    prefer_server_cipher_suites: bool = True
+
+
+@dataclass(frozen=True)
+class WebConfigFile:
+    tls_server_config: TLSServerConfig = TLSServerConfig()
+    basic_auth_users: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class WebSecurity:
+    """What the web configuration file asks of the server: TLS, credentials, or neither."""
+
+    tls: ssl.SSLContext | None = None
+    auth: BasicAuth | None = None
+
+
+PLAIN_HTTP = WebSecurity()
+
+
+def load_web_config(file: str) -> WebSecurity:
+    """Read and check a web configuration file; `ConfigError` lists every problem."""
+    model, validation = read_dataclass(WebConfigFile, file)
+    base = os.path.dirname(file)
+    tls = None
+    if validation.given("tls_server_config"):
+        tls = _tls_context(model.tls_server_config, base, validation)
+    auth = _basic_auth(model.basic_auth_users, validation)
+    validation.raise_problems()
+    return WebSecurity(tls, auth)
+
+
+# --- TLS ------------------------------------------------------------------------------------
+
+SECTION = "tls_server_config"
+
+
+def _tls_context(config: TLSServerConfig, base: str, validation: Validation) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    _load_certificate(context, config, base, validation)
+    _client_certificates(context, config, base, validation)
+    _versions(context, config, validation)
+    _ciphers(context, config, validation)
+    return context
+
+
+def _load_certificate(
+    context: ssl.SSLContext, config: TLSServerConfig, base: str, validation: Validation
+) -> None:
+    for key in ("cert_file", "key_file"):
+        if not getattr(config, key) and f"{SECTION}.{key}" not in validation.failed:
+            validation.problem(f"{SECTION}.{key}", "required for TLS")
+    cert = _certificates(base, "cert_file", config.cert_file, validation)
+    key = _readable(base, "key_file", config.key_file, validation)
+    if cert is None or key is None:
+        return
+    try:
+        # A callback, so that an encrypted key is an error, not a prompt on the terminal.
+        context.load_cert_chain(cert, key, password=lambda: b"")
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            message = f"{config.key_file} is not the key of {config.cert_file}"
+        else:
+            message = f"{config.key_file} holds no unencrypted PEM private key"
+        validation.problem(f"{SECTION}.key_file", message)
+
+
+def _client_certificates(
+    context: ssl.SSLContext, config: TLSServerConfig, base: str, validation: Validation
+) -> None:
+    ca = _certificates(base, "client_ca_file", config.client_ca_file, validation)
+    if ca is not None:
+        context.load_verify_locations(cafile=ca)
+    if f"{SECTION}.client_auth_type" in validation.failed:
+        return
+    mode = CLIENT_AUTH[config.client_auth_type]
+    if config.client_ca_file and mode == ssl.CERT_NONE:
+        validation.problem(
+            f"{SECTION}.client_ca_file",
+            "set, but client_auth_type NoClientCert never asks for a certificate",
+        )
+    elif mode != ssl.CERT_NONE and not config.client_ca_file:
+        validation.problem(
+            f"{SECTION}.client_auth_type",
+            f"{config.client_auth_type} needs client_ca_file, the CA that signs the clients",
+        )
+    context.verify_mode = mode
+
+
+def _readable(base: str, key: str, file: str, validation: Validation) -> str | None:
+    """The path of a file named by `key`, if it is given and readable."""
+    if not file:
+        return None
+    # As exporter-toolkit: relative to the web configuration file.
+    path = os.path.join(base, file)
+    try:
+        with open(path, "rb"):
+            return path
+    except OSError as exc:
+        validation.problem(f"{SECTION}.{key}", f"cannot read {file}: {exc.strerror}")
+        return None
+
+
+def _certificates(base: str, key: str, file: str, validation: Validation) -> str | None:
+    """The path of a PEM certificate file named by `key`, if it is given and good."""
+    path = _readable(base, key, file, validation)
+    if path is None:
+        return None
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
+    except ssl.SSLError:
+        validation.problem(f"{SECTION}.{key}", f"{file} holds no PEM certificate")
+        return None
+    return path
+
+
+def _versions(context: ssl.SSLContext, config: TLSServerConfig, validation: Validation) -> None:
+    low, high = TLS_VERSIONS[config.min_version], TLS_VERSIONS[config.max_version]
+    if low > high:
+        validation.problem(
+            f"{SECTION}.min_version",
+            f"{config.min_version} is above max_version {config.max_version}",
+        )
+        return
+    context.minimum_version, context.maximum_version = low, high
+
+
+def _ciphers(context: ssl.SSLContext, config: TLSServerConfig, validation: Validation) -> None:
+    if config.prefer_server_cipher_suites:
+        context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+    else:
+        context.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE
+    names = [CIPHER_SUITES[name] for name in config.cipher_suites]
+    openssl_names = [name for name in names if name is not None]
+    if not openssl_names:
+        return
+    try:
+        # In the configured order: with prefer_server_cipher_suites, the server's preference.
+        context.set_ciphers(":".join(openssl_names))
+        enabled = {cipher["name"] for cipher in context.get_ciphers()}
+    except ssl.SSLError:  # not one of them is available
+        enabled = set()
+    for index, name in enumerate(names):
+        if name is not None and name not in enabled:
+            validation.problem(
+                f"{SECTION}.cipher_suites[{index}]",
+                f"{config.cipher_suites[index]} ({name}) is not available in this "
+                f"OpenSSL ({ssl.OPENSSL_VERSION})",
+            )
+
+
+# --- basic authentication -------------------------------------------------------------------
+
+
+def _basic_auth(users: Mapping[str, str], validation: Validation) -> BasicAuth | None:
+    if not users:
+        return None
+    if bcrypt is None:
+        validation.problem(
+            "basic_auth_users", f"needs the bcrypt package; install it with {BCRYPT_INSTALL}"
+        )
+        return None
+    good = True
+    for user, hashed in users.items():
+        if not _bcrypt_cost(hashed):
+            # The hash is a secret of sorts: say what is wrong, never echo it.
+            validation.problem(
+                f"basic_auth_users.{user}",
+                "not a bcrypt hash ($2a$, $2b$ or $2y$, cost 04 to 31, 60 characters; "
+                "htpasswd -nBC 10 '' makes one)",
+            )
+            good = False
+    return BasicAuth(users) if good else None
+
+
+def _bcrypt_cost(hashed: str) -> int | None:
+    match = BCRYPT_HASH.fullmatch(hashed)
+    if match is None or not 4 <= int(match.group(1)) <= 31:
+        return None
+    return int(match.group(1))
+
+
+class BasicAuth:
+    """Checks `Authorization: Basic` credentials against bcrypt hashes.
+
+    Constant work whoever asks: an unknown user's password is checked against a dummy hash of
+    the highest cost configured, so the time taken does not tell which users exist. bcrypt runs
+    one at a time (it takes 50 to 250 ms of CPU by design: a flood of wrong passwords must not
+    take every core from the scrapes). Successful checks are remembered, keyed by a keyed hash
+    of the user, the password and the stored hash, so a changed password never matches an old
+    entry and no password is kept in memory.
+    """
+
+    def __init__(self, users: Mapping[str, str]) -> None:
+        self._users = [(user.encode(), hashed.encode()) for user, hashed in users.items()]
+        cost = max(int(hashed[4:6]) for hashed in users.values())  # checked by _bcrypt_cost
+        self._dummy = bcrypt.hashpw(secrets.token_bytes(16), bcrypt.gensalt(cost))
+        self._cache_key = secrets.token_bytes(32)
+        self._cache: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        self._cache_lock = threading.Lock()
+        self._bcrypt_lock = threading.Lock()
+
+    def check(self, authorization: str | None) -> bool:
+        """Whether an Authorization header's value carries a configured user's password."""
+        credentials = _basic_credentials(authorization)
+        if credentials is None:
+            return False
+        user, password = credentials
+        known, stored = self._stored_hash(user)
+        # Fixed-length parts: no two (user, password, hash) triples give the same input.
+        parts = b"".join(hashlib.sha256(part).digest() for part in (user, password, stored))
+        digest = hmac.digest(self._cache_key, parts, "sha256")
+        if known and self._cached(digest):
+            return True
+        with self._bcrypt_lock:
+            matches = bcrypt.checkpw(password[:BCRYPT_MAX_PASSWORD], stored)
+        if known and matches:
+            self._remember(digest)
+            return True
+        return False
+
+    def _stored_hash(self, user: bytes) -> tuple[bool, bytes]:
+        # Every name compared, each in constant time, so the work does not depend on which
+        # user (if any) matches.
+        found = None
+        for name, hashed in self._users:
+            if hmac.compare_digest(name, user):
+                found = hashed
+        return (True, found) if found is not None else (False, self._dummy)
+
+    def _cached(self, digest: bytes) -> bool:
+        with self._cache_lock:
+            if digest not in self._cache:
+                return False
+            self._cache.move_to_end(digest)
+            return True
+
+    def _remember(self, digest: bytes) -> None:
+        with self._cache_lock:
+            self._cache[digest] = None
+            if len(self._cache) > AUTH_CACHE_SIZE:
+                self._cache.popitem(last=False)
+
+
+def _basic_credentials(authorization: str | None) -> tuple[bytes, bytes] | None:
+    scheme, _, encoded = (authorization or "").partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True)
+    except ValueError:  # binascii.Error, or a character outside ASCII
+        return None
+    user, sep, password = decoded.partition(b":")
+    return (user, password) if sep else None
