@@ -25,6 +25,7 @@ from conntrack_exporter.procfs import ProcFS
 from conntrack_exporter.registry import Collector, CollectorContext, ExporterCollector
 from conntrack_exporter.scanner import BackgroundJob, Scanner
 from conntrack_exporter.server import MetricsServer, landing_page
+from conntrack_exporter.webconfig import PLAIN_HTTP, WebSecurity, load_web_config
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,11 @@ VALUE_FLAGS = {
     "--web.telemetry-path": (
         "web.telemetry_path",
         f"path under which to expose metrics (default {DEFAULTS.web.telemetry_path!r})",
+    ),
+    "--web.config.file": (
+        "web.config_file",
+        "web configuration file in the format of Prometheus' exporter-toolkit: TLS and basic "
+        "authentication (see the README)",
     ),
     "--path.procfs": (
         "path.procfs",
@@ -153,6 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config_file, _flag_values(args, parser))
+        file = config.web.config_file
+        security = load_web_config(file) if file else PLAIN_HTTP
     except ConfigError as exc:
         count = len(exc.problems)
         sys.stderr.write(
@@ -168,13 +176,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         scanner.run_once()
         sys.stdout.write(generate_latest(exporter).decode())
         return EXIT_OK
-    return serve(config, exporter, scanner)
+    return serve(config, exporter, scanner, security)
 
 
-def serve(config: Config, exporter: ExporterCollector, scanner: Scanner) -> int:
+def serve(
+    config: Config, exporter: ExporterCollector, scanner: Scanner, security: WebSecurity
+) -> int:
     page = landing_page(config.web.telemetry_path, config.enabled_collectors)
     try:
-        server = MetricsServer(config.web, exporter, page)
+        server = MetricsServer(config.web, exporter, page, security)
     except OSError as exc:
         log.error(
             "cannot listen", extra={"address": config.web.listen_address, "err": exc.strerror}
@@ -199,6 +209,8 @@ def serve(config: Config, exporter: ExporterCollector, scanner: Scanner) -> int:
             "address": server.bound_address,
             "telemetry_path": config.web.telemetry_path,
             "collectors": ",".join(config.enabled_collectors) or "none",
+            "tls": security.tls is not None,
+            "basic_auth": security.auth is not None,
             "version": __version__,
         },
     )

@@ -51,11 +51,14 @@ def parse_listen_address(address: str) -> tuple[str, int]:
 class WebConfig:
     listen_address: str = field(default=":9371", metadata={"check": _listen_address_problem})
     telemetry_path: str = field(default="/metrics", metadata={"check": _telemetry_path_problem})
+    # exporter-toolkit's web configuration file (TLS, basic authentication); "" for none.
+    config_file: str = ""
     # Scrapes in flight at most; 0 for no limit.
     max_requests: int = field(default=40, metadata={"check": non_negative})
     # Open connections at most; 0 for no limit.
     max_connections: int = field(default=512, metadata={"check": non_negative})
     read_timeout_seconds: float = field(default=10.0, metadata={"check": positive})
+    unauthenticated_healthz: bool = False
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """The HTTP side: landing page, metrics, health, over a threaded keep-alive server.
 
-Hardened for an exporter reachable by anyone on the node's network: a cap on scrapes in
-flight (503 past it, at once) and on open connections, and deadlines on whole request heads
-and responses, so that a slow or silent client holds one thread for a bounded time.
+Hardened for an exporter reachable by anyone on the node's network: optional TLS and basic
+authentication (webconfig.py), a cap on scrapes in flight (503 past it, at once) and on open
+connections, and deadlines on whole request heads, TLS handshakes and responses, so that a
+slow or silent client holds one thread for a bounded time and never blocks the accept loop.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import math
 import socket
 import socketserver
+import ssl
 import sys
 import threading
 import time
@@ -26,6 +28,7 @@ from conntrack_exporter import __version__
 from conntrack_exporter.config import WebConfig, parse_listen_address
 from conntrack_exporter.exposition import encode
 from conntrack_exporter.registry import ExporterCollector
+from conntrack_exporter.webconfig import PLAIN_HTTP, WebSecurity
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,7 @@ IDLE_CONNECTION_TIMEOUT_SECONDS = 120
 WRITE_TIMEOUT_SECONDS = 10
 # A refused scrape or connection is logged at most this often, with how many since.
 REFUSAL_LOG_INTERVAL_SECONDS = 60
+REALM = "conntrack-exporter"
 TEXT = "text/plain; charset=utf-8"
 # A gzip stream (16 + window bits) with an 8 KiB window and a small hash table: 78 KiB of
 # compressor state per scrape instead of gzip.compress's 294 KiB, as fast, and as small a
@@ -118,7 +122,13 @@ class MetricsServer(ThreadingHTTPServer):
     # socketserver's default of 5 and wait a second for a SYN retransmit.
     request_queue_size = socket.SOMAXCONN
 
-    def __init__(self, web: WebConfig, exporter: ExporterCollector, page: bytes) -> None:
+    def __init__(
+        self,
+        web: WebConfig,
+        exporter: ExporterCollector,
+        page: bytes,
+        security: WebSecurity = PLAIN_HTTP,
+    ) -> None:
         host, port = parse_listen_address(web.listen_address)
         self._dual_stack = not host and socket.has_dualstack_ipv6()
         if self._dual_stack:
@@ -128,7 +138,9 @@ class MetricsServer(ThreadingHTTPServer):
         self.exporter = exporter
         self.telemetry_path = web.telemetry_path
         self.page = page
+        self.security = security
         self.read_timeout = web.read_timeout_seconds
+        self.unauthenticated_healthz = web.unauthenticated_healthz
         self.scrapes = _Limit(web.max_requests, "refusing scrapes (503): too many in flight")
         self.connections = _Limit(web.max_connections, "refusing connections: too many open")
         super().__init__((host, port), _Handler)
@@ -165,6 +177,30 @@ class MetricsServer(ThreadingHTTPServer):
             super().process_request_thread(request, client_address)
         finally:
             self.connections.release()
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        # In the connection's own thread, so that a client that never finishes its TLS
+        # handshake holds only that thread, for read_timeout at most.
+        if self.security.tls is None:
+            super().finish_request(request, client_address)
+            return
+        tls_socket = self._handshake(request, client_address)
+        if tls_socket is None:
+            return
+        try:
+            super().finish_request(tls_socket, client_address)
+        finally:
+            self.shutdown_request(tls_socket)
+
+    def _handshake(self, request: socket.socket, client_address: Any) -> ssl.SSLSocket | None:
+        assert self.security.tls is not None
+        # ssl bounds the whole handshake by the socket's timeout, not each read.
+        request.settimeout(self.read_timeout)
+        try:
+            return self.security.tls.wrap_socket(request, server_side=True)
+        except (OSError, ValueError) as exc:  # ssl.SSLError and TimeoutError are OSErrors
+            log.debug("TLS handshake failed", extra={"client": client_address[0], "err": exc})
+            return None
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # Called from an `except` block. A client that goes away mid-request is routine; any
@@ -273,13 +309,19 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _route(self, send_body: bool) -> None:
         path = self.path.split("?", 1)[0]
-        if path != self.server.telemetry_path:
-            self._page(path, send_body)
+        if path == "/healthz" and self.server.unauthenticated_healthz:
+            self._send(200, TEXT, b"ok\n", send_body)
+        elif path != self.server.telemetry_path:
+            if self._authenticated(send_body):
+                self._page(path, send_body)
         elif not self.server.scrapes.try_acquire():
             self._send(503, TEXT, b"too many scrapes in flight\n", send_body)
         else:
+            # The slot covers authentication too: a flood of bad credentials is a flood of
+            # bcrypt, bounded like a flood of scrapes.
             try:
-                self._metrics(send_body)
+                if self._authenticated(send_body):
+                    self._metrics(send_body)
             finally:
                 self.server.scrapes.release()
 
@@ -290,6 +332,17 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, TEXT, b"ok\n", send_body)
         else:
             self._send(404, TEXT, b"not found\n", send_body)
+
+    def _authenticated(self, send_body: bool) -> bool:
+        """Whether the request may go on; if not, it has had its 401."""
+        auth = self.server.security.auth
+        if auth is None or auth.check(self.headers.get("Authorization")):
+            return True
+        # Never the header itself: it carries the password, barely encoded.
+        log.debug("unauthorized request", extra={"client": self.address_string()})
+        headers = {"WWW-Authenticate": f'Basic realm="{REALM}"'}
+        self._send(401, TEXT, b"unauthorized\n", send_body, headers)
+        return False
 
     def _metrics(self, send_body: bool) -> None:
         body, content_type, headers = metrics_response(

@@ -71,7 +71,8 @@ def test_every_problem_is_listed_at_once(tmp_path):
     assert problems_of(tmp_path, text) == [
         "FILE:14: extra: unknown key; expected one of web, log, path, netlink, collectors",
         "FILE:4: web.tls: unknown key; expected one of listen_address, telemetry_path, "
-        "max_requests, max_connections, read_timeout_seconds",
+        "config_file, max_requests, max_connections, read_timeout_seconds, "
+        "unauthenticated_healthz",
         "FILE:2: web.listen_address: expected a string, got 9371",
         "FILE:3: web.telemetry_path: must be an absolute path other than / and /healthz, "
         "got 'metrics'",
@@ -308,6 +309,7 @@ def test_help_explains_every_flag():
         "--log.level",
         "--log.format",
         "--path.procfs",
+        "--web.config.file",
         "--web.max-requests",
         "--once",
     ]:
