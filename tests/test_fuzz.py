@@ -134,7 +134,7 @@ def test_config_harness_reports_an_error_other_than_config_error(monkeypatch):
     def planted(path):
         raise TypeError("planted")
 
-    monkeypatch.setattr(fuzz.config, "load_config", planted)
+    monkeypatch.setattr(fuzz.config, "LOADERS", (planted,))
     with pytest.raises(TypeError, match="planted"):
         fuzz.config.test_one_input(b"log: {level: info}\n")
 
