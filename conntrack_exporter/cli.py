@@ -12,7 +12,7 @@ import signal
 import sys
 import threading
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from prometheus_client.exposition import generate_latest
@@ -157,10 +157,9 @@ def build_collectors(config: Config) -> list[Collector]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    flags = _flag_values(args, parser)
     try:
-        config = load_config(args.config_file, _flag_values(args, parser))
-        file = config.web.config_file
-        security = load_web_config(file) if file else PLAIN_HTTP
+        config, security = _load(args.config_file, flags)
     except ConfigError as exc:
         count = len(exc.problems)
         sys.stderr.write(
@@ -171,52 +170,134 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(config.log.level, config.log.format)
     collectors = build_collectors(config)
     exporter = ExporterCollector(collectors)
-    scanner = Scanner([c for c in collectors if isinstance(c, BackgroundJob)])
+    scanner = _scanner(collectors)
     if args.once:
         scanner.run_once()
         sys.stdout.write(generate_latest(exporter).decode())
         return EXIT_OK
-    return serve(config, exporter, scanner, security)
+    running = Running(config, exporter, scanner, security)
+    return running.serve(lambda: _load(args.config_file, flags))
 
 
-def serve(
-    config: Config, exporter: ExporterCollector, scanner: Scanner, security: WebSecurity
-) -> int:
-    page = landing_page(config.web.telemetry_path, config.enabled_collectors)
-    try:
-        server = MetricsServer(config.web, exporter, page, security)
-    except OSError as exc:
-        log.error(
-            "cannot listen", extra={"address": config.web.listen_address, "err": exc.strerror}
+def _load(file: str | None, flags: dict[str, Any]) -> tuple[Config, WebSecurity]:
+    config = load_config(file, flags)
+    web_file = config.web.config_file
+    return config, load_web_config(web_file) if web_file else PLAIN_HTTP
+
+
+def _scanner(collectors: list[Collector]) -> Scanner:
+    return Scanner([c for c in collectors if isinstance(c, BackgroundJob)])
+
+
+# Web settings a reload cannot change: the listening socket and the server's limits are made
+# once, at start-up.
+RESTART_ONLY_WEB_SETTINGS = (
+    "listen_address",
+    "max_requests",
+    "max_connections",
+    "read_timeout_seconds",
+)
+
+
+class Running:
+    """The serving exporter: its configuration, collectors, scanner and server, and the
+    signals that stop it (SIGTERM, SIGINT) or reload its configuration (SIGHUP)."""
+
+    def __init__(
+        self, config: Config, exporter: ExporterCollector, scanner: Scanner, security: WebSecurity
+    ) -> None:
+        self.config = config
+        self.exporter = exporter
+        self.scanner = scanner
+        self.security = security
+        self._wake = threading.Event()
+        self._stop = False
+        self._reload = False
+
+    def serve(self, load: Callable[[], tuple[Config, WebSecurity]]) -> int:
+        config = self.config
+        page = landing_page(config.web.telemetry_path, config.enabled_collectors)
+        try:
+            server = MetricsServer(config.web, self.exporter, page, self.security)
+        except OSError as exc:
+            log.error(
+                "cannot listen", extra={"address": config.web.listen_address, "err": exc.strerror}
+            )
+            return EXIT_FAILURE
+        signal.signal(signal.SIGTERM, self._request_stop)
+        signal.signal(signal.SIGINT, self._request_stop)
+        signal.signal(signal.SIGHUP, self._request_reload)
+        thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="http", daemon=True
         )
-        return EXIT_FAILURE
-    stop = threading.Event()
+        thread.start()
+        self.scanner.start()
+        log.info(
+            "listening",
+            extra={
+                "address": server.bound_address,
+                "telemetry_path": config.web.telemetry_path,
+                "collectors": ",".join(config.enabled_collectors) or "none",
+                "tls": self.security.tls is not None,
+                "basic_auth": self.security.auth is not None,
+                "version": __version__,
+            },
+        )
+        while not self._stop:
+            self._wake.wait()
+            self._wake.clear()
+            if self._reload and not self._stop:
+                self._reload = False
+                self._reload_config(load, server)
+        self.scanner.stop()
+        server.shutdown()
+        server.server_close()
+        return EXIT_OK
 
-    def request_stop(signum: int, _frame: object) -> None:
+    def _request_stop(self, signum: int, _frame: object) -> None:
         log.info("stopping", extra={"signal": signal.Signals(signum).name})
-        stop.set()
+        self._stop = True
+        self._wake.set()
 
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    thread = threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="http", daemon=True
-    )
-    thread.start()
-    scanner.start()
-    log.info(
-        "listening",
-        extra={
-            "address": server.bound_address,
-            "telemetry_path": config.web.telemetry_path,
-            "collectors": ",".join(config.enabled_collectors) or "none",
-            "tls": security.tls is not None,
-            "basic_auth": security.auth is not None,
-            "version": __version__,
-        },
-    )
-    while not stop.wait(3600):
-        pass
-    scanner.stop()
-    server.shutdown()
-    server.server_close()
-    return EXIT_OK
+    def _request_reload(self, _signum: int, _frame: object) -> None:
+        self._reload = True
+        self._wake.set()
+
+    def _reload_config(
+        self, load: Callable[[], tuple[Config, WebSecurity]], server: MetricsServer
+    ) -> None:
+        """Apply a new configuration file, or keep the running one if it has any problem."""
+        try:
+            config, security = load()
+        except ConfigError as exc:
+            log.error(
+                "configuration reload failed; the running configuration stays",
+                extra={"problems": "; ".join(exc.problems)},
+            )
+            return
+        setup_logging(config.log.level, config.log.format)
+        collectors = build_collectors(config)
+        scanner = _scanner(collectors)
+        # The new scanner starts before the old one stops: a scan in progress finishes for
+        # collectors no scrape reads any more, and the new collectors scan at once.
+        scanner.start()
+        self.scanner.stop()
+        self.exporter.collectors = collectors
+        server.security = security
+        server.telemetry_path = config.web.telemetry_path
+        server.page = landing_page(config.web.telemetry_path, config.enabled_collectors)
+        need_restart = [
+            name
+            for name in RESTART_ONLY_WEB_SETTINGS
+            if getattr(config.web, name) != getattr(self.config.web, name)
+        ]
+        if need_restart:
+            log.warning(
+                "configuration reloaded, but these web settings take effect at the next start",
+                extra={"settings": ",".join(f"web.{name}" for name in need_restart)},
+            )
+        self.config, self.scanner, self.security = config, scanner, security
+        log.info(
+            "configuration reloaded",
+            extra={"collectors": ",".join(config.enabled_collectors) or "none"},
+        )

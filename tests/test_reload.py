@@ -1,0 +1,136 @@
+"""SIGHUP reloads the configuration file; a bad new file is refused and the old one kept.
+
+The real exporter as a process, on loopback, with only the socket collectors (no privilege,
+no namespace needed); real signals, real scrapes.
+"""
+
+from __future__ import annotations
+
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.metrics import parse_samples, value
+from tests.test_web_load import free_port
+
+SOCKET_ONLY = "collectors:\n  disable_defaults: true\n  socket:\n    enabled: true\n"
+PORTS_ONLY = (
+    "collectors:\n"
+    "  disable_defaults: true\n"
+    "  socket_ports:\n"
+    "    enabled: true\n"
+    "    interval_seconds: 1\n"
+)
+BAD = "collectors:\n  socket:\n    enabled: maybe\n  sockets: {}\n"
+
+
+class Exporter:
+    """The exporter as a process, its log lines as they come."""
+
+    def __init__(self, config: Path) -> None:
+        self.port = free_port()
+        self.process = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "conntrack_exporter", f"--config.file={config}"),
+                f"--web.listen-address=127.0.0.1:{self.port}",
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        self.wait_for("msg=listening")
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.lines.put(line)
+
+    def wait_for(self, text: str, timeout: float = 20) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.2)
+            except queue.Empty:
+                assert self.process.poll() is None, "the exporter exited"
+                continue
+            if text in line:
+                return line
+        raise AssertionError(f"no log line with {text!r}")
+
+    def reload(self, text: str) -> str:
+        self.process.send_signal(signal.SIGHUP)
+        return self.wait_for(text)
+
+    def scrape(self) -> dict:
+        url = f"http://127.0.0.1:{self.port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return parse_samples(response.read().decode())
+
+
+@pytest.fixture
+def exporter(tmp_path) -> Iterator[tuple[Exporter, Path]]:
+    config = tmp_path / "config.yml"
+    config.write_text(SOCKET_ONLY)
+    running = Exporter(config)
+    try:
+        yield running, config
+    finally:
+        running.process.terminate()
+        running.process.wait(timeout=10)
+    assert running.process.returncode == 0
+
+
+def test_sighup_applies_a_new_configuration(exporter):
+    running, config = exporter
+    samples = running.scrape()
+    assert value(samples, "conntrack_exporter_collector_success", collector="socket") == 1
+    assert "socket_ephemeral_ports_used_max" not in samples
+
+    config.write_text(PORTS_ONLY)
+    line = running.reload('msg="configuration reloaded"')
+    assert "collectors=socket_ports" in line
+    deadline = time.monotonic() + 20
+    while "socket_ephemeral_ports_used_max" not in (samples := running.scrape()):
+        assert time.monotonic() < deadline, "the new collector's scan never showed"
+        time.sleep(0.2)
+    assert value(samples, "conntrack_exporter_collector_success", collector="socket_ports") == 1
+    assert "socket_inuse" not in samples
+    assert set(samples["conntrack_exporter_collector_success"]) == {
+        (("collector", "socket_ports"),)
+    }
+
+
+def test_sighup_with_a_bad_file_keeps_the_running_configuration(exporter):
+    running, config = exporter
+    before = running.scrape()
+    config.write_text(BAD)
+    line = running.reload("configuration reload failed")
+    assert "level=error" in line
+    assert f"{config}:3: collectors.socket.enabled: expected a boolean" in line
+    assert f"{config}:4: collectors.sockets: unknown key" in line
+    after = running.scrape()
+    assert value(after, "conntrack_exporter_collector_success", collector="socket") == 1
+    assert set(after) == set(before)
+
+    # Fixed again, it reloads: the refusal left nothing half-applied.
+    config.write_text(SOCKET_ONLY + "log:\n  level: debug\n")
+    running.reload('msg="configuration reloaded"')
+
+
+def test_sighup_says_which_web_settings_need_a_restart(exporter):
+    running, config = exporter
+    config.write_text(SOCKET_ONLY + "web:\n  max_requests: 3\n  read_timeout_seconds: 5\n")
+    line = running.reload("take effect at the next start")
+    assert "settings=web.max_requests,web.read_timeout_seconds" in line
+    running.wait_for('msg="configuration reloaded"')
+    # Still serving where it was.
+    assert value(running.scrape(), "conntrack_exporter_collector_success", collector="socket")
