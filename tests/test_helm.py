@@ -298,11 +298,11 @@ def test_config_file_mount_flag_and_pod_settings():
     assert exporter["args"] == [
         "--web.listen-address=:19371",
         "--web.telemetry-path=/custom-metrics",
-        "--config.file=/etc/conntrack-exporter/config.yml",
+        "--config.file=/etc/conntrack-exporter/config/config.yml",
         "--log.format=json",
     ]
     assert exporter["volumeMounts"] == [
-        {"name": "config", "mountPath": "/etc/conntrack-exporter", "readOnly": True}
+        {"name": "config", "mountPath": "/etc/conntrack-exporter/config", "readOnly": True}
     ]
     assert pod["volumes"] == [{"name": "config", "configMap": {"name": f"{FULLNAME}-config"}}]
     # A changed configuration rolls the pods.

@@ -57,9 +57,13 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if .Values.unprivileged }}unprivileged (procfs){{ else }}netlink (CAP_NET_ADMIN){{ end }}
 {{- end }}
 
-{{/* Where the config file is mounted. */}}
+{{/*
+Where the volumes are mounted: side by side under /etc/conntrack-exporter, never one inside
+another (a mount point inside a read-only ConfigMap or Secret volume leans on the kubelet
+creating it).
+*/}}
 {{- define "conntrack-exporter.configDir" -}}
-/etc/conntrack-exporter
+/etc/conntrack-exporter/config
 {{- end }}
 
 {{/*
