@@ -18,12 +18,12 @@ COPY pyproject.toml README.md ./
 COPY conntrack_exporter/ conntrack_exporter/
 # The package is built as a wheel (pip builds it in an isolated environment with setuptools
 # from the index), then installed with its dependencies into a venv made without pip:
-# /opt/conntrack-exporter is everything the final stage takes. The last line proves the
-# entry point runs.
+# /opt/conntrack-exporter is everything the final stage takes. The bcrypt extra checks the
+# passwords of --web.config.file's basic_auth_users. The last line proves the entry point runs.
 RUN python3 -m venv /opt/build \
  && /opt/build/bin/pip wheel --no-deps --wheel-dir /wheels . \
  && python3 -m venv --without-pip /opt/conntrack-exporter \
- && /opt/build/bin/pip --python /opt/conntrack-exporter/bin/python3 install /wheels/*.whl \
+ && /opt/build/bin/pip --python /opt/conntrack-exporter/bin/python3 install "$(echo /wheels/*.whl)[bcrypt]" \
  && /opt/conntrack-exporter/bin/conntrack-exporter --version
 
 FROM ${PYTHON_IMAGE}

@@ -211,6 +211,17 @@ def test_final_image_holds_the_venv_only(image):
     assert 0 < added < MAX_ADDED_BYTES
 
 
+def test_image_checks_basic_auth_passwords(image):
+    # The bcrypt extra is in: a web config with basic_auth_users works in the image.
+    check = run_container(
+        image,
+        "-c",
+        "import bcrypt; print(bcrypt.checkpw(b'pw', bcrypt.hashpw(b'pw', bcrypt.gensalt(4))))",
+        options=("--entrypoint", "python3"),
+    )
+    assert check.stdout.strip() == "True"
+
+
 @pytest.mark.kernel
 def test_net_admin_reads_conntrack_over_netlink(image, netns):
     netns.udp_flows(30)
