@@ -14,7 +14,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
-from conntrack_exporter.checks import non_negative, positive
+from conntrack_exporter.checks import non_negative, seconds
 from conntrack_exporter.collectors import COLLECTORS
 
 Check = Callable[[Any], str | None]
@@ -57,7 +57,7 @@ class WebConfig:
     max_requests: int = field(default=40, metadata={"check": non_negative})
     # Open connections at most; 0 for no limit.
     max_connections: int = field(default=512, metadata={"check": non_negative})
-    read_timeout_seconds: float = field(default=10.0, metadata={"check": positive})
+    read_timeout_seconds: float = field(default=10.0, metadata={"check": seconds})
     unauthenticated_healthz: bool = False
 
 
@@ -74,7 +74,7 @@ class PathConfig:
 
 @dataclass(frozen=True)
 class NetlinkConfig:
-    timeout_seconds: float = field(default=2.0, metadata={"check": positive})
+    timeout_seconds: float = field(default=2.0, metadata={"check": seconds})
 
 
 @dataclass(frozen=True)
@@ -175,17 +175,23 @@ def _read_yaml(file: str) -> tuple[dict[str, Any], dict[str, str]]:
             text = handle.read()
     except OSError as exc:
         raise ConfigError([f"{file}: cannot read: {exc.strerror}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{file}: not UTF-8 text (byte {exc.start})"]) from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
+        if data is None:
+            return {}, {}
+        if not isinstance(data, dict):
+            problem = f"expected a mapping at the top level, got {_describe(data)}"
+            raise ConfigError([f"{file}: {problem}"])
+        locations: dict[str, str] = {}
+        _index_locations(node, "", file, locations)
     except yaml.YAMLError as exc:
         raise ConfigError([f"{file}: not valid YAML: {exc}"]) from None
-    if data is None:
-        return {}, {}
-    if not isinstance(data, dict):
-        raise ConfigError([f"{file}: expected a mapping at the top level, got {_describe(data)}"])
-    locations: dict[str, str] = {}
-    _index_locations(node, "", file, locations)
+    except RecursionError:
+        # PyYAML composes recursively: thousands of nested brackets exhaust the stack.
+        raise ConfigError([f"{file}: nested too deeply to read"]) from None
     return data, locations
 
 
