@@ -44,6 +44,19 @@ def test_empty_file_means_defaults(tmp_path):
     assert load_config(str(tmp_path / "empty.yml")) == load_config(None) != Config()
 
 
+@pytest.mark.parametrize(
+    ("text", "parsed"),
+    [(".inf", "inf"), ("1.0e+300", "1e+300"), ("86401", "86401.0"), ("0", "0.0")],
+)
+def test_timeouts_and_intervals_must_be_finite_and_at_most_a_day(tmp_path, text, parsed):
+    # An infinite or astronomical interval crashed the scanner's wait (OverflowError).
+    text = f"collectors:\n  socket_ports:\n    interval_seconds: {text}\n"
+    assert problems_of(tmp_path, text) == [
+        f"FILE:3: collectors.socket_ports.interval_seconds: must be greater than 0 and at most "
+        f"86400 seconds, got {parsed}"
+    ]
+
+
 def test_wrong_type_is_located(tmp_path):
     text = "collectors:\n  conntrack:\n    per_cpu: yes please\n"
     assert problems_of(tmp_path, text) == [
@@ -77,7 +90,8 @@ def test_every_problem_is_listed_at_once(tmp_path):
         "FILE:3: web.telemetry_path: must be an absolute path other than / and /healthz, "
         "got 'metrics'",
         "FILE:6: log.level: expected one of debug, info, warn, error, got 'verbose'",
-        "FILE:8: netlink.timeout_seconds: must be greater than 0, got -1.0",
+        "FILE:8: netlink.timeout_seconds: must be greater than 0 and at most 86400 seconds, "
+        "got -1.0",
         "FILE:10: collectors.conntrak: unknown key; expected one of disable_defaults, conntrack, "
         "conntrack_table, socket, socket_ports",
         "FILE:12: collectors.conntrack.enabled: expected a boolean, got 1",

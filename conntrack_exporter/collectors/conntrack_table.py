@@ -16,7 +16,7 @@ from typing import ClassVar, NamedTuple
 
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
-from conntrack_exporter.checks import non_negative, port_range, positive
+from conntrack_exporter.checks import non_negative, port_range, seconds
 from conntrack_exporter.collectors.background import BackgroundScanCollector
 from conntrack_exporter.netlink.ctnetlink import ConntrackTableReader
 from conntrack_exporter.netlink.cttable import (
@@ -46,7 +46,7 @@ ICMP_ID_POOL = 65536
 
 @dataclass(frozen=True)
 class ConntrackTableOptions:
-    interval_seconds: float = field(default=30.0, metadata={"check": positive})
+    interval_seconds: float = field(default=30.0, metadata={"check": seconds})
     # Entries read per scan at most; 0 reads the whole table however large.
     max_entries: int = field(default=250_000, metadata={"check": non_negative})
     # How many sources, destinations and NAT pools to name; 0 turns those families off.

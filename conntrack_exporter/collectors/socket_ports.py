@@ -23,7 +23,7 @@ from typing import ClassVar, NamedTuple
 
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
-from conntrack_exporter.checks import non_negative, positive
+from conntrack_exporter.checks import non_negative, seconds
 from conntrack_exporter.collectors.background import BackgroundScanCollector
 from conntrack_exporter.netlink.cttable import decode_destination, top
 from conntrack_exporter.netlink.inet_diag import (
@@ -44,7 +44,7 @@ PROTOCOL_NAMES = {IPPROTO_TCP: "tcp", IPPROTO_UDP: "udp"}
 
 @dataclass(frozen=True)
 class SocketPortsOptions:
-    interval_seconds: float = field(default=30.0, metadata={"check": positive})
+    interval_seconds: float = field(default=30.0, metadata={"check": seconds})
     # Sockets read per scan at most; 0 reads them all however many.
     max_sockets: int = field(default=1_000_000, metadata={"check": non_negative})
     # How many destinations to name in socket_ephemeral_ports_used; 0 turns that family off.
