@@ -645,7 +645,10 @@ SCHEMA_REFUSALS = [
     (["--set", "serviceMonitr.enabled=true"], "Additional property serviceMonitr"),
     (["--set", "image.tga=1"], "Additional property tga"),
     (["--set", "config.collectors.conntrack.per_cpuu=true"], "Additional property per_cpuu"),
-    (["--set", "config.web.listen_address=:1"], "Additional property web"),
+    (["--set", "config.web.listen_address=:1"], "Additional property listen_address"),
+    (["--set", "config.web.max_requests=-1"], "config.web.max_requests: Must be greater than"),
+    (["--set", "config.web.read_timeout_seconds=0"], "read_timeout_seconds: Must be greater than"),
+    (["--set-string", "config.web.unauthenticated_healthz=yes"], "healthz: Invalid type"),
     (["--set", "config.log.level=loud"], "config.log.level: config.log.level must be one of"),
     (["--set", "updateStrategy.type=Sometimes"], "updateStrategy.type must be one of"),
     (["--set", "tolerations[0].operatr=Exists"], "Additional property operatr"),
@@ -684,14 +687,28 @@ def schema_leaves(node: dict, prefix: str = "") -> set[str]:
     return leaves
 
 
-def test_schema_config_is_config_example_without_web(tmp_path):
-    """The config value's schema names every key of config.example.yml (web.* excepted: the
-    chart passes the address and path as flags, which would override them)."""
+# The keys of config.example.yml the chart sets itself, refused in the config value: the
+# address and path are flags (which would override them) and the web configuration file is
+# the chart's to mount.
+CHART_SET_CONFIG_KEYS = {"web.listen_address", "web.telemetry_path", "web.config_file"}
+
+
+def test_schema_config_is_config_example_without_the_chart_set_keys(tmp_path):
+    """The config value's schema names every key of config.example.yml but the ones the chart
+    sets, and refuses those."""
     example = load_yaml(ROOT / "config.example.yml")
-    expected = {key for key in config_leaves(example) if not key.startswith("web.")}
-    assert schema_leaves(schema()["properties"]["config"]) == expected
+    leaves = config_leaves(example)
+    assert leaves >= CHART_SET_CONFIG_KEYS
+    assert schema_leaves(schema()["properties"]["config"]) == leaves - CHART_SET_CONFIG_KEYS
+    for key in sorted(CHART_SET_CONFIG_KEYS):
+        section, name = key.split(".")
+        result = template("--set-json", f"config.{key}={json.dumps(example[section][name])}")
+        assert result.returncode != 0, f"config.{key} rendered"
+        assert f"Additional property {name} is not allowed" in result.stderr, result.stderr
     # And config.example.yml itself (its defaults, so their types) passes the schema.
-    del example["web"]
+    for key in CHART_SET_CONFIG_KEYS:
+        section, name = key.split(".")
+        del example[section][name]
     values = tmp_path / "values.yaml"
     values.write_text(yaml.safe_dump({"config": example}))
     objects = render("--values", str(values))
