@@ -75,6 +75,9 @@ UNSUPPORTED_CLIENT_AUTH = ("RequestClientCert", "RequireAnyClientCert", "Require
 
 # bcrypt's hash: $2a$, $2b$ or $2y$, a two-digit cost, 22 characters of salt, 31 of hash.
 BCRYPT_HASH = re.compile(r"\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{53}")
+# Each step doubles the work: at cost 17 one check takes ~6 s here, and an uncached request
+# holds a scrape slot that long (cost 31 would take a day). 16 leaves room above the usual 10-12.
+MIN_BCRYPT_COST, MAX_BCRYPT_COST = 4, 16
 # bcrypt reads at most 72 bytes of a password; the library refuses longer ones instead of
 # ignoring the rest as bcrypt always has (and htpasswd, and Go's bcrypt when comparing).
 BCRYPT_MAX_PASSWORD = 72
@@ -272,8 +275,8 @@ def _basic_auth(users: Mapping[str, str], validation: Validation) -> BasicAuth |
             # The hash is a secret of sorts: say what is wrong, never echo it.
             validation.problem(
                 f"basic_auth_users.{user}",
-                "not a bcrypt hash ($2a$, $2b$ or $2y$, cost 04 to 31, 60 characters; "
-                "htpasswd -nBC 10 '' makes one)",
+                f"not a bcrypt hash ($2a$, $2b$ or $2y$, cost {MIN_BCRYPT_COST:02} to "
+                f"{MAX_BCRYPT_COST}, 60 characters; htpasswd -nBC 10 '' makes one)",
             )
             good = False
     return BasicAuth(users) if good else None
@@ -281,7 +284,7 @@ def _basic_auth(users: Mapping[str, str], validation: Validation) -> BasicAuth |
 
 def _bcrypt_cost(hashed: str) -> int | None:
     match = BCRYPT_HASH.fullmatch(hashed)
-    if match is None or not 4 <= int(match.group(1)) <= 31:
+    if match is None or not MIN_BCRYPT_COST <= int(match.group(1)) <= MAX_BCRYPT_COST:
         return None
     return int(match.group(1))
 

@@ -485,7 +485,11 @@ def test_relative_files_are_read_beside_the_web_config(pki, tmp_path, monkeypatc
          "TLS13 is above max_version TLS12"),
         ("basic_auth_users: [alice]\n", "FILE:1: basic_auth_users: expected a mapping, got a list"),
         ("basic_auth_users:\n  alice: '$2b$03$" + "a" * 53 + "'\n",
-         "FILE:2: basic_auth_users.alice: not a bcrypt hash ($2a$, $2b$ or $2y$, cost 04 to 31, "
+         "FILE:2: basic_auth_users.alice: not a bcrypt hash ($2a$, $2b$ or $2y$, cost 04 to 16, "
+         "60 characters; htpasswd -nBC 10 '' makes one)"),
+        # Cost 17 takes seconds a check, 31 a day: refused, not a stalled start-up.
+        ("basic_auth_users:\n  alice: '$2b$17$" + "a" * 53 + "'\n",
+         "FILE:2: basic_auth_users.alice: not a bcrypt hash ($2a$, $2b$ or $2y$, cost 04 to 16, "
          "60 characters; htpasswd -nBC 10 '' makes one)"),
     ],
 )  # fmt: skip
