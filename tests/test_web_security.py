@@ -442,7 +442,7 @@ def test_a_bad_web_config_exits_2_listing_every_problem_with_its_line(pki, tmp_p
         f"  {web}:5: tls_server_config.client_ca_file: cannot read {missing}: "
         "No such file or directory",
         f"  {web}:10: basic_auth_users.alice: not a bcrypt hash ($2a$, $2b$ or $2y$, cost 04 "
-        "to 31, 60 characters; htpasswd -nBC 10 '' makes one)",
+        "to 16, 60 characters; htpasswd -nBC 10 '' makes one)",
     ]
 
 
