@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--config.file",
         dest="config_file",
         metavar="FILE",
-        help="YAML configuration file (see config.example.yml)",
+        help="YAML configuration file (see config.example.yml); SIGHUP re-reads it",
     )
     for name, collector in COLLECTORS.items():
         dest = f"collectors.{name}.enabled"
