@@ -8,6 +8,8 @@
   and must equal grafana/rules' (the chart's copy is generated, never edited);
 - the dashboards' ConfigMaps carry the sidecar's label and grafana/dashboards' JSON;
 - every security property of the DaemonSet, in both modes;
+- TLS and basic authentication (webConfig, tls): the web configuration Secret, the read-only
+  mounts, the flag, the probes and the monitors in every mode;
 - values.schema.json rejects wrong types and typos, and agrees with config.example.yml;
 - helm/sync_grafana.py --check passes, and fails on a stale copy;
 - the chart's README documents every value.
@@ -17,19 +19,22 @@ Skips with a reason when helm or promtool is missing (`make test` installs both)
 
 from __future__ import annotations
 
+import base64
 import copy
 import functools
 import json
+import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
+from dataclasses import fields
+from pathlib import Path, PurePosixPath
 
 import kubernetes_validate
 import pytest
 import yaml
 
-from conntrack_exporter import __version__
+from conntrack_exporter import __version__, webconfig
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "conntrack-exporter"
@@ -41,7 +46,7 @@ CI_NAMES = [path.name for path in CI_FILES]
 RELEASE, NAMESPACE = "ct", "observability"
 FULLNAME = f"{RELEASE}-conntrack-exporter"
 KUBERNETES_VERSIONS = ("1.28", "1.37")
-CORE_KINDS = {"DaemonSet", "Service", "ServiceAccount", "ConfigMap", "NetworkPolicy"}
+CORE_KINDS = {"DaemonSet", "Service", "ServiceAccount", "ConfigMap", "Secret", "NetworkPolicy"}
 OPERATOR_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
 RUNBOOK_BASE = (
     "https://github.com/conntrack-exporter/conntrack-exporter/blob/main/grafana/runbooks.md"
@@ -155,6 +160,7 @@ def test_ci_values_files_are_the_expected_ones():
         "monitors-values.yaml",
         "unprivileged-values.yaml",
         "config-values.yaml",
+        "web-security-values.yaml",
     }
 
 
@@ -172,6 +178,14 @@ EXPECTED_KINDS = {
     "default-values.yaml": ["DaemonSet", "Service", "ServiceAccount"],
     "unprivileged-values.yaml": ["DaemonSet", "Service", "ServiceAccount"],
     "config-values.yaml": ["ConfigMap", "DaemonSet", "Service", "ServiceAccount"],
+    "web-security-values.yaml": [
+        "ConfigMap",
+        "DaemonSet",
+        "Secret",
+        "Service",
+        "ServiceAccount",
+        "ServiceMonitor",
+    ],
     "monitors-values.yaml": [
         "ConfigMap",
         "ConfigMap",
@@ -367,6 +381,341 @@ def test_service_and_service_account():
     )
 
 
+# -- TLS and basic authentication: webConfig and tls ------------------------------------------
+
+WEB_DIR, TLS_DIR = "/etc/conntrack-exporter/web", "/etc/conntrack-exporter/tls"
+WEB_FLAG = f"--web.config.file={WEB_DIR}/web-config.yml"
+WEB_SECRET = f"{FULLNAME}-web-config"
+WEB_CI = "web-security-values.yaml"
+# The password whose bcrypt hash ci/web-security-values.yaml holds.
+CI_PASSWORD = "ci-only-not-a-secret"
+HASH = load_yaml(CHART / "ci" / WEB_CI)["webConfig"]["config"]["basic_auth_users"]["prometheus"]
+BASIC_AUTH = json.dumps({"basic_auth_users": {"prometheus": HASH}})
+
+
+def web_config_of(objects: tuple[dict, ...]) -> dict:
+    """The web configuration file in the chart's Secret, parsed back."""
+    secret = only(objects, "Secret")
+    assert secret["metadata"]["name"] == WEB_SECRET
+    assert secret["type"] == "Opaque"
+    assert set(secret["data"]) == {"web-config.yml"}
+    return yaml.safe_load(base64.b64decode(secret["data"]["web-config.yml"]))
+
+
+def pod_spec(objects: tuple[dict, ...]) -> dict:
+    return only(objects, "DaemonSet")["spec"]["template"]["spec"]
+
+
+def mounts(objects: tuple[dict, ...]) -> dict[str, dict]:
+    """The container's mounts by volume name, each with its volume's source."""
+    volumes = {volume.pop("name"): volume for volume in copy.deepcopy(pod_spec(objects)["volumes"])}
+    found = {}
+    for mount in container(objects)["volumeMounts"]:
+        assert mount["readOnly"] is True, mount
+        found[mount["name"]] = {"mountPath": mount["mountPath"], **volumes.pop(mount["name"])}
+    assert not volumes, f"volumes without a mount: {volumes}"
+    return found
+
+
+def test_web_config_secret_holds_the_web_config_as_given():
+    values = load_yaml(CHART / "ci" / WEB_CI)["webConfig"]["config"]
+    web_config = web_config_of(render_ci(WEB_CI))
+    # What was given, and the mounted certificate and key filled in beside min_version.
+    assert web_config == {
+        "basic_auth_users": values["basic_auth_users"],
+        "tls_server_config": {
+            **values["tls_server_config"],
+            "cert_file": f"{TLS_DIR}/tls.crt",
+            "key_file": f"{TLS_DIR}/tls.key",
+        },
+    }
+    # Without tls.secretName nothing is added; a full tls_server_config is kept as it is.
+    assert web_config_of(render("--set-json", f"webConfig.config={BASIC_AUTH}")) == json.loads(
+        BASIC_AUTH
+    )
+    given = {
+        "tls_server_config": {
+            "cert_file": "../tls/tls.crt",
+            "key_file": "../tls/tls.key",
+            "client_auth_type": "VerifyClientCertIfGiven",
+            "client_ca_file": "../tls/ca.crt",
+            "min_version": "TLS12",
+            "max_version": "TLS13",
+            "cipher_suites": ["TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256"],
+            "prefer_server_cipher_suites": False,
+        },
+        **json.loads(BASIC_AUTH),
+    }
+    objects = render(
+        "--set", "tls.secretName=tls", "--set-json", f"webConfig.config={json.dumps(given)}"
+    )
+    assert web_config_of(objects) == given
+
+
+def test_tls_secret_alone_turns_tls_on():
+    objects = render("--set", "tls.secretName=ct-tls")
+    assert web_config_of(objects) == {
+        "tls_server_config": {"cert_file": f"{TLS_DIR}/tls.crt", "key_file": f"{TLS_DIR}/tls.key"}
+    }
+    assert WEB_FLAG in container(objects)["args"]
+    # No basic authentication, so no configuration file for /healthz.
+    assert not of_kind(objects, "ConfigMap")
+    # Client certificates asked for: their CA is the Secret's ca.crt unless given.
+    for mode in ("VerifyClientCertIfGiven", "RequireAndVerifyClientCert"):
+        tls = web_config_of(
+            render(
+                "--set",
+                f"tls.secretName=ct-tls,webConfig.config.tls_server_config.client_auth_type={mode}",
+            )
+        )["tls_server_config"]
+        assert tls["client_ca_file"] == f"{TLS_DIR}/ca.crt"
+    tls = web_config_of(
+        render(
+            "--set",
+            "tls.secretName=ct-tls,"
+            "webConfig.config.tls_server_config.client_auth_type=NoClientCert",
+        )
+    )["tls_server_config"]
+    assert "client_ca_file" not in tls
+
+
+def test_web_config_mounts_are_read_only_where_the_flag_and_files_point():
+    objects = render_ci(WEB_CI)
+    exporter = container(objects)
+    found = mounts(objects)
+    assert found == {
+        "config": {
+            "mountPath": "/etc/conntrack-exporter/config",
+            "configMap": {"name": f"{FULLNAME}-config"},
+        },
+        "web-config": {
+            "mountPath": WEB_DIR,
+            "secret": {
+                "secretName": WEB_SECRET,
+                "items": [{"key": "web-config.yml", "path": "web-config.yml"}],
+            },
+        },
+        "tls": {"mountPath": TLS_DIR, "secret": {"secretName": "conntrack-exporter-tls"}},
+    }
+    # The flag names the web-config volume's file...
+    (flag,) = [arg for arg in exporter["args"] if arg.startswith("--web.config.file=")]
+    web_file = PurePosixPath(flag.partition("=")[2])
+    assert str(web_file.parent) == found["web-config"]["mountPath"]
+    assert web_file.name == found["web-config"]["secret"]["items"][0]["path"]
+    # ... and the certificate and key are a kubernetes.io/tls Secret's keys in the tls volume.
+    tls = web_config_of(objects)["tls_server_config"]
+    for key, name in (("cert_file", "tls.crt"), ("key_file", "tls.key")):
+        assert PurePosixPath(tls[key]) == PurePosixPath(found["tls"]["mountPath"]) / name
+    # No mount point inside another volume.
+    paths = [PurePosixPath(mount["mountPath"]) for mount in found.values()]
+    for path in paths:
+        assert not any(path != other and path.is_relative_to(other) for other in paths), paths
+
+
+def test_existing_web_config_secret_is_mounted_not_rendered():
+    objects = render(
+        "--set",
+        "webConfig.existingSecret=my-web-config,webConfig.existingSecretKey=web.yaml,"
+        "tls.secretName=my-tls",
+    )
+    assert not of_kind(objects, "Secret")
+    assert WEB_FLAG in container(objects)["args"]
+    found = mounts(objects)
+    assert found["web-config"]["secret"] == {
+        "secretName": "my-web-config",
+        "items": [{"key": "web.yaml", "path": "web-config.yml"}],
+    }
+    assert found["tls"] == {"mountPath": TLS_DIR, "secret": {"secretName": "my-tls"}}
+    # The chart cannot read it: no checksum, only the mount.
+    annotations = only(objects, "DaemonSet")["spec"]["template"]["metadata"]["annotations"]
+    assert "checksum/web-config" not in annotations
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["--values", str(CHART / "ci" / "config-values.yaml")],
+        ["--values", str(CHART / "ci" / "monitors-values.yaml")],
+        ["--set", "webConfig.existingSecretKey=other.yml"],
+    ],
+    ids=["default", "config", "monitors", "key-alone"],
+)
+def test_no_web_config_flag_or_secret_without_a_web_config(args):
+    objects = render(*args)
+    assert not any(arg.startswith("--web.config.file") for arg in container(objects)["args"])
+    assert not of_kind(objects, "Secret")
+    volumes = pod_spec(objects).get("volumes", [])
+    assert {volume["name"] for volume in volumes} <= {"config"}
+    annotations = only(objects, "DaemonSet")["spec"]["template"]["metadata"]["annotations"]
+    assert "checksum/web-config" not in annotations
+
+
+def test_web_config_changes_roll_the_pods():
+    def checksum(*args: str) -> str:
+        daemonset = only(render_ci(WEB_CI, *args), "DaemonSet")
+        return daemonset["spec"]["template"]["metadata"]["annotations"]["checksum/web-config"]
+
+    first = checksum()
+    assert len(first) == 64
+    assert checksum("--set", "webConfig.config.tls_server_config.min_version=TLS12") != first
+    assert checksum("--set", "tls.secretName=renamed") == first  # the volume changes instead
+
+
+# The probe values' own keys (values.yaml), beside the handler the chart picks.
+PROBE_KEYS = {"initialDelaySeconds", "periodSeconds", "timeoutSeconds", "failureThreshold"}
+HTTP_PROBE = {"httpGet": {"path": "/healthz", "port": "metrics"}}
+HTTPS_PROBE = {"httpGet": {"path": "/healthz", "port": "metrics", "scheme": "HTTPS"}}
+TCP_PROBE = {"tcpSocket": {"port": "metrics"}}
+PROBE_MODES = [
+    ("plain", [], HTTP_PROBE),
+    ("tls", ["--set", "tls.secretName=t"], HTTPS_PROBE),
+    ("basic-auth", ["--set-json", f"webConfig.config={BASIC_AUTH}"], HTTP_PROBE),
+    ("tls-and-basic-auth", ["--values", str(CHART / "ci" / WEB_CI)], HTTPS_PROBE),
+    (
+        "basic-auth-healthz-closed",
+        [
+            "--set-json",
+            f"webConfig.config={BASIC_AUTH}",
+            "--set",
+            "config.web.unauthenticated_healthz=false",
+        ],
+        TCP_PROBE,
+    ),
+    (
+        "optional-client-cert",
+        [
+            "--set",
+            "tls.secretName=t,"
+            "webConfig.config.tls_server_config.client_auth_type=VerifyClientCertIfGiven",
+        ],
+        HTTPS_PROBE,
+    ),
+    (
+        "client-cert",
+        [
+            "--set",
+            "tls.secretName=t,"
+            "webConfig.config.tls_server_config.client_auth_type=RequireAndVerifyClientCert",
+        ],
+        TCP_PROBE,
+    ),
+    ("existing-plain", ["--set", "webConfig.existingSecret=w"], HTTP_PROBE),
+    ("existing-tls", ["--set", "webConfig.existingSecret=w,tls.secretName=t"], HTTPS_PROBE),
+    (
+        "existing-basic-auth",
+        ["--set", "webConfig.existingSecret=w,webConfig.basicAuth=true"],
+        HTTP_PROBE,
+    ),
+    (
+        "existing-basic-auth-healthz-closed",
+        [
+            "--set",
+            "webConfig.existingSecret=w,webConfig.basicAuth=true,"
+            "config.web.unauthenticated_healthz=false",
+        ],
+        TCP_PROBE,
+    ),
+    (
+        "existing-client-cert",
+        ["--set", "webConfig.existingSecret=w,tls.secretName=t,webConfig.requireClientCert=true"],
+        TCP_PROBE,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("args", "handler"), [mode[1:] for mode in PROBE_MODES], ids=[mode[0] for mode in PROBE_MODES]
+)
+def test_probes_per_web_security_mode(args, handler):
+    exporter = container(render(*args))
+    for probe, values in (
+        ("livenessProbe", {"initialDelaySeconds": 5, "periodSeconds": 10}),
+        ("readinessProbe", {"initialDelaySeconds": 0, "periodSeconds": 10}),
+    ):
+        handlers = {key: value for key, value in exporter[probe].items() if key not in PROBE_KEYS}
+        assert handlers == handler, probe
+        assert exporter[probe].items() >= values.items()
+
+
+def exporter_config(objects: tuple[dict, ...]) -> dict:
+    configmap = only(objects, "ConfigMap")
+    assert "--config.file=/etc/conntrack-exporter/config/config.yml" in container(objects)["args"]
+    return yaml.safe_load(configmap["data"]["config.yml"])
+
+
+def test_basic_auth_opens_healthz_in_the_config_merged_with_the_users():
+    config_values = str(CHART / "ci" / "config-values.yaml")
+    user_config = load_yaml(CHART / "ci" / "config-values.yaml")["config"]
+    merged = exporter_config(
+        render("--values", config_values, "--set-json", f"webConfig.config={BASIC_AUTH}")
+    )
+    assert merged == {**user_config, "web": {"unauthenticated_healthz": True}}
+    # Beside the user's own web settings, the ci file's.
+    values = load_yaml(CHART / "ci" / WEB_CI)["config"]
+    assert exporter_config(render_ci(WEB_CI)) == {
+        "web": {**values["web"], "unauthenticated_healthz": True}
+    }
+    # An existing Secret said to hold users: the same.
+    existing = render("--set", "webConfig.existingSecret=w,webConfig.basicAuth=true")
+    assert exporter_config(existing) == {"web": {"unauthenticated_healthz": True}}
+    # The user's explicit false is kept (the probes become TCP connections, above).
+    kept = render(
+        "--set-json",
+        f"webConfig.config={BASIC_AUTH}",
+        "--set",
+        "config.web.unauthenticated_healthz=false",
+    )
+    assert exporter_config(kept) == {"web": {"unauthenticated_healthz": False}}
+    # TLS alone needs no open /healthz: no configuration file at all.
+    assert not of_kind(render("--set", "tls.secretName=t"), "ConfigMap")
+    assert exporter_config(render("--values", config_values)) == user_config
+    # The merged file is what the checksum covers: turning authentication on rolls the pods.
+    annotations = [
+        only(objects, "DaemonSet")["spec"]["template"]["metadata"]["annotations"]
+        for objects in (
+            render("--values", config_values),
+            render("--values", config_values, "--set-json", f"webConfig.config={BASIC_AUTH}"),
+        )
+    ]
+    assert annotations[0]["checksum/config"] != annotations[1]["checksum/config"]
+
+
+WEB_CONFIG_FAILURES = [
+    (
+        ["--set", "webConfig.existingSecret=w", "--set-json", f"webConfig.config={BASIC_AUTH}"],
+        "webConfig.config and webConfig.existingSecret: set one, not both",
+    ),
+    (
+        ["--set", "webConfig.config.tls_server_config.min_version=TLS13"],
+        "webConfig.config.tls_server_config needs tls.secretName",
+    ),
+    (
+        ["--set", "webConfig.basicAuth=true"],
+        "webConfig.basicAuth and webConfig.requireClientCert describe webConfig.existingSecret",
+    ),
+    (
+        ["--set", "tls.secretName=t,webConfig.requireClientCert=true"],
+        "webConfig.basicAuth and webConfig.requireClientCert describe webConfig.existingSecret",
+    ),
+    (
+        ["--set", "webConfig.existingSecret=w,webConfig.requireClientCert=true"],
+        "webConfig.requireClientCert needs TLS: set tls.secretName",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    WEB_CONFIG_FAILURES,
+    ids=["both", "tls-without-secret", "basic-auth-flag", "client-cert-flag", "client-cert-no-tls"],
+)
+def test_contradictory_web_config_values_fail(args, message):
+    result = template(*args)
+    assert result.returncode != 0, f"{args} rendered"
+    assert message in result.stderr, result.stderr
+
+
 # -- prometheus-operator objects (not in Kubernetes' schemas: checked by structure) -----------
 
 # The fields of prometheus-operator's monitoring.coreos.com/v1 Endpoint / PodMetricsEndpoint and
@@ -375,6 +724,8 @@ ENDPOINT_FIELDS = {
     "port",
     "path",
     "scheme",
+    "tlsConfig",
+    "basicAuth",
     "interval",
     "scrapeTimeout",
     "relabelings",
@@ -453,6 +804,47 @@ def test_service_monitor_needs_the_service():
     result = template("--set", "serviceMonitor.enabled=true,service.enabled=false")
     assert result.returncode != 0
     assert "serviceMonitor.enabled needs service.enabled" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "scheme"),
+    [
+        ([], "http"),
+        (["--set", "tls.secretName=t"], "https"),
+        (["--set", "webConfig.existingSecret=w,tls.secretName=t"], "https"),
+        (["--set-json", f"webConfig.config={BASIC_AUTH}"], "http"),
+        (["--set", "tls.secretName=t,serviceMonitor.scheme=http,podMonitor.scheme=http"], "http"),
+        (["--set", "serviceMonitor.scheme=https,podMonitor.scheme=https"], "https"),
+    ],
+    ids=["plain", "tls", "existing-tls", "basic-auth", "tls-overridden", "forced-https"],
+)
+def test_monitor_scheme_follows_tls(args, scheme):
+    objects = render("--set", "serviceMonitor.enabled=true,podMonitor.enabled=true", *args)
+    for kind, endpoints in (("ServiceMonitor", "endpoints"), ("PodMonitor", "podMetricsEndpoints")):
+        (endpoint,) = only(objects, kind)["spec"][endpoints]
+        assert endpoint["scheme"] == scheme, kind
+        assert "tlsConfig" not in endpoint and "basicAuth" not in endpoint
+
+
+def test_monitor_tls_config_and_basic_auth_pass_through():
+    values = load_yaml(CHART / "ci" / WEB_CI)["serviceMonitor"]
+    (endpoint,) = only(render_ci(WEB_CI), "ServiceMonitor")["spec"]["endpoints"]
+    assert endpoint["scheme"] == "https"
+    assert endpoint["tlsConfig"] == values["tlsConfig"]
+    assert endpoint["basicAuth"] == values["basicAuth"]
+    assert set(endpoint) <= ENDPOINT_FIELDS
+    safe_tls = {"ca": {"configMap": {"name": "ca", "key": "ca.crt"}}, "serverName": "x"}
+    objects = render(
+        "--set",
+        "podMonitor.enabled=true,tls.secretName=t",
+        "--set-json",
+        f"podMonitor.tlsConfig={json.dumps(safe_tls)}",
+        "--set-json",
+        f"podMonitor.basicAuth={json.dumps(values['basicAuth'])}",
+    )
+    (endpoint,) = only(objects, "PodMonitor")["spec"]["podMetricsEndpoints"]
+    assert endpoint["tlsConfig"] == safe_tls
+    assert endpoint["basicAuth"] == values["basicAuth"]
 
 
 def prometheus_rule(*args: str) -> dict:
@@ -652,6 +1044,17 @@ SCHEMA_REFUSALS = [
     (["--set", "config.log.level=loud"], "config.log.level: config.log.level must be one of"),
     (["--set", "updateStrategy.type=Sometimes"], "updateStrategy.type must be one of"),
     (["--set", "tolerations[0].operatr=Exists"], "Additional property operatr"),
+    (["--set-json", "tls.secretName=3"], "tls.secretName: Invalid type"),
+    (["--set", "tls.secretNme=x"], "Additional property secretNme"),
+    (["--set-json", "webConfig=[1]"], "webConfig: Invalid type"),
+    (["--set-json", 'webConfig.config=["a"]'], "webConfig.config: Invalid type"),
+    (["--set", "webConfig.config.basic_auth_users.p=hunter2"], "Does not match pattern"),
+    (["--set", "webConfig.config.tls_server_config.client_auth_type=RequireClientCert"], "one of"),
+    (["--set", "webConfig.config.tls_server_config.min_version=TLS14"], "min_version must be"),
+    (["--set", "webConfig.config.http_server_config.http2=true"], "property http_server_config"),
+    (["--set-string", "webConfig.basicAuth=yes"], "webConfig.basicAuth: Invalid type"),
+    (["--set", "serviceMonitor.scheme=ftp"], "serviceMonitor.scheme must be one of"),
+    (["--set-json", "podMonitor.tlsConfig=[1]"], "podMonitor.tlsConfig: Invalid type"),
 ]
 
 
@@ -713,6 +1116,32 @@ def test_schema_config_is_config_example_without_the_chart_set_keys(tmp_path):
     values.write_text(yaml.safe_dump({"config": example}))
     objects = render("--values", str(values))
     assert yaml.safe_load(only(objects, "ConfigMap")["data"]["config.yml"]) == example
+
+
+def test_schema_web_config_is_the_web_config_loaders():
+    """webConfig.config's schema has the loader's keys, and its enums are the loader's."""
+    web = schema()["properties"]["webConfig"]["properties"]["config"]
+    assert set(web["properties"]) == {field.name for field in fields(webconfig.WebConfigFile)}
+    tls = web["properties"]["tls_server_config"]["properties"]
+    assert set(tls) == {field.name for field in fields(webconfig.TLSServerConfig)}
+    assert tls["client_auth_type"]["enum"] == list(webconfig.CLIENT_AUTH)
+    assert tls["min_version"]["enum"] == tls["max_version"]["enum"] == list(webconfig.TLS_VERSIONS)
+    assert tls["cipher_suites"]["items"]["enum"] == list(webconfig.CIPHER_SUITES)
+    # The users' hashes: what the loader takes (its pattern, and a cost from 04 to 31).
+    pattern = web["properties"]["basic_auth_users"]["additionalProperties"]["pattern"]
+    assert re.search(pattern, HASH) and webconfig._bcrypt_cost(HASH) == 10
+    for cost in ("04", "31"):
+        assert re.search(pattern, HASH.replace("$10$", f"${cost}$"))
+    for wrong in (
+        "password",
+        HASH[:-1],
+        HASH + "x",
+        HASH.replace("$2b$", "$2x$"),
+        HASH.replace("$10$", "$03$"),
+        HASH.replace("$10$", "$32$"),
+    ):
+        assert not re.search(pattern, wrong), wrong
+        assert webconfig._bcrypt_cost(wrong) is None, wrong
 
 
 def values_leaves(values: dict, node: dict, prefix: str = "") -> set[str]:

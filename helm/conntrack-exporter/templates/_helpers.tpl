@@ -85,3 +85,137 @@ metricRelabelings:
   {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- end }}
+
+{{- define "conntrack-exporter.webDir" -}}
+/etc/conntrack-exporter/web
+{{- end }}
+
+{{- define "conntrack-exporter.tlsDir" -}}
+/etc/conntrack-exporter/tls
+{{- end }}
+
+{{/* The web configuration file, as --web.config.file names it. */}}
+{{- define "conntrack-exporter.webConfigFile" -}}
+{{- printf "%s/web-config.yml" (include "conntrack-exporter.webDir" .) }}
+{{- end }}
+
+{{/* The Secret holding the web configuration file: the chart's, or webConfig.existingSecret. */}}
+{{- define "conntrack-exporter.webConfigSecret" -}}
+{{- .Values.webConfig.existingSecret | default (printf "%s-web-config" (include "conntrack-exporter.fullname" .)) }}
+{{- end }}
+
+{{/*
+The web configuration file the chart writes into its Secret, as YAML; empty when it writes none
+(no webConfig.config and no tls.secretName, or webConfig.existingSecret). With tls.secretName,
+the tls_server_config keys naming files are filled in with the mounted files unless given:
+cert_file and key_file, and client_ca_file when client certificates are asked for.
+*/}}
+{{- define "conntrack-exporter.webConfig" -}}
+{{- if not .Values.webConfig.existingSecret }}
+{{- $config := deepCopy (.Values.webConfig.config | default dict) }}
+{{- if .Values.tls.secretName }}
+{{- $dir := include "conntrack-exporter.tlsDir" . }}
+{{- $tls := get $config "tls_server_config" | default dict }}
+{{- if not (hasKey $tls "cert_file") }}
+{{- $_ := set $tls "cert_file" (printf "%s/tls.crt" $dir) }}
+{{- end }}
+{{- if not (hasKey $tls "key_file") }}
+{{- $_ := set $tls "key_file" (printf "%s/tls.key" $dir) }}
+{{- end }}
+{{- if and (ne ($tls.client_auth_type | default "NoClientCert") "NoClientCert") (not (hasKey $tls "client_ca_file")) }}
+{{- $_ := set $tls "client_ca_file" (printf "%s/ca.crt" $dir) }}
+{{- end }}
+{{- $_ := set $config "tls_server_config" $tls }}
+{{- end }}
+{{- if $config }}
+{{- toYaml $config }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+What the web configuration turns on, as YAML: file (a web configuration file is mounted and
+passed), tls, basicAuth, clientCert (client certificates are required: the kubelet has none).
+With webConfig.existingSecret the chart cannot read the file: TLS is on with tls.secretName,
+and webConfig.basicAuth and webConfig.requireClientCert say the rest. Fails on contradictory
+values.
+*/}}
+{{- define "conntrack-exporter.webSecurity" -}}
+{{- $web := .Values.webConfig }}
+{{- $tlsSecret := .Values.tls.secretName }}
+{{- $given := $web.config | default dict }}
+{{- if and $web.existingSecret $given }}
+{{- fail "webConfig.config and webConfig.existingSecret: set one, not both" }}
+{{- end }}
+{{- if and (hasKey $given "tls_server_config") (not $tlsSecret) }}
+{{- fail "webConfig.config.tls_server_config needs tls.secretName: the certificate and key are mounted from that Secret" }}
+{{- end }}
+{{- if and (not $web.existingSecret) (or $web.basicAuth $web.requireClientCert) }}
+{{- fail "webConfig.basicAuth and webConfig.requireClientCert describe webConfig.existingSecret; with webConfig.config the chart reads basic_auth_users and client_auth_type" }}
+{{- end }}
+{{- if and $web.requireClientCert (not $tlsSecret) }}
+{{- fail "webConfig.requireClientCert needs TLS: set tls.secretName" }}
+{{- end }}
+{{- if $web.existingSecret }}
+file: true
+tls: {{ not (empty $tlsSecret) }}
+basicAuth: {{ $web.basicAuth | default false }}
+clientCert: {{ $web.requireClientCert | default false }}
+{{- else }}
+{{- $config := include "conntrack-exporter.webConfig" . | fromYaml }}
+{{- $tls := $config.tls_server_config | default dict }}
+file: {{ not (empty $config) }}
+tls: {{ not (empty $tls) }}
+basicAuth: {{ not (empty $config.basic_auth_users) }}
+clientCert: {{ eq ($tls.client_auth_type | default "") "RequireAndVerifyClientCert" }}
+{{- end }}
+{{- end }}
+
+{{/*
+The exporter's configuration file, as YAML (empty: none): config, with
+web.unauthenticated_healthz true when basic authentication is on and config does not set it,
+so that the probes reach /healthz without credentials.
+*/}}
+{{- define "conntrack-exporter.config" -}}
+{{- $config := deepCopy (.Values.config | default dict) }}
+{{- $security := include "conntrack-exporter.webSecurity" . | fromYaml }}
+{{- if $security.basicAuth }}
+{{- $web := get $config "web" | default dict }}
+{{- if not (hasKey $web "unauthenticated_healthz") }}
+{{- $_ := set $web "unauthenticated_healthz" true }}
+{{- end }}
+{{- $_ := set $config "web" $web }}
+{{- end }}
+{{- if $config }}
+{{- toYaml $config }}
+{{- end }}
+{{- end }}
+
+{{/*
+The probes' handler: GET /healthz (over HTTPS with TLS), or only a TCP connection when the
+kubelet cannot pass: client certificates required, or basic authentication with
+config.web.unauthenticated_healthz set to false.
+*/}}
+{{- define "conntrack-exporter.probeHandler" -}}
+{{- $security := include "conntrack-exporter.webSecurity" . | fromYaml }}
+{{- $config := include "conntrack-exporter.config" . | fromYaml }}
+{{- $healthzOpen := ($config.web | default dict).unauthenticated_healthz | default false }}
+{{- if or $security.clientCert (and $security.basicAuth (not $healthzOpen)) }}
+tcpSocket:
+  port: metrics
+{{- else }}
+httpGet:
+  path: /healthz
+  port: metrics
+  {{- if $security.tls }}
+  scheme: HTTPS
+  {{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The monitors' scheme: the value, or https with TLS. Argument: (list $ monitor values). */}}
+{{- define "conntrack-exporter.monitorScheme" -}}
+{{- $root := index . 0 }}
+{{- $security := include "conntrack-exporter.webSecurity" $root | fromYaml }}
+{{- (index . 1).scheme | default (ternary "https" "http" $security.tls) }}
+{{- end }}
