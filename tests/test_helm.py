@@ -1025,6 +1025,40 @@ def test_notes_say_how_to_reach_the_metrics_and_which_mode(tmp_path):
     assert "http://NODE_IP:9999/metrics" in unprivileged
 
 
+def test_notes_say_https_and_credentials_when_on(tmp_path):
+    notes = render_notes(tmp_path / "a", "--values", str(CHART / "ci" / WEB_CI))
+    assert f"Web security ({WEB_DIR}/web-config.yml, from Secret {WEB_SECRET})" in notes
+    assert "HTTPS, with the certificate and key of Secret conntrack-exporter-tls." in notes
+    assert "Basic authentication on every path but /healthz" in notes
+    assert "curl -s --cacert ca.crt -u USER https://NODE_IP:9371/metrics" in notes
+    assert "curl -s --cacert ca.crt -u USER https://127.0.0.1:9371/metrics" in notes
+    assert "The serviceMonitor scrapes over https." in notes
+    # The ci file sets the monitor's tlsConfig and basicAuth: no advice about them.
+    assert "set serviceMonitor.tlsConfig" not in notes
+    assert "set serviceMonitor.basicAuth" not in notes
+    plain = render_notes(tmp_path / "b")
+    assert "Web security" not in plain and "https" not in plain and "-u USER" not in plain
+    closed = render_notes(
+        tmp_path / "c",
+        "--set-json",
+        f"webConfig.config={BASIC_AUTH}",
+        "--set",
+        "config.web.unauthenticated_healthz=false,podMonitor.enabled=true,podMonitor.scheme=http,"
+        "tls.secretName=t,webConfig.config.tls_server_config.client_auth_type="
+        "RequireAndVerifyClientCert",
+    )
+    assert "/healthz too (config.web.unauthenticated_healthz is" in closed
+    assert "Clients must present a certificate" in closed
+    assert "--cert client.crt --key client.key -u USER https://NODE_IP" in closed
+    for advice in (
+        "The exporter serves HTTPS: set podMonitor.scheme=https",
+        "set podMonitor.tlsConfig (ca, serverName)",
+        "set podMonitor.tlsConfig (cert, keySecret)",
+        "set podMonitor.basicAuth, or every scrape gets 401",
+    ):
+        assert advice in closed
+
+
 # -- values.schema.json -----------------------------------------------------------------------
 
 
