@@ -9,7 +9,8 @@
 - the dashboards' ConfigMaps carry the sidecar's label and grafana/dashboards' JSON;
 - every security property of the DaemonSet, in both modes;
 - TLS and basic authentication (webConfig, tls): the web configuration Secret, the read-only
-  mounts, the flag, the probes and the monitors in every mode;
+  mounts, the flag, the probes and the monitors in every mode, and the rendered files loaded by
+  the exporter's own loaders against real certificate files;
 - values.schema.json rejects wrong types and typos, and agrees with config.example.yml;
 - helm/sync_grafana.py --check passes, and fails on a stale copy;
 - the chart's README documents every value.
@@ -35,6 +36,8 @@ import pytest
 import yaml
 
 from conntrack_exporter import __version__, webconfig
+from conntrack_exporter.config import ConfigError, load_config
+from conntrack_exporter.webconfig import load_web_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "conntrack-exporter"
@@ -1216,6 +1219,121 @@ def test_schema_forbids_unknown_keys_at_every_level():
                 walk(child, f"{path}[]")
 
     walk(schema(), "values")
+
+
+# -- the rendered files, loaded by the exporter -----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A kubernetes.io/tls Secret's files: a self-signed certificate, its key, and ca.crt."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl CLI")
+    directory = tmp_path_factory.mktemp("tls-secret")
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+            "-nodes", "-keyout", "tls.key", "-out", "tls.crt", "-days", "2",
+            "-subj", "/CN=conntrack-exporter", "-addext", "subjectAltName=DNS:localhost",
+        ],
+        cwd=directory, check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    shutil.copy(directory / "tls.crt", directory / "ca.crt")
+    return directory
+
+
+def mount_volumes(objects: tuple[dict, ...], root: Path, tls_files: Path) -> Path:
+    """Write each volume's files where the container mounts them, /etc/conntrack-exporter
+    becoming `root`, as the kubelet would; returns `root`. Paths inside the files are
+    rewritten the same way."""
+    prefix = "/etc/conntrack-exporter"
+    secrets = {obj["metadata"]["name"]: obj["data"] for obj in of_kind(objects, "Secret")}
+    for volume in mounts(objects).values():
+        assert volume["mountPath"].startswith(prefix + "/")
+        target = root / volume["mountPath"].removeprefix(prefix + "/")
+        target.mkdir(parents=True)
+        if "configMap" in volume:
+            for key, text in only(objects, "ConfigMap")["data"].items():
+                (target / key).write_text(text)
+        elif volume["secret"]["secretName"] in secrets:
+            data = secrets[volume["secret"]["secretName"]]
+            for item in volume["secret"]["items"]:
+                text = base64.b64decode(data[item["key"]]).decode()
+                (target / item["path"]).write_text(text.replace(prefix, str(root)))
+        else:  # the kubernetes.io/tls Secret
+            for file in tls_files.iterdir():
+                shutil.copy(file, target / file.name)
+    return root
+
+
+def flag_file(objects: tuple[dict, ...], flag: str, root: Path) -> str | None:
+    for arg in container(objects)["args"]:
+        name, _, value = arg.partition("=")
+        if name == flag:
+            return str(root / value.removeprefix("/etc/conntrack-exporter/"))
+    return None
+
+
+FULL_TLS = {
+    "tls_server_config": {
+        "client_auth_type": "RequireAndVerifyClientCert",
+        "min_version": "TLS12",
+        "max_version": "TLS13",
+        "cipher_suites": ["TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256", "TLS_AES_128_GCM_SHA256"],
+        "prefer_server_cipher_suites": False,
+    },
+    "basic_auth_users": {"prometheus": HASH},
+}
+LOADER_CASES = [
+    ("ci", ["--values", str(CHART / "ci" / WEB_CI)], True, True),
+    ("tls-only", ["--set", "tls.secretName=t"], True, False),
+    ("basic-auth-only", ["--set-json", f"webConfig.config={BASIC_AUTH}"], False, True),
+    (
+        "client-cert-and-more",
+        ["--set", "tls.secretName=t", "--set-json", f"webConfig.config={json.dumps(FULL_TLS)}"],
+        True,
+        True,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("args", "tls", "auth"),
+    [case[1:] for case in LOADER_CASES],
+    ids=[case[0] for case in LOADER_CASES],
+)
+def test_rendered_files_load_in_the_exporter(tmp_path, tls_files, args, tls, auth):
+    """The files the chart mounts, at the paths its flags name, pass the exporter's own
+    loaders: the chart never writes a file the exporter would refuse."""
+    objects = render(*args)
+    root = mount_volumes(objects, tmp_path / "etc-conntrack-exporter", tls_files)
+    web_file = flag_file(objects, "--web.config.file", root)
+    assert web_file is not None
+    security = load_web_config(web_file)
+    assert (security.tls is not None) == tls
+    assert (security.auth is not None) == auth
+    if auth:
+        good = base64.b64encode(f"prometheus:{CI_PASSWORD}".encode()).decode()
+        assert security.auth.check(f"Basic {good}")
+        wrong = base64.b64encode(b"prometheus:wrong").decode()
+        assert not security.auth.check(f"Basic {wrong}")
+    config_file = flag_file(objects, "--config.file", root)
+    assert (config_file is not None) == auth
+    if config_file is not None:
+        assert load_config(config_file).web.unauthenticated_healthz is True
+
+
+def test_the_loader_test_sees_a_wrong_path(tmp_path, tls_files):
+    """The test above fails when the chart points the certificate where nothing is mounted."""
+    objects = copy.deepcopy(render("--set", "tls.secretName=t"))
+    secret = only(objects, "Secret")
+    text = base64.b64decode(secret["data"]["web-config.yml"]).decode()
+    secret["data"]["web-config.yml"] = base64.b64encode(
+        text.replace("/tls/tls.crt", "/tls/cert.pem").encode()
+    ).decode()
+    root = mount_volumes(tuple(objects), tmp_path / "etc-conntrack-exporter", tls_files)
+    with pytest.raises(ConfigError, match="cert_file: cannot read"):
+        load_web_config(flag_file(tuple(objects), "--web.config.file", root))
 
 
 # -- the generated copies of grafana/ ---------------------------------------------------------
