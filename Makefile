@@ -52,12 +52,11 @@ bench-load: system-deps deps
 dashboards: deps
 	$(BIN)/python grafana/dashboards/generate.py
 
-# Coverage-guided fuzzing of every parser (fuzz/, with atheris, installed here only: `make test`
-# runs each harness briefly without it). A million inputs for the netlink decoders, fewer for
+# Coverage-guided fuzzing of every parser (fuzz/, with atheris from the test extra: `make test`
+# runs each harness briefly). A million inputs for the netlink decoders, fewer for
 # the rest; prints inputs and exec/s per harness. FUZZ_ARGS goes to fuzz/run.py (--scale 0.1,
 # --only netlink).
 fuzz: deps
-	$(BIN)/python -c "import atheris" 2>/dev/null || $(BIN)/pip install -q atheris
 	$(BIN)/python -m fuzz.run $(FUZZ_ARGS)
 
 system-deps:

@@ -9,7 +9,6 @@ with bytes changed and cut. A harness raises only on a finding, so each test her
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
 import sys
@@ -139,10 +138,6 @@ def test_config_harness_reports_an_error_other_than_config_error(monkeypatch):
         fuzz.config.test_one_input(b"log: {level: info}\n")
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("atheris") is None,
-    reason="atheris comes with `make fuzz`, not with the test dependencies",
-)
 @pytest.mark.parametrize("name", HARNESSES)
 def test_the_atheris_entry_point_runs(name, tmp_path):
     result = subprocess.run(
