@@ -16,6 +16,7 @@ import os
 import re
 import secrets
 import ssl
+import stat
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -203,6 +204,11 @@ def _readable(base: str, key: str, file: str, validation: Validation) -> str | N
     # As exporter-toolkit: relative to the web configuration file.
     path = os.path.join(base, file)
     try:
+        # Checked before opening: OpenSSL would read /dev/zero forever, and opening a FIFO
+        # waits for a writer.
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            validation.problem(f"{SECTION}.{key}", f"{file} is not a regular file")
+            return None
         with open(path, "rb"):
             return path
     except OSError as exc:

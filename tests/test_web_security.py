@@ -483,6 +483,9 @@ def test_relative_files_are_read_beside_the_web_config(pki, tmp_path, monkeypatc
         ("tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n"
          "  min_version: TLS13\n  max_version: TLS12\n", "FILE:4: tls_server_config.min_version: "
          "TLS13 is above max_version TLS12"),
+        # A device or a FIFO would hang the start-up (OpenSSL reads /dev/zero forever).
+        ("tls_server_config:\n  cert_file: /dev/zero\n  key_file: server.key\n",
+         "FILE:2: tls_server_config.cert_file: /dev/zero is not a regular file"),
         ("basic_auth_users: [alice]\n", "FILE:1: basic_auth_users: expected a mapping, got a list"),
         ("basic_auth_users:\n  alice: '$2b$03$" + "a" * 53 + "'\n",
          "FILE:2: basic_auth_users.alice: not a bcrypt hash ($2a$, $2b$ or $2y$, cost 04 to 16, "
