@@ -44,7 +44,8 @@ def _fields(record: logging.LogRecord) -> dict[str, Any]:
 
 
 def _logfmt_value(value: Any) -> str:
-    text = str(value)
+    # true/false, as Go's logfmt (and JSON) spell them, not Python's True/False.
+    text = str(value).lower() if isinstance(value, bool) else str(value)
     if text and not any(c in text for c in ' ="\\\n\t'):
         return text
     return json.dumps(text)

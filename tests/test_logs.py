@@ -32,6 +32,12 @@ def test_logfmt_quotes_what_needs_quoting(stream):
     )
 
 
+def test_logfmt_spells_booleans_as_go_does(stream):
+    setup_logging("info", "logfmt", stream)
+    logging.getLogger("x").info("listening", extra={"tls": True, "basic_auth": False, "n": 1})
+    assert stream.getvalue().rstrip("\n").endswith("tls=true basic_auth=false n=1")
+
+
 def test_json_is_one_object_per_line(stream):
     setup_logging("debug", "json", stream)
     log = logging.getLogger("conntrack_exporter.y")
