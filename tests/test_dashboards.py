@@ -10,11 +10,13 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.dashboards import DASHBOARDS_DIR, generate
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
+RULES_FILE = ROOT / "grafana" / "rules" / "conntrack-exporter.rules.yml"
 
 
 FILES = ("conntrack.json", "sockets.json")
@@ -54,14 +56,12 @@ NAMED = {
         "Socket scan health",
     },
 }
+# Every recording rule the rule file defines: a dashboard may use them, a core panel may not.
 RECORDING_RULES = {
-    "instance:conntrack_entries:ratio",
-    "instance:conntrack_nat_port_pool:ratio",
-    "instance:socket_ephemeral_ports:ratio",
-    "instance:socket_memory:pressure_ratio",
-    "instance:socket_tcp_orphans:ratio",
-    "instance:socket_tcp_timewait:ratio",
-    "instance:socket_file_handles:ratio",
+    rule["record"]
+    for group in yaml.safe_load(RULES_FILE.read_text())["groups"]
+    for rule in group["rules"]
+    if "record" in rule
 }
 FILTERS = ('job=~"$job"', 'instance=~"$instance"', 'node=~"$node"')
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
