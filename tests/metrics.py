@@ -27,3 +27,12 @@ def stat_counters(samples: dict) -> dict[str, float]:
         for name, series in samples.items()
         if name.startswith(prefix) and name.endswith(suffix)
     }
+
+
+def sources(samples: dict, collector: str) -> list[str]:
+    """The `source` labels conntrack_exporter_source_info gives the collector (one, normally)."""
+    return [
+        dict(labels)["source"]
+        for labels, value_ in samples.get("conntrack_exporter_source_info", {}).items()
+        if dict(labels).get("collector") == collector and value_ == 1
+    ]
