@@ -253,7 +253,7 @@ def test_table_full_alert_fires_when_the_table_overflows(stack):
     firing = firing_alerts(prometheus)
     assert "ConntrackTableFull" not in firing, firing
 
-    drops_before = netns.conntrack_stats()["drop"]
+    before = netns.conntrack_stats()
     with netns.table_full():
         netns.udp_flows(25, first_port=30000)
         firing = prometheus.wait_until(
@@ -261,9 +261,13 @@ def test_table_full_alert_fires_when_the_table_overflows(stack):
             lambda: "ConntrackTableFull" in firing_alerts(prometheus) and firing_alerts(prometheus),
             timeout=30,
         )
-        dropped = netns.conntrack_stats()["drop"] - drops_before
+        after = netns.conntrack_stats()
 
-    assert dropped >= 25  # the kernel's own count: the table really was full
+    # The kernel's own count: each of the 25 datagrams met a full table, and was either dropped
+    # or made room by evicting an unreplied entry (the stack's UDP flows are such entries, so
+    # the split between the two varies from run to run; the alert fires on either).
+    full_table_events = sum(after[name] - before[name] for name in ("drop", "early_drop"))
+    assert full_table_events >= 25
     alert = firing["ConntrackTableFull"]
     assert alert["labels"]["severity"] == "critical"
     assert alert["labels"]["node"] == "e2e-node"
