@@ -29,6 +29,7 @@ It prints a table; it asserts nothing about time. The namespace and the helper a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -126,26 +127,44 @@ def wait_ready(holders: list[subprocess.Popen]) -> float:
 def scan_main(kernel_filter: bool) -> dict:
     """One socket_ports scan, as the collector's scanner runs it, measured from inside."""
     sys.path.insert(0, str(common.REPO))
+    from prometheus_client.exposition import generate_latest
+
     from conntrack_exporter.collectors.socket_ports import (
         SocketPortsCollector,
         SocketPortsOptions,
     )
-    from conntrack_exporter.netlink.inet_diag import IPPROTO_TCP, SockDiagReader
+    from conntrack_exporter.netlink.inet_diag import SockDiagReader
+    from conntrack_exporter.netlink.tally import IPPROTO_TCP
     from conntrack_exporter.procfs import ProcFS
-    from conntrack_exporter.registry import CollectorContext
+    from conntrack_exporter.registry import (
+        CollectorContext,
+        CollectorSet,
+        ExporterCollector,
+        Readers,
+    )
+
+    filtered = kernel_filter
+
+    class Kept(SockDiagReader):
+        """The real reader, which keeps the scan's tally for the figures printed below, and
+        drops the kernel filter when the run measures without it."""
+
+        def dump_ports(self, tally, port_range, ephemeral, kernel_filter=True, bounds=None):
+            self.tally = tally
+            return super().dump_ports(tally, port_range, ephemeral, filtered, bounds)
 
     options = SocketPortsOptions()
-    collector = SocketPortsCollector(options, CollectorContext(ProcFS(), SCAN_TIMEOUT))
-    reader = SockDiagReader(SCAN_TIMEOUT)  # opened up front, as a scanner's second scan finds it
-    if not kernel_filter:
-        reader.dump_ports = partial(reader.dump_ports, kernel_filter=False)  # type: ignore[method-assign]
-    collector._reader = reader
+    reader = Kept(SCAN_TIMEOUT)  # opened up front, as a scanner's second scan finds it
+    readers = Readers.netlink(SCAN_TIMEOUT)
+    context = CollectorContext(ProcFS(), dataclasses.replace(readers, sock_diag=lambda: reader))
+    collector = SocketPortsCollector(options, context)
     with common.Measured() as measured:
         collector.scan()
-    result = collector._result
-    if result is None or any(collector._errors.values()):
-        raise RuntimeError(f"the scan failed: {dict(collector._errors)}")
-    tally = result.tally
+    exposition = generate_latest(ExporterCollector(CollectorSet([collector]))).decode()
+    if 'collector_success{collector="socket_ports"} 1.0' not in exposition:
+        errors = [line for line in exposition.splitlines() if "scan_errors_total{" in line]
+        raise RuntimeError(f"the scan failed: {errors}")
+    tally = reader.tally
     tcp = tally.destinations[IPPROTO_TCP]
     return {
         **measured.result(),
@@ -153,7 +172,7 @@ def scan_main(kernel_filter: bool) -> dict:
         "counted": sum(tcp.values()),
         "destinations": len(tcp),
         "largest": tally.largest(IPPROTO_TCP),
-        "complete": result.complete,
+        "complete": "socket_ports_scan_complete 1.0" in exposition,
         "max_sockets": options.max_sockets,
     }
 

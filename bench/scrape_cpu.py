@@ -298,11 +298,12 @@ def alloc_main(scrapes: int, accept: str) -> None:
 
     sys.path.insert(0, str(common.REPO))
     from conntrack_exporter.cli import build_collectors
+    from conntrack_exporter.collectors import COLLECTORS
     from conntrack_exporter.config import load_config
     from conntrack_exporter.registry import ExporterCollector
     from conntrack_exporter.server import metrics_response
 
-    exporter = ExporterCollector(build_collectors(load_config(None, {})))
+    exporter = ExporterCollector(build_collectors(load_config(None, {}, COLLECTORS)))
 
     def scrape() -> None:
         metrics_response(exporter, accept, "gzip")

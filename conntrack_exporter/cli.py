@@ -22,8 +22,7 @@ from conntrack_exporter.collectors import COLLECTORS
 from conntrack_exporter.config import Config, ConfigError, LogConfig, load_config
 from conntrack_exporter.logs import setup_logging
 from conntrack_exporter.procfs import ProcFS
-from conntrack_exporter.registry import Collector, CollectorContext, ExporterCollector
-from conntrack_exporter.scanner import BackgroundJob, Scanner
+from conntrack_exporter.registry import CollectorContext, CollectorSet, ExporterCollector, Readers
 from conntrack_exporter.server import MetricsServer, landing_page
 from conntrack_exporter.webconfig import PLAIN_HTTP, WebSecurity, load_web_config
 
@@ -146,12 +145,17 @@ def _flag_values(args: argparse.Namespace, parser: argparse.ArgumentParser) -> d
     }
 
 
-def build_collectors(config: Config) -> list[Collector]:
-    context = CollectorContext(ProcFS(config.path.procfs), config.netlink.timeout_seconds)
-    return [
-        COLLECTORS[name](config.collectors[name].options, context)
-        for name in config.enabled_collectors
-    ]
+def build_collectors(config: Config) -> CollectorSet:
+    """The enabled collectors, not yet started (see CollectorSet)."""
+    context = CollectorContext(
+        ProcFS(config.path.procfs), Readers.netlink(config.netlink.timeout_seconds)
+    )
+    return CollectorSet(
+        [
+            COLLECTORS[name](config.collectors[name].options, context)
+            for name in config.enabled_collectors
+        ]
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -169,24 +173,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     setup_logging(config.log.level, config.log.format)
     collectors = build_collectors(config)
-    exporter = ExporterCollector(collectors)
-    scanner = _scanner(collectors)
     if args.once:
-        scanner.run_once()
-        sys.stdout.write(generate_latest(exporter).decode())
+        try:
+            collectors.scanner.run_once()
+            sys.stdout.write(generate_latest(ExporterCollector(collectors)).decode())
+        finally:
+            collectors.close()
         return EXIT_OK
-    running = Running(config, exporter, scanner, security)
+    running = Running(config, ExporterCollector(collectors), security)
     return running.serve(lambda: _load(args.config_file, flags))
 
 
 def _load(file: str | None, flags: dict[str, Any]) -> tuple[Config, WebSecurity]:
-    config = load_config(file, flags)
+    config = load_config(file, flags, COLLECTORS)
     web_file = config.web.config_file
     return config, load_web_config(web_file) if web_file else PLAIN_HTTP
-
-
-def _scanner(collectors: list[Collector]) -> Scanner:
-    return Scanner([c for c in collectors if isinstance(c, BackgroundJob)])
 
 
 # Web settings a reload cannot change: the listening socket and the server's limits are made
@@ -203,12 +204,9 @@ class Running:
     """The serving exporter: its configuration, collectors, scanner and server, and the
     signals that stop it (SIGTERM, SIGINT) or reload its configuration (SIGHUP)."""
 
-    def __init__(
-        self, config: Config, exporter: ExporterCollector, scanner: Scanner, security: WebSecurity
-    ) -> None:
+    def __init__(self, config: Config, exporter: ExporterCollector, security: WebSecurity) -> None:
         self.config = config
         self.exporter = exporter
-        self.scanner = scanner
         self.security = security
         self._wake = threading.Event()
         self._stop = False
@@ -231,7 +229,7 @@ class Running:
             target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="http", daemon=True
         )
         thread.start()
-        self.scanner.start()
+        self.exporter.active.start()
         log.info(
             "listening",
             extra={
@@ -249,9 +247,9 @@ class Running:
             if self._reload and not self._stop:
                 self._reload = False
                 self._reload_config(load, server)
-        self.scanner.stop()
         server.shutdown()
         server.server_close()
+        self.exporter.active.close()
         return EXIT_OK
 
     def _request_stop(self, signum: int, _frame: object) -> None:
@@ -277,12 +275,10 @@ class Running:
             return
         setup_logging(config.log.level, config.log.format)
         collectors = build_collectors(config)
-        scanner = _scanner(collectors)
-        # The new scanner starts before the old one stops: a scan in progress finishes for
-        # collectors no scrape reads any more, and the new collectors scan at once.
-        scanner.start()
-        self.scanner.stop()
-        self.exporter.collectors = collectors
+        # Old scans end before new ones start (never two at once), and the old collectors
+        # are closed, after the scrapes still using them, before anything new runs.
+        self.exporter.replace(collectors).close()
+        collectors.start()
         server.security = security
         server.telemetry_path = config.web.telemetry_path
         server.page = landing_page(config.web.telemetry_path, config.enabled_collectors)
@@ -296,7 +292,7 @@ class Running:
                 "configuration reloaded, but these web settings take effect at the next start",
                 extra={"settings": ",".join(f"web.{name}" for name in need_restart)},
             )
-        self.config, self.scanner, self.security = config, scanner, security
+        self.config, self.security = config, security
         log.info(
             "configuration reloaded",
             extra={"collectors": ",".join(config.enabled_collectors) or "none"},

@@ -2,6 +2,10 @@
 
 Precedence: flags > file > defaults. Every problem is collected before failing, each with
 where it came from (`file:line` or the flag), so that one run shows everything to fix.
+
+The loader is handed the collector table (`load_config(..., collectors=COLLECTORS)`): it reads
+each collector's `default_enabled` and `options_type` and knows nothing else of them, so that
+loading a configuration never imports the netlink stack.
 """
 
 from __future__ import annotations
@@ -10,18 +14,52 @@ import dataclasses
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import yaml
 
-from conntrack_exporter.checks import non_negative, seconds
-from conntrack_exporter.collectors import COLLECTORS
-
-Check = Callable[[Any], str | None]
 T = TypeVar("T")
 
+# A day: longer timeouts and intervals are mistakes, and infinite ones crash the waits on them.
+MAX_SECONDS = 86400.0
+# 1 to 65535 as a regular expression, for the JSON schema of a port range.
+_PORT = "([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
 
-def _listen_address_problem(value: str) -> str | None:
+
+@dataclass(frozen=True)
+class Check:
+    """A field's value check: `field(metadata={"check": SECONDS})`.
+
+    `problem(value)` says what is wrong, or None. `schema` states the same bound in JSON
+    schema, from which the Helm chart's values schema is generated: the two cannot drift.
+    """
+
+    problem: Callable[[Any], str | None]
+    schema: Mapping[str, Any]
+
+
+def _seconds(value: float) -> str | None:
+    if 0 < value <= MAX_SECONDS:
+        return None
+    return f"must be greater than 0 and at most {MAX_SECONDS:g} seconds, got {value!r}"
+
+
+def _non_negative(value: float) -> str | None:
+    return None if value >= 0 else f"must be 0 or more, got {value!r}"
+
+
+def _port_range(value: str) -> str | None:
+    low, sep, high = value.partition("-")
+    if sep and low.isdigit() and high.isdigit() and 1 <= int(low) <= int(high) <= 65535:
+        return None
+    return f"expected a port range like 1024-65535, got {value!r}"
+
+
+def _absolute_path(value: str) -> str | None:
+    return None if value.startswith("/") else f"must be an absolute path, got {value!r}"
+
+
+def _listen_address(value: str) -> str | None:
     try:
         parse_listen_address(value)
     except ValueError as exc:
@@ -29,10 +67,20 @@ def _listen_address_problem(value: str) -> str | None:
     return None
 
 
-def _telemetry_path_problem(value: str) -> str | None:
+def _telemetry_path(value: str) -> str | None:
     if not value.startswith("/") or value in ("/", "/healthz"):
         return f"must be an absolute path other than / and /healthz, got {value!r}"
     return None
+
+
+# A timeout or an interval: positive and finite, at most a day.
+SECONDS = Check(_seconds, {"exclusiveMinimum": 0, "maximum": MAX_SECONDS})
+NON_NEGATIVE = Check(_non_negative, {"minimum": 0})
+# Low-high; that low is at most high, JSON schema cannot say (the loader does).
+PORT_RANGE = Check(_port_range, {"pattern": f"^{_PORT}-{_PORT}$"})
+ABSOLUTE_PATH = Check(_absolute_path, {"pattern": "^/"})
+LISTEN_ADDRESS = Check(_listen_address, {"pattern": ":[0-9]+$"})
+TELEMETRY_PATH = Check(_telemetry_path, {"pattern": "^/", "not": {"enum": ["/", "/healthz"]}})
 
 
 def parse_listen_address(address: str) -> tuple[str, int]:
@@ -49,15 +97,15 @@ def parse_listen_address(address: str) -> tuple[str, int]:
 
 @dataclass(frozen=True)
 class WebConfig:
-    listen_address: str = field(default=":9371", metadata={"check": _listen_address_problem})
-    telemetry_path: str = field(default="/metrics", metadata={"check": _telemetry_path_problem})
+    listen_address: str = field(default=":9371", metadata={"check": LISTEN_ADDRESS})
+    telemetry_path: str = field(default="/metrics", metadata={"check": TELEMETRY_PATH})
     # exporter-toolkit's web configuration file (TLS, basic authentication); "" for none.
     config_file: str = ""
     # Scrapes in flight at most; 0 for no limit.
-    max_requests: int = field(default=40, metadata={"check": non_negative})
+    max_requests: int = field(default=40, metadata={"check": NON_NEGATIVE})
     # Open connections at most; 0 for no limit.
-    max_connections: int = field(default=512, metadata={"check": non_negative})
-    read_timeout_seconds: float = field(default=10.0, metadata={"check": seconds})
+    max_connections: int = field(default=512, metadata={"check": NON_NEGATIVE})
+    read_timeout_seconds: float = field(default=10.0, metadata={"check": SECONDS})
     unauthenticated_healthz: bool = False
 
 
@@ -69,12 +117,19 @@ class LogConfig:
 
 @dataclass(frozen=True)
 class PathConfig:
-    procfs: str = "/proc"
+    procfs: str = field(default="/proc", metadata={"check": ABSOLUTE_PATH})
 
 
 @dataclass(frozen=True)
 class NetlinkConfig:
-    timeout_seconds: float = field(default=2.0, metadata={"check": seconds})
+    timeout_seconds: float = field(default=2.0, metadata={"check": SECONDS})
+
+
+class ConfigurableCollector(Protocol):
+    """What the loader reads of a collector class (registry.CollectorClass has more)."""
+
+    default_enabled: bool
+    options_type: type
 
 
 @dataclass(frozen=True)
@@ -139,11 +194,14 @@ class Validation:
 
 
 def load_config(
-    file: str | None = None, flags: Mapping[str, tuple[str, Any]] | None = None
+    file: str | None = None,
+    flags: Mapping[str, tuple[str, Any]] | None = None,
+    collectors: Mapping[str, ConfigurableCollector] | None = None,
 ) -> Config:
     """Build the configuration from a YAML file and flag values.
 
-    `flags` maps a dotted key (`web.listen_address`) to (flag name, value).
+    `flags` maps a dotted key (`web.listen_address`) to (flag name, value). `collectors` is
+    the collector table (collectors.COLLECTORS): the keys `collectors.NAME.*` it allows.
     """
     data: dict[str, Any] = {}
     locations: dict[str, str] = {}
@@ -153,7 +211,7 @@ def load_config(
         _set_path(data, path, value)
         locations[path] = f"flag {flag}"
     validation = Validation(locations, file or "flags")
-    config = _build_config(data, validation)
+    config = _build_config(data, collectors or {}, validation)
     validation.raise_problems()
     return config
 
@@ -221,25 +279,29 @@ def _set_path(data: dict[str, Any], path: str, value: Any) -> None:
     data[leaf] = value
 
 
-def _build_config(data: dict[str, Any], validation: Validation) -> Config:
+def _build_config(
+    data: dict[str, Any], table: Mapping[str, ConfigurableCollector], validation: Validation
+) -> Config:
     _unknown_keys(data, [*SECTIONS, "collectors"], "", validation)
     sections = {
         name: _build_dataclass(cls, data.get(name, {}), name, validation)
         for name, cls in SECTIONS.items()
     }
-    collectors = _build_collectors(data.get("collectors", {}), validation)
+    collectors = _build_collectors(data.get("collectors", {}), table, validation)
     return Config(**sections, collectors=collectors)
 
 
-def _build_collectors(data: Any, validation: Validation) -> dict[str, CollectorConfig]:
+def _build_collectors(
+    data: Any, table: Mapping[str, ConfigurableCollector], validation: Validation
+) -> dict[str, CollectorConfig]:
     if not _is_mapping(data, "collectors", validation):
         data = {}
-    _unknown_keys(data, [DISABLE_DEFAULTS, *COLLECTORS], "collectors", validation)
+    _unknown_keys(data, [DISABLE_DEFAULTS, *table], "collectors", validation)
     disable_defaults = _convert(
         bool, data.get(DISABLE_DEFAULTS, False), f"collectors.{DISABLE_DEFAULTS}", validation
     )
     result = {}
-    for name, collector in COLLECTORS.items():
+    for name, collector in table.items():
         path = f"collectors.{name}"
         section = data.get(name, {})
         if not _is_mapping(section, path, validation):
@@ -271,7 +333,7 @@ def _build_dataclass(
         field_path = _child(path, f.name)
         value = _convert(hints[f.name], data[f.name], field_path, validation)
         check = f.metadata.get("check")
-        message = check(value) if check is not None and value is not None else None
+        message = check.problem(value) if check is not None and value is not None else None
         if message:
             validation.problem(field_path, message)
         elif value is not None:

@@ -11,6 +11,8 @@ import threading
 from collections.abc import Iterable
 
 READ_CHUNK_BYTES = 65536
+# The entries in the reader's network namespace's conntrack table (absent without conntrack).
+CONNTRACK_COUNT_FILE = "sys/net/netfilter/nf_conntrack_count"
 
 
 class ProcFS:
@@ -53,11 +55,14 @@ class ProcFile:
     offset 0, and an open costs several times a small pread (~8 us against 1-3 us), so the fd
     is kept. A file that is absent (sockstat6 without IPv6, the host-only sysctls inside a
     child network namespace) raises FileNotFoundError, and its open is retried on every call.
+    Once closed it stays closed: a late read raises ValueError instead of opening an fd that
+    nothing would close (on /proc/PID/net, one that keeps a network namespace alive).
     """
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._fd: int | None = None
+        self._closed = False
         # Held across the open and the read: a thread must never pread an fd number that
         # another thread has just closed and the process may have reused for something else.
         # seq_file serializes readers of one file under its own mutex anyway.
@@ -65,6 +70,8 @@ class ProcFile:
 
     def read_text(self) -> str:
         with self._lock:
+            if self._closed:
+                raise ValueError(f"{self.path}: read after close")
             if self._fd is None:
                 self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
             try:
@@ -82,6 +89,7 @@ class ProcFile:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             self._close()
 
     def _close(self) -> None:

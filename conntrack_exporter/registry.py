@@ -1,30 +1,56 @@
-"""The collector framework: the Collector protocol, and the exporter's view of all collectors.
+"""The collector framework: the collector contract, and the exporter's view of all collectors.
 
 Each collector turns kernel state into fresh metric families on every scrape. The registry
 runs them one by one, times them, and isolates failures: a collector that raises reports
 `conntrack_exporter_collector_success 0` while the others keep serving.
+
+The contract, checked statically (mypy, in `make lint`) against every class of the collector
+table (collectors.COLLECTORS):
+
+- class attributes `name` (its config key and label), `default_enabled`, and `options_type`,
+  a frozen dataclass whose fields are the keys `collectors.NAME.*` (validated by config.py);
+- a constructor `Cls(options, context)`: options of `options_type`, and a CollectorContext,
+  through which alone it reaches the kernel (procfs, and netlink reader factories);
+- `collect() -> Collected`, called on every scrape, on any of the server's threads; it raises
+  NoDataError when the kernel lacks the feature and any other exception when it fails;
+- `close()`: releases whatever the constructor or collect() opened (netlink sockets, kept-open
+  /proc fds). Called once, after the last collect(), and after the scanner that drives a
+  background collector has stopped. An open /proc/PID/net fd keeps a network namespace alive.
+
+A collector whose data comes from a periodic scan is also a scanner.BackgroundJob.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import platform
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple, Protocol
+from functools import partial
+from typing import Any, NamedTuple, Protocol
 
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from conntrack_exporter import __version__
+from conntrack_exporter.netlink.ctnetlink import ConntrackStatsReader, ConntrackTableReader
+from conntrack_exporter.netlink.inet_diag import SockDiagReader
 from conntrack_exporter.procfs import ProcFS
+from conntrack_exporter.scanner import BackgroundJob, Scanner
 
 log = logging.getLogger(__name__)
 
 
 class NoDataError(Exception):
-    """The feature a collector reads is absent on this kernel (not an error worth a warning)."""
+    """The collector has nothing to serve now: the feature it reads is absent on this kernel,
+    or (for a background collector) no scan has succeeded yet. Logged at debug, not as a
+    warning. `metrics` are served all the same: a scan's error counts, say."""
+
+    def __init__(self, message: str, metrics: Sequence[Metric] = ()) -> None:
+        super().__init__(message)
+        self.metrics = list(metrics)
 
 
 class Collected(NamedTuple):
@@ -33,18 +59,101 @@ class Collected(NamedTuple):
 
 
 @dataclass(frozen=True)
+class Readers:
+    """Factories of the netlink readers, each opening a socket of its own: the seam where
+    tests put a replayed or scripted reader instead of the kernel."""
+
+    conntrack_stats: Callable[[], ConntrackStatsReader]
+    conntrack_table: Callable[[], ConntrackTableReader]
+    sock_diag: Callable[[], SockDiagReader]
+
+    @classmethod
+    def netlink(cls, timeout: float) -> Readers:
+        """The real readers; `timeout` bounds the kernel's silence within an answer."""
+        return cls(
+            partial(ConntrackStatsReader, timeout),
+            partial(ConntrackTableReader, timeout),
+            partial(SockDiagReader, timeout),
+        )
+
+
+@dataclass(frozen=True)
 class CollectorContext:
-    """What every collector may use: the procfs reader and the netlink deadline."""
+    """All a collector may reach the kernel through."""
 
     procfs: ProcFS
-    netlink_timeout: float
+    readers: Readers
 
 
 class Collector(Protocol):
-    name: ClassVar[str]
-    default_enabled: ClassVar[bool]
+    """A collector instance (see the module's docstring)."""
+
+    @property
+    def name(self) -> str: ...
 
     def collect(self) -> Collected: ...
+
+    def close(self) -> None: ...
+
+
+class CollectorClass(Protocol):
+    """A collector class, as the collector table lists it (see the module's docstring)."""
+
+    name: str
+    default_enabled: bool
+    options_type: type
+
+    def __call__(self, options: Any, context: CollectorContext) -> Collector: ...
+
+
+class CollectorSet:
+    """The collectors of one configuration, and the scanner that runs the background ones.
+
+    Started once and closed once. Scrapes use the collectors through `in_use()`; close()
+    stops and joins the scanner, waits for the scrapes still using the collectors, then
+    closes every collector, so that nothing is used after it is closed and nothing stays
+    open after a reload.
+    """
+
+    def __init__(self, collectors: Sequence[Collector]) -> None:
+        self.collectors = list(collectors)
+        self.scanner = Scanner([c for c in self.collectors if isinstance(c, BackgroundJob)])
+        self._users = 0
+        self._closed = False
+        self._idle = threading.Condition()
+
+    @property
+    def names(self) -> list[str]:
+        return [collector.name for collector in self.collectors]
+
+    def start(self) -> None:
+        self.scanner.start()
+
+    @contextlib.contextmanager
+    def in_use(self) -> Iterator[list[Collector]]:
+        """The collectors, for one scrape; empty once close() has begun."""
+        with self._idle:
+            if self._closed:
+                yield []
+                return
+            self._users += 1
+        try:
+            yield self.collectors
+        finally:
+            with self._idle:
+                self._users -= 1
+                self._idle.notify_all()
+
+    def close(self) -> None:
+        self.scanner.stop()
+        with self._idle:
+            self._closed = True
+            self._idle.wait_for(lambda: self._users == 0)
+        for collector in self.collectors:
+            try:
+                collector.close()
+            except Exception:  # one collector's trouble must not leave the others open
+                log.exception("closing a collector failed", extra={"collector": collector.name})
 
 
 class _Outcome(NamedTuple):
@@ -57,17 +166,23 @@ class _Outcome(NamedTuple):
 class ExporterCollector:
     """Runs every enabled collector for a scrape and adds the exporter's own health metrics."""
 
-    def __init__(self, collectors: Sequence[Collector]) -> None:
-        self.collectors = list(collectors)
+    def __init__(self, active: CollectorSet) -> None:
+        self.active = active
         self._last_error: dict[str, str] = {}
         self._lock = threading.Lock()
 
+    def replace(self, active: CollectorSet) -> CollectorSet:
+        """Serve `active` from the next scrape on; return the set it replaces."""
+        old, self.active = self.active, active
+        return old
+
     def collect(self) -> Iterator[Metric]:
         outcomes = []
-        for collector in self.collectors:
-            outcome, metrics = self._run(collector)
-            outcomes.append(outcome)
-            yield from metrics
+        with self.active.in_use() as collectors:
+            for collector in collectors:
+                outcome, metrics = self._run(collector)
+                outcomes.append(outcome)
+                yield from metrics
         yield from _health_metrics(outcomes)
 
     def _run(self, collector: Collector) -> tuple[_Outcome, list[Metric]]:
@@ -76,7 +191,7 @@ class ExporterCollector:
             collected = collector.collect()
         except NoDataError as exc:
             self._note_failure(collector.name, f"no data: {exc}", logging.DEBUG)
-            return _Outcome(collector.name, False, time.perf_counter() - started, None), []
+            return _Outcome(collector.name, False, time.perf_counter() - started, None), exc.metrics
         except Exception as exc:
             self._note_failure(collector.name, f"{type(exc).__name__}: {exc}", logging.WARNING)
             return _Outcome(collector.name, False, time.perf_counter() - started, None), []

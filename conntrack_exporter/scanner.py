@@ -2,7 +2,9 @@
 
 One thread runs every job at its own interval, one job at a time, so no two scans ever
 overlap. A scan that outlives its interval makes the next one start late, never twice.
-Scrapes only read the last result a job published.
+Scrapes only read the last result a job published. stop() returns once the thread has ended:
+a job's scan sees the stop event between datagrams and gives up its dump, so that takes at
+most the netlink timeout, not the rest of a dump of millions of entries.
 """
 
 from __future__ import annotations
@@ -20,13 +22,15 @@ log = logging.getLogger(__name__)
 class BackgroundJob(Protocol):
     """A collector whose data comes from a periodic scan (see ConntrackTableCollector)."""
 
-    name: str
+    @property
+    def name(self) -> str: ...
 
     @property
     def interval(self) -> float: ...
 
-    def scan(self) -> None:
-        """Do the work and publish the result; failures are the job's to count and log."""
+    def scan(self, stop: threading.Event | None = None) -> None:
+        """Do the work and publish the result; failures are the job's to count and log.
+        Return early, publishing nothing, once `stop` is set."""
 
 
 class Scanner:
@@ -43,12 +47,16 @@ class Scanner:
     def start(self) -> None:
         if not self.jobs:
             return
-        # A daemon thread: a stop request must not wait for a dump of millions of entries.
+        # A daemon thread all the same: should a job ever hang, the process can still exit.
         self._thread = threading.Thread(target=self._loop, name="scanner", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop, and wait for the thread: no scan of this scanner runs after this returns."""
         self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
 
     def _loop(self) -> None:
         due = {job.name: time.monotonic() for job in self.jobs}
@@ -63,6 +71,6 @@ class Scanner:
 
     def _run(self, job: BackgroundJob) -> None:
         try:
-            job.scan()
+            job.scan(self._stop)
         except Exception:  # a job must count its own failures; this is the last resort
             log.exception("background scan raised", extra={"job": job.name})

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from conntrack_exporter.config import Validation, read_dataclass
+from conntrack_exporter.config import Check, Validation, read_dataclass
 
 try:
     import bcrypt
@@ -103,7 +103,9 @@ def _client_auth_problem(value: str) -> str | None:
 class TLSServerConfig:
     cert_file: str = ""
     key_file: str = ""
-    client_auth_type: str = field(default="NoClientCert", metadata={"check": _client_auth_problem})
+    client_auth_type: str = field(
+        default="NoClientCert", metadata={"check": Check(_client_auth_problem, {})}
+    )
     client_ca_file: str = ""
     min_version: TLSVersionName = "TLS12"
     max_version: TLSVersionName = "TLS13"

@@ -11,13 +11,15 @@ import contextlib
 import os
 import tempfile
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
+from conntrack_exporter.collectors import COLLECTORS
 from conntrack_exporter.config import ConfigError, load_config
 from conntrack_exporter.webconfig import load_web_config
 from fuzz.harness import FIXTURES, ROOT, fuzz
 
-LOADERS = (load_config, load_web_config)
+LOADERS = (partial(load_config, collectors=COLLECTORS), load_web_config)
 # The web configuration names files that the loader reads whole; a device or a kernel file
 # (/dev/zero, /proc/kmsg) would never end the read. An input that could name one is skipped.
 ENDLESS = ("dev", "proc", "sys", "run")

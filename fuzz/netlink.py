@@ -36,22 +36,24 @@ from conntrack_exporter.netlink.ctnetlink import (
 from conntrack_exporter.netlink.cttable import (
     CT_NEW_MESSAGE,
     TableTally,
-    decode_address,
-    decode_destination,
     decode_kind,
     decode_nat_pool,
     status_names,
-    top,
 )
 from conntrack_exporter.netlink.inet_diag import (
-    IPPROTO_TCP,
-    IPPROTO_UDP,
     NETLINK_SOCK_DIAG,
     SOCK_DIAG_BY_FAMILY,
     PortTally,
     local_port,
 )
 from conntrack_exporter.netlink.socket import RECEIVE_BUFFER_BYTES, NetlinkSocket
+from conntrack_exporter.netlink.tally import (
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    decode_address,
+    decode_destination,
+    top,
+)
 from conntrack_exporter.procfs import ephemeral_port_flags
 from fuzz.harness import FIXTURES, fuzz
 
@@ -181,19 +183,16 @@ class _OneDatagram:
         pass
 
 
-_socket: NetlinkSocket | None = None
-
-
 def _receive(data: bytes) -> None:
-    """NetlinkSocket's receive loop over the input, as the reply to request number 1."""
-    global _socket
-    if _socket is None:  # one real socket, opened once (sock_diag needs no privilege)
-        _socket = NetlinkSocket(NETLINK_SOCK_DIAG, frozenset({SOCK_DIAG_BY_FAMILY}), 1.0)
-        _socket.close()
-    _socket._sock = _OneDatagram(data[:RECEIVE_BUFFER_BYTES])
-    _socket._seq = 0  # the request is number 1, as in every captured reply
+    """NetlinkSocket's receive loop over the input, as the reply to request number 1: a
+    fresh socket per input (the kernel's end is the input), so the request is number 1, as in
+    every captured reply."""
+    kernel = _OneDatagram(data[:RECEIVE_BUFFER_BYTES])
+    sock = NetlinkSocket(
+        NETLINK_SOCK_DIAG, frozenset({SOCK_DIAG_BY_FAMILY}), 1.0, open_socket=lambda *_: kernel
+    )
     with contextlib.suppress(NetlinkParseError, NetlinkError):
-        _socket.request(SOCK_DIAG_BY_FAMILY, NLM_F_DUMP, b"", lambda buf, msg: None)
+        sock.request(SOCK_DIAG_BY_FAMILY, NLM_F_DUMP, b"", lambda buf, msg: None)
 
 
 def main() -> None:

@@ -6,18 +6,25 @@ import subprocess
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
 import pytest
 
+from conntrack_exporter.collectors import COLLECTORS
 from conntrack_exporter.config import (
+    SECONDS,
     Config,
     ConfigError,
-    load_config,
     parse_listen_address,
     read_dataclass,
 )
+from conntrack_exporter.config import load_config as load_with_table
+
+# As the exporter loads it: with its collector table.
+load_config = partial(load_with_table, collectors=COLLECTORS)
+DEFAULT_COLLECTORS = [name for name, cls in COLLECTORS.items() if cls.default_enabled]
 
 EXAMPLE = Path(__file__).parent.parent / "config.example.yml"
 
@@ -35,7 +42,8 @@ def test_example_config_is_the_defaults():
     config = load_config(None)
     assert config.web.listen_address == ":9371"
     assert config.web.telemetry_path == "/metrics"
-    assert config.enabled_collectors == ["conntrack", "conntrack_table", "socket", "socket_ports"]
+    assert config.enabled_collectors == DEFAULT_COLLECTORS
+    assert len(DEFAULT_COLLECTORS) >= 4
     assert config.collectors["conntrack"].options.per_cpu is False
 
 
@@ -92,8 +100,8 @@ def test_every_problem_is_listed_at_once(tmp_path):
         "FILE:6: log.level: expected one of debug, info, warn, error, got 'verbose'",
         "FILE:8: netlink.timeout_seconds: must be greater than 0 and at most 86400 seconds, "
         "got -1.0",
-        "FILE:10: collectors.conntrak: unknown key; expected one of disable_defaults, conntrack, "
-        "conntrack_table, socket, socket_ports",
+        "FILE:10: collectors.conntrak: unknown key; expected one of disable_defaults, "
+        + ", ".join(COLLECTORS),
         "FILE:12: collectors.conntrack.enabled: expected a boolean, got 1",
         "FILE:13: collectors.conntrack.per_cpu: expected a boolean, got [True]",
     ]
@@ -329,3 +337,46 @@ def test_help_explains_every_flag():
     ]:
         assert flag in help_text
     assert "(default ':9371')" in help_text
+
+
+# -- the loader is handed the collector table ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class SampleOptions:
+    interval_seconds: float = field(default=5.0, metadata={"check": SECONDS})
+
+
+class SampleCollector:
+    """Only what the loader reads of a collector class."""
+
+    default_enabled = False
+    options_type = SampleOptions
+
+
+def test_the_collector_keys_come_from_the_table_it_is_handed(tmp_path):
+    table = {"sample": SampleCollector}
+    file = tmp_path / "config.yml"
+    file.write_text("collectors:\n  sample:\n    enabled: true\n    interval_seconds: 2\n")
+    config = load_with_table(str(file), collectors=table)
+    assert config.enabled_collectors == ["sample"]
+    assert config.collectors["sample"].options == SampleOptions(2.0)
+    file.write_text("collectors:\n  sample:\n    interval_seconds: 0\n  socket: {}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_with_table(str(file), collectors=table)
+    assert [p.replace(str(file), "FILE") for p in caught.value.problems] == [
+        "FILE:4: collectors.socket: unknown key; expected one of disable_defaults, sample",
+        "FILE:3: collectors.sample.interval_seconds: must be greater than 0 and at most "
+        "86400 seconds, got 0.0",
+    ]
+
+
+def test_loading_a_configuration_imports_no_collector_and_no_netlink():
+    code = (
+        "import sys, conntrack_exporter.config\n"
+        "print(' '.join(sorted(m for m in sys.modules if m.startswith('conntrack_exporter'))))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    ).stdout.split()
+    assert loaded == ["conntrack_exporter", "conntrack_exporter.config"]

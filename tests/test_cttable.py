@@ -37,15 +37,13 @@ from conntrack_exporter.netlink.core import (
 )
 from conntrack_exporter.netlink.ctnetlink import CT_NEW
 from conntrack_exporter.netlink.cttable import (
-    Destination,
     NatPool,
     TableTally,
-    decode_address,
-    decode_destination,
     decode_kind,
     decode_nat_pool,
     status_names,
 )
+from conntrack_exporter.netlink.tally import Destination, decode_address, decode_destination
 
 FIXTURES = Path(__file__).parent / "fixtures" / "netlink"
 RECORD = json.loads((FIXTURES / "ct_dump_mix.json").read_text())

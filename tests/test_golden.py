@@ -1,8 +1,11 @@
 """Golden exposition per collector, and promtool's lint over the whole output.
 
-The golden cases read a fixed procfs tree (tests/fixtures/procfs/<case>/) with netlink
-refused, as an unprivileged process: the same code path an exporter without CAP_NET_ADMIN
-takes. Values that change every run (durations, the Python version) are masked.
+Every collector of the collector table with a procfs fixture tree
+(tests/fixtures/procfs/<collector>/) has a golden case, tests/golden/<collector>.prom: the
+exporter run with that collector alone over that tree, with netlink refused, as an
+unprivileged process (the code path of an exporter without CAP_NET_ADMIN). A new collector
+needs no line here: its tree and its golden file are enough. EXTRA_CASES add configurations.
+Values that change every run (durations, the Python version) are masked.
 Regenerate after an intended change with `UPDATE_GOLDEN=1 make test`.
 """
 
@@ -14,17 +17,27 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
+
+from conntrack_exporter.collectors import COLLECTORS
 
 HERE = Path(__file__).parent
 GOLDEN = HERE / "golden"
 PROCFS = HERE / "fixtures" / "procfs"
 
-CASES = {
-    "conntrack": ("conntrack", []),
-    "conntrack_per_cpu": ("conntrack", ["--config.file", str(HERE / "fixtures" / "per_cpu.yml")]),
-    "socket": ("socket", []),
+
+class Case(NamedTuple):
+    collector: str
+    flags: tuple[str, ...] = ()
+
+
+CASES = {name: Case(name) for name in COLLECTORS if (PROCFS / name).is_dir()}
+EXTRA_CASES = {
+    "conntrack_per_cpu": Case(
+        "conntrack", ("--config.file", str(HERE / "fixtures" / "per_cpu.yml"))
+    ),
 }
 MASKS = [
     (
@@ -60,20 +73,28 @@ def masked(text: str) -> str:
     return text
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+def test_the_procfs_collectors_have_golden_cases():
+    assert set(CASES) == {"conntrack", "socket"}
+
+
+@pytest.mark.parametrize("case", sorted(CASES.keys() | EXTRA_CASES.keys()))
 def test_golden_exposition(case):
-    fixture, flags = CASES[case]
+    collector, flags = CASES.get(case) or EXTRA_CASES[case]
     result = run_once(
         "--collector.disable-defaults",
-        f"--collector.{fixture.split('_')[0]}",
+        f"--collector.{collector}",
         "--path.procfs",
-        str(PROCFS / fixture),
+        str(PROCFS / collector),
         *flags,
     )
-    got = masked(result.stdout)
+    assert_golden(case, masked(result.stdout))
+
+
+def assert_golden(case: str, got: str) -> None:
     golden = GOLDEN / f"{case}.prom"
     if os.environ.get("UPDATE_GOLDEN"):
         golden.write_text(got)
+    assert golden.exists(), f"no {golden}: write it with UPDATE_GOLDEN=1"
     assert got == golden.read_text()
 
 
@@ -112,44 +133,27 @@ TABLE_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(TABLE_CASES))
-def test_golden_table_exposition_from_a_captured_dump(case, tmp_path, monkeypatch):
+def test_golden_table_exposition_from_a_captured_dump(case, tmp_path):
     """The conntrack_table collector over a real dump captured by capture_dump.py.
 
-    The dump's bytes stand in for the socket (the I/O edge); decoding, tallying and every
+    The dump's bytes stand in for the reader (the I/O edge); decoding, tallying and every
     metric family are the real code. The kernel tests cover the live socket.
     """
-    from prometheus_client.exposition import generate_latest
-
     from conntrack_exporter.collectors.conntrack_table import (
         ConntrackTableCollector,
         ConntrackTableOptions,
     )
-    from conntrack_exporter.netlink.core import iter_messages
-    from conntrack_exporter.netlink.cttable import TableTally
-    from conntrack_exporter.procfs import ProcFS
-    from conntrack_exporter.registry import CollectorContext, ExporterCollector
+    from tests.collectors import CAPTURED_ENTRIES, ReplayedTable, context, exposition
 
-    dump = (HERE / "fixtures" / "netlink" / "ct_dump_mix.bin").read_bytes()
-    entries = sum(1 for msg in iter_messages(dump, len(dump)) if msg.type == 0x100)
     count = tmp_path / "sys" / "net" / "netfilter" / "nf_conntrack_count"
     count.parent.mkdir(parents=True)
-    count.write_text(f"{entries}\n")
+    count.write_text(f"{CAPTURED_ENTRIES}\n")
     options = ConntrackTableOptions(**TABLE_CASES[case])
-    collector = ConntrackTableCollector(options, CollectorContext(ProcFS(str(tmp_path)), 1.0))
-
-    def replay() -> tuple[TableTally, bool]:
-        tally = TableTally(options.label_ct_zone, options.label_mark)
-        for msg in iter_messages(dump, len(dump)):
-            tally.add_message(dump, msg)
-        return tally, True
-
-    monkeypatch.setattr(collector, "_dump", replay)
+    reader = ReplayedTable()
+    collector = ConntrackTableCollector(options, context(tmp_path, conntrack_table=lambda: reader))
     collector.scan()
-    got = generate_latest(ExporterCollector([collector])).decode()
+    got = exposition(collector)
     for pattern, replacement in [*MASKS, *TABLE_MASKS]:
         got = pattern.sub(replacement, got)
-    golden = GOLDEN / f"{case}.prom"
-    if os.environ.get("UPDATE_GOLDEN"):
-        golden.write_text(got)
-    assert got == golden.read_text()
-    assert f"conntrack_table_scan_entries {float(entries)}" in got
+    assert_golden(case, got)
+    assert f"conntrack_table_scan_entries {float(CAPTURED_ENTRIES)}" in got

@@ -37,12 +37,10 @@ from conntrack_exporter.netlink.core import (
     NetlinkParseError,
     iter_messages,
 )
-from conntrack_exporter.netlink.cttable import decode_destination
 from conntrack_exporter.netlink.inet_diag import (
     INET_DIAG_MSG,
-    IPPROTO_TCP,
-    IPPROTO_UDP,
     LISTEN_STATES,
+    NETLINK_SOCK_DIAG,
     PORT_STATES,
     READ_REQUESTS,
     SOCK_DIAG_BY_FAMILY,
@@ -51,7 +49,8 @@ from conntrack_exporter.netlink.inet_diag import (
     build_request,
     local_port,
 )
-from conntrack_exporter.netlink.socket import DumpResult
+from conntrack_exporter.netlink.socket import DumpResult, NetlinkSocket
+from conntrack_exporter.netlink.tally import IPPROTO_TCP, IPPROTO_UDP, decode_destination
 from tests.test_netlink_parsers import parse_enums
 
 FIXTURES = Path(__file__).parent / "fixtures" / "netlink"
@@ -429,9 +428,9 @@ def test_constants_agree_with_the_headers():
 def diag_socket():
     if sys.platform != "linux":
         pytest.skip("sock_diag is Linux-only")
-    reader = SockDiagReader(timeout=2.0)
-    yield reader._socket
-    reader.close()
+    sock = NetlinkSocket(NETLINK_SOCK_DIAG, READ_REQUESTS, timeout=2.0)
+    yield sock
+    sock.close()
 
 
 def ignore(_buf: object, _msg: object) -> None:
@@ -602,7 +601,7 @@ class ReplayedSocket:
         self.replies = {bytes.fromhex(req["payload"]): name for name, req in REQUESTS.items()}
         self.asked: list[str] = []
 
-    def dump(self, msg_type: int, payload: bytes, on_message) -> DumpResult:
+    def dump(self, msg_type: int, payload: bytes, on_message, bounds=None) -> DumpResult:
         assert msg_type == SOCK_DIAG_BY_FAMILY
         name = self.replies[payload]
         self.asked.append(name)
@@ -619,11 +618,8 @@ class ReplayedSocket:
 
 
 def replayed_reader() -> tuple[SockDiagReader, ReplayedSocket]:
-    reader = SockDiagReader(timeout=1.0)
-    reader._socket.close()
     replay = ReplayedSocket()
-    reader._socket = replay  # type: ignore[assignment]
-    return reader, replay
+    return SockDiagReader(netlink_socket=replay), replay
 
 
 def test_the_reader_asks_for_listeners_first_then_each_protocol_and_family():

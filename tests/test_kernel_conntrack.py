@@ -119,11 +119,13 @@ def test_conntrack_absent_reports_failure_and_no_series(netns, user):
 
     assert result.returncode == 0
     assert value(samples, "conntrack_exporter_collector_success", collector="conntrack") == 0
-    assert not [
+    # No data series; only the table scan's error counts, at zero, as from every first scrape.
+    assert [
         name
         for name in samples
         if name.startswith("conntrack_") and not name.startswith("conntrack_exporter_")
-    ]
+    ] == ["conntrack_table_scan_errors_total"]
+    assert set(samples["conntrack_table_scan_errors_total"].values()) == {0}
     assert "conntrack_exporter_source_info" not in samples
     assert "nf_conntrack_buckets is absent: conntrack is not loaded" in result.stderr
     assert "level=debug" in result.stderr and "level=warn" not in result.stderr

@@ -18,7 +18,7 @@ from conntrack_exporter.netlink.ctnetlink import (
     READ_REQUESTS,
     nfgen_request,
 )
-from conntrack_exporter.netlink.socket import NETLINK_NETFILTER, NetlinkSocket
+from conntrack_exporter.netlink.socket import NETLINK_NETFILTER, NetlinkSocket, open_netlink
 from tests.test_netlink_parsers import parse_enums, uapi
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="netlink sockets are Linux-only")
@@ -80,16 +80,15 @@ class RecordingSocket:
 @pytest.fixture
 def recorded():
     try:
-        sock = NetlinkSocket(NETLINK_NETFILTER, READ_REQUESTS, timeout=0.1)
+        open_netlink(NETLINK_NETFILTER, 0.1).close()
     except OSError as exc:
         if exc.errno == errno.EPROTONOSUPPORT:
             pytest.skip("this kernel has no nfnetlink (NETLINK_NETFILTER)")
         raise
-    # Opening the real socket proves it needs no privilege; it is then swapped out, so that a
-    # broken allowlist can never send a flush or a counter reset to the host as root.
-    sock._sock.close()
+    # Opening the real socket proves it needs no privilege; the recorder stands in for it, so
+    # that a broken allowlist can never send a flush or a counter reset to the host as root.
     recorder = RecordingSocket()
-    sock._sock = recorder
+    sock = NetlinkSocket(NETLINK_NETFILTER, READ_REQUESTS, 0.1, open_socket=lambda *_: recorder)
     yield sock, recorder
     sock.close()
 

@@ -25,8 +25,9 @@ import pytest
 
 import conntrack_exporter
 from conntrack_exporter.netlink import ctnetlink, inet_diag
+from conntrack_exporter.netlink import socket as netlink_socket
 from conntrack_exporter.netlink.ctnetlink import nfgen_request
-from conntrack_exporter.netlink.socket import NETLINK_NETFILTER, NetlinkSocket
+from conntrack_exporter.netlink.socket import NETLINK_NETFILTER, NetlinkReader, NetlinkSocket
 from tests.conftest import Netns
 from tests.metrics import parse_samples, value
 from tests.test_faults import EXPORTER, scraped
@@ -156,28 +157,40 @@ def test_every_type_the_package_can_send_is_in_its_modules_read_only_allowlist()
     assert sent[ctnetlink.__name__] == ctnetlink.READ_REQUESTS  # the resolver sees them all
 
 
-def test_every_netlink_socket_is_built_on_its_modules_allowlist_and_bound_as_self_socket():
-    built = []
-    for source in package_sources():
-        for node in ast.walk(source.tree):
-            if (
-                isinstance(node, ast.Assign)
-                and isinstance(node.value, ast.Call)
-                and dotted(node.value.func) == "NetlinkSocket"
-            ):
-                built.append((source.module, node))
-    assert {module for module, _ in built} == set(ALLOWLISTS)
-    for module, node in built:
-        assert [dotted(target) for target in node.targets] == ["self._socket"]
-        protocol, allowlist = node.value.args[:2]
-        assert dotted(allowlist) == "READ_REQUESTS"
-        assert getattr(module, dotted(protocol)) == ALLOWLISTS[module]
-    constructions = sum(
-        dotted(call.func) == "NetlinkSocket"
+def test_every_netlink_socket_is_built_by_the_reader_base_on_its_classs_allowlist():
+    built = [
+        (source.module, call)
         for source in package_sources()
         for call in calls(source.tree)
-    )
-    assert constructions == len(built)  # none built anywhere but into self._socket
+        if dotted(call.func) == "NetlinkSocket"
+    ]
+    assert [module for module, _ in built] == [netlink_socket]
+    [(_, call)] = built
+    assert [dotted(arg) for arg in call.args[:2]] == ["self.protocol", "self.read_requests"]
+    readers = [
+        cls
+        for module in ALLOWLISTS
+        for cls in vars(module).values()
+        if isinstance(cls, type) and issubclass(cls, NetlinkReader) and cls is not NetlinkReader
+    ]
+    assert {cls.__module__ for cls in readers} == {module.__name__ for module in ALLOWLISTS}
+    for cls in readers:
+        module = sys.modules[cls.__module__]
+        assert cls.read_requests is module.READ_REQUESTS, cls
+        assert cls.protocol == ALLOWLISTS[module], cls
+
+
+def test_no_package_code_hands_a_reader_or_socket_another_socket():
+    """netlink_socket= and open_socket= are the seams for tests' fakes; the exporter opens
+    every socket itself, so the allowlists above are what it sends on."""
+    seams = [
+        (source.path.name, dotted(call))
+        for source in package_sources()
+        for call in calls(source.tree)
+        for keyword in call.keywords
+        if keyword.arg in ("netlink_socket", "open_socket")
+    ]
+    assert seams == []
 
 
 # -- 2. the allowlists, against the kernel's headers, and the socket's refusal ---------------
@@ -203,12 +216,12 @@ def test_the_allowlists_hold_only_get_requests_by_the_kernel_headers_names():
 
 @pytest.mark.parametrize("module", list(ALLOWLISTS), ids=lambda m: m.__name__.rsplit(".")[-1])
 def test_the_socket_refuses_every_other_type_and_sends_nothing(module):
-    sock = NetlinkSocket(ALLOWLISTS[module], module.READ_REQUESTS, timeout=0.1)
-    sock._sock.close()
-    # A broken check must send nothing to the host: the recorder stands in for the socket,
-    # also after the reopen that a failed dump does.
-    sock._sock = recorder = RecordingSocket()
-    sock._open = lambda: recorder
+    # A broken check must send nothing to the host: the recorder stands in for the kernel's
+    # end of the socket, also after the reopen that a failed dump does.
+    recorder = RecordingSocket()
+    sock = NetlinkSocket(
+        ALLOWLISTS[module], module.READ_REQUESTS, 0.1, open_socket=lambda *_: recorder
+    )
     payload = nfgen_request()
     refused = 0
     for msg_type in range(1 << 16):

@@ -18,8 +18,9 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import GaugeMetricFamily
 
 from conntrack_exporter.config import WebConfig
-from conntrack_exporter.registry import Collected, ExporterCollector, NoDataError
+from conntrack_exporter.registry import Collected, CollectorSet, ExporterCollector, NoDataError
 from conntrack_exporter.server import MetricsServer, landing_page
+from tests.collectors import exporter as exporter_of
 from tests.metrics import parse_samples, value
 
 
@@ -29,6 +30,9 @@ class Working:
 
     def collect(self) -> Collected:
         return Collected("procfs", [GaugeMetricFamily("test_value", "A value.", value=42)])
+
+    def close(self) -> None:
+        pass
 
 
 class Raising:
@@ -41,13 +45,16 @@ class Raising:
     def collect(self) -> Collected:
         raise self.error
 
+    def close(self) -> None:
+        pass
+
 
 def scrape(exporter: ExporterCollector) -> dict:
     return parse_samples(generate_latest(exporter).decode())
 
 
 def test_failing_collector_reports_success_0_and_others_serve():
-    exporter = ExporterCollector([Raising(RuntimeError("boom")), Working()])
+    exporter = exporter_of(Raising(RuntimeError("boom")), Working())
     samples = scrape(exporter)
     assert value(samples, "test_value") == 42
     assert value(samples, "conntrack_exporter_collector_success", collector="working") == 1
@@ -66,7 +73,7 @@ def test_failing_collector_reports_success_0_and_others_serve():
 
 def test_failures_are_logged_once_per_distinct_error(caplog):
     failing = Raising(OSError(5, "Input/output error"))
-    exporter = ExporterCollector([failing])
+    exporter = exporter_of(failing)
     with caplog.at_level(logging.DEBUG, logger="conntrack_exporter.registry"):
         scrape(exporter)
         scrape(exporter)
@@ -81,11 +88,11 @@ def test_failures_are_logged_once_per_distinct_error(caplog):
 
 def test_recovery_is_logged(caplog):
     failing = Raising(RuntimeError("x"))
-    exporter = ExporterCollector([failing])
+    exporter = exporter_of(failing)
     scrape(exporter)
     recovered = Working()
     recovered.name = "raising"
-    exporter.collectors[0] = recovered
+    exporter.replace(CollectorSet([recovered]))
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="conntrack_exporter.registry"):
         samples = scrape(exporter)
@@ -95,7 +102,7 @@ def test_recovery_is_logged(caplog):
 
 @pytest.fixture
 def server():
-    exporter = ExporterCollector([Raising(ValueError("bad bytes")), Working()])
+    exporter = exporter_of(Raising(ValueError("bad bytes")), Working())
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -147,3 +154,57 @@ def test_keep_alive_serves_several_scrapes_on_one_connection(server):
         response = connection.getresponse()
         assert response.status == 200 and b"test_value 42.0" in response.read()
     assert connection.sock is not None  # still the same open socket
+
+
+# -- the lifecycle: a set of collectors is closed once, after its last use --------------------
+
+
+class Tracked(Working):
+    """Records its close(), and holds a scrape in collect() until `release` is set."""
+
+    def __init__(self, name: str = "tracked", fail_close: bool = False) -> None:
+        self.name = name
+        self.fail_close = fail_close
+        self.closed = 0
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.release.set()
+
+    def collect(self) -> Collected:
+        self.entered.set()
+        assert self.release.wait(10)
+        assert not self.closed, "collected after close"
+        return super().collect()
+
+    def close(self) -> None:
+        self.closed += 1
+        if self.fail_close:
+            raise OSError(9, "Bad file descriptor")
+
+
+def test_close_waits_for_the_scrape_in_flight_then_closes_every_collector(caplog):
+    slow, broken, other = Tracked("slow"), Tracked("broken", fail_close=True), Tracked("other")
+    slow.release.clear()
+    old = CollectorSet([slow, broken, other])
+    exporter = ExporterCollector(old)
+    scrape_thread = threading.Thread(target=scrape, args=(exporter,))
+    scrape_thread.start()
+    assert slow.entered.wait(10)
+    exporter.replace(CollectorSet([Working()]))
+    closer = threading.Thread(target=old.close)
+    closer.start()
+    closer.join(0.3)
+    assert closer.is_alive() and slow.closed == 0  # the scrape still uses the old set
+    slow.release.set()
+    scrape_thread.join(10)
+    closer.join(10)
+    assert not closer.is_alive()
+    # One collector failing to close leaves none of the others open.
+    assert (slow.closed, broken.closed, other.closed) == (1, 1, 1)
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [
+        "closing a collector failed"
+    ]
+    # The new set serves; the old one, closed, is never collected again.
+    assert value(scrape(exporter), "test_value") == 42
+    with old.in_use() as collectors:
+        assert collectors == []

@@ -15,8 +15,17 @@ from conntrack_exporter.scanner import BackgroundJob, Scanner
 
 
 class RecordingJob:
-    def __init__(self, name: str, interval: float, work: float = 0.0, fail: bool = False):
+    def __init__(
+        self,
+        name: str,
+        interval: float,
+        work: float = 0.0,
+        fail: bool = False,
+        cancellable: bool = False,
+    ):
         self.name = name
+        self.cancellable = cancellable
+        self.cancelled = 0
         self._interval = interval
         self.work = work
         self.fail = fail
@@ -29,12 +38,15 @@ class RecordingJob:
     def interval(self) -> float:
         return self._interval
 
-    def scan(self) -> None:
+    def scan(self, stop: threading.Event | None = None) -> None:
         with self.lock:
             self.running += 1
             self.overlaps += self.running > 1
         started = time.monotonic()
-        time.sleep(self.work)
+        if self.cancellable and stop is not None:
+            self.cancelled += stop.wait(self.work)
+        else:
+            time.sleep(self.work)
         self.runs.append((started, time.monotonic()))
         with self.lock:
             self.running -= 1
@@ -47,9 +59,8 @@ def run_for(scanner: Scanner, seconds: float) -> float:
     started = time.monotonic()
     scanner.start()
     time.sleep(seconds)
-    scanner.stop()
-    scanner._thread.join(timeout=10)
-    assert not scanner._thread.is_alive()
+    scanner.stop()  # returns once the thread has ended
+    assert not [t for t in threading.enumerate() if t.name == "scanner"]
     return started
 
 
@@ -95,11 +106,16 @@ def test_a_failing_job_is_logged_and_runs_again(caplog):
     assert caplog.records[0].job == "broken"
 
 
-def test_stop_does_not_wait_for_a_running_scan():
-    job = RecordingJob("endless", interval=10, work=30)
+def test_stop_waits_for_the_running_scan_which_sees_the_stop_event():
+    """stop() returns only once the thread has ended, so that the caller may close what the
+    scans use; a scan sees the stop event and gives up (a dump checks it between datagrams)."""
+    job = RecordingJob("endless", interval=10, work=30, cancellable=True)
     scanner = Scanner([job])
     scanner.start()
-    time.sleep(0.1)
+    while not job.running:
+        time.sleep(0.01)
     scanner.stop()
-    # The thread is a daemon: stopping returns at once and the process may exit mid-scan.
-    assert scanner._thread.daemon
+    assert job.running == 0
+    assert job.cancelled == 1
+    assert not [t for t in threading.enumerate() if t.name == "scanner"]
+    scanner.stop()  # a second stop is harmless

@@ -25,7 +25,7 @@ from conntrack_exporter.procfs import (
     parse_snmp_tables,
     parse_sockstat,
 )
-from conntrack_exporter.registry import CollectorContext, ExporterCollector
+from tests import collectors
 from tests.metrics import parse_samples
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -344,11 +344,9 @@ def tree(tmp_path):
 
 
 def exposition(root: Path, collector: SocketCollector | None = None) -> str:
-    from prometheus_client.exposition import generate_latest
-
     if collector is None:
         collector = make_collector(root)
-    return generate_latest(ExporterCollector([collector])).decode()
+    return collectors.exposition(collector)
 
 
 def scrape(root: Path, collector: SocketCollector | None = None) -> tuple[dict, float]:
@@ -359,7 +357,7 @@ def scrape(root: Path, collector: SocketCollector | None = None) -> tuple[dict, 
 
 
 def make_collector(root: Path) -> SocketCollector:
-    return SocketCollector(SocketOptions(), CollectorContext(ProcFS(str(root)), 1.0))
+    return SocketCollector(SocketOptions(), collectors.context(root))
 
 
 def one(samples: dict, name: str, **labels: str) -> float:

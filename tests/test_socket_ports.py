@@ -16,16 +16,15 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from prometheus_client.exposition import generate_latest
 
-import conntrack_exporter.collectors.socket_ports as module
 from conntrack_exporter.collectors.socket_ports import SocketPortsCollector, SocketPortsOptions
 from conntrack_exporter.netlink import NetlinkError, NetlinkTimeout
-from conntrack_exporter.procfs import ProcFS
-from conntrack_exporter.registry import CollectorContext, ExporterCollector, NoDataError
+from conntrack_exporter.netlink.inet_diag import SockDiagReader
+from conntrack_exporter.registry import NoDataError
+from tests.collectors import context, exposition
 from tests.metrics import parse_samples, value
 from tests.test_golden import MASKS
-from tests.test_inet_diag import PORT_RANGE, ReplayedSocket, replayed_reader
+from tests.test_inet_diag import PORT_RANGE, ReplayedSocket
 
 GOLDEN = Path(__file__).parent / "golden" / "socket_ports.prom"
 TIME_MASK = (
@@ -52,31 +51,32 @@ class ScriptedSocket(ReplayedSocket):
         super().__init__()
         self.faults = list(faults)
 
-    def dump(self, msg_type, payload, on_message):
+    def dump(self, msg_type, payload, on_message, bounds=None):
         if len(self.asked) % 6 == 0 and self.faults:  # six dumps a scan
             fault = self.faults.pop(0)
             if fault is not None:
                 raise fault
-        return super().dump(msg_type, payload, on_message)
+        return super().dump(msg_type, payload, on_message, bounds)
 
 
-def procfs(root: Path, port_range: str = "32768\t60999\n", reserved: str = "\n") -> ProcFS:
+def port_sysctls(root: Path, port_range: str = "32768\t60999\n", reserved: str = "\n") -> Path:
+    """`root`, a procfs with the port sysctls (by default the capture's range)."""
     sysctl = root / "sys" / "net" / "ipv4"
     sysctl.mkdir(parents=True, exist_ok=True)
     (sysctl / "ip_local_port_range").write_text(port_range)
     (sysctl / "ip_local_reserved_ports").write_text(reserved)
-    return ProcFS(str(root))
+    return root
 
 
-def collector_over(root: Path, monkeypatch, **options) -> SocketPortsCollector:
-    """A collector whose reader answers from the capture; procfs holds the capture's range."""
-    reader, _ = replayed_reader()
-    monkeypatch.setattr(module, "SockDiagReader", lambda timeout: reader)
-    return SocketPortsCollector(SocketPortsOptions(**options), CollectorContext(procfs(root), 1.0))
-
-
-def exposition(collector: SocketPortsCollector) -> str:
-    return generate_latest(ExporterCollector([collector])).decode()
+def collector_over(
+    root: Path, replay: ReplayedSocket | None = None, **options
+) -> SocketPortsCollector:
+    """A collector whose reader answers from the capture (through `replay`, if given);
+    procfs holds the capture's range."""
+    reader = SockDiagReader(netlink_socket=replay or ReplayedSocket())
+    return SocketPortsCollector(
+        SocketPortsOptions(**options), context(port_sysctls(root), sock_diag=lambda: reader)
+    )
 
 
 def used(samples: dict) -> dict[tuple[str, str, str], float]:
@@ -92,8 +92,8 @@ def errors(samples: dict) -> dict[str, float]:
     return {dict(key)["reason"]: n for key, n in samples["socket_ports_scan_errors_total"].items()}
 
 
-def test_golden_exposition_from_captured_replies(tmp_path, monkeypatch):
-    collector = collector_over(tmp_path, monkeypatch)
+def test_golden_exposition_from_captured_replies(tmp_path):
+    collector = collector_over(tmp_path)
     collector.scan()
     text = exposition(collector)
     got = text
@@ -125,23 +125,23 @@ def test_promtool_accepts_the_golden_file():
     assert lint.returncode == 0 and lint.stdout + lint.stderr == "", lint.stdout + lint.stderr
 
 
-def test_top_k_names_that_many_destinations_and_zero_turns_them_off(tmp_path, monkeypatch):
-    collector = collector_over(tmp_path, monkeypatch, top_k=1)
+def test_top_k_names_that_many_destinations_and_zero_turns_them_off(tmp_path):
+    collector = collector_over(tmp_path, top_k=1)
     collector.scan()
     samples = parse_samples(exposition(collector))
     assert used(samples) == {("tcp", "127.0.0.1", "8080"): 7}
 
-    collector = collector_over(tmp_path, monkeypatch, top_k=0)
+    collector = collector_over(tmp_path, top_k=0)
     collector.scan()
     samples = parse_samples(exposition(collector))
     assert "socket_ephemeral_ports_used" not in samples
     assert value(samples, "socket_ephemeral_ports_used_max", protocol="udp") == 4
 
 
-def test_reserved_ports_are_read_at_each_scan(tmp_path, monkeypatch):
-    collector = collector_over(tmp_path, monkeypatch)
+def test_reserved_ports_are_read_at_each_scan(tmp_path):
+    collector = collector_over(tmp_path)
     low, high = PORT_RANGE
-    procfs(tmp_path, reserved=f"{low}-{high}\n")  # the whole range reserved: nothing counts
+    port_sysctls(tmp_path, reserved=f"{low}-{high}\n")  # the whole range reserved: nothing counts
     collector.scan()
     samples = parse_samples(exposition(collector))
     assert "socket_ephemeral_ports_used" not in samples  # a family without samples
@@ -149,13 +149,13 @@ def test_reserved_ports_are_read_at_each_scan(tmp_path, monkeypatch):
     assert value(samples, "socket_ephemeral_ports_used_max", protocol="udp") == 0
     assert value(samples, "socket_ports_scan_sockets") == READ  # read all the same
 
-    procfs(tmp_path, reserved="\n")
+    port_sysctls(tmp_path, reserved="\n")
     collector.scan()
     assert used(parse_samples(exposition(collector))) == USED
 
 
-def test_a_spent_budget_says_incomplete_and_counts_are_lower_bounds(tmp_path, monkeypatch):
-    collector = collector_over(tmp_path, monkeypatch, max_sockets=5)
+def test_a_spent_budget_says_incomplete_and_counts_are_lower_bounds(tmp_path):
+    collector = collector_over(tmp_path, max_sockets=5)
     collector.scan()
     samples = parse_samples(exposition(collector))
     assert value(samples, "socket_ports_scan_complete") == 0
@@ -165,32 +165,33 @@ def test_a_spent_budget_says_incomplete_and_counts_are_lower_bounds(tmp_path, mo
         assert count <= USED[key]
 
 
-def test_without_the_port_range_file_there_is_no_data(tmp_path, monkeypatch):
-    collector = collector_over(tmp_path, monkeypatch)
+def test_without_the_port_range_file_there_is_no_data(tmp_path):
+    collector = collector_over(tmp_path)
     (tmp_path / "sys" / "net" / "ipv4" / "ip_local_port_range").unlink()
     collector.scan()
     with pytest.raises(NoDataError, match="ip_local_port_range"):
         collector.collect()
 
 
-def test_before_the_first_scan_there_is_no_data(tmp_path, monkeypatch):
-    with pytest.raises(NoDataError, match="no socket scan has finished yet"):
-        collector_over(tmp_path, monkeypatch).collect()
+def test_before_the_first_scan_there_is_no_data_but_the_error_counts(tmp_path):
+    collector = collector_over(tmp_path)
+    with pytest.raises(NoDataError, match="no socket scan to serve: waiting for the first scan"):
+        collector.collect()
+    samples = parse_samples(exposition(collector))
+    assert set(errors(samples).values()) == {0}
+    assert value(samples, "conntrack_exporter_collector_success", collector="socket_ports") == 0
 
 
 @pytest.mark.parametrize(
     ("fault", "reason"),
     [
         (NetlinkError(errno.ENOBUFS, "No buffer space available"), "no_buffer_space"),
-        (NetlinkTimeout(errno.ETIMEDOUT, "netlink read timed out"), "timeout"),
+        (NetlinkTimeout(errno.ETIMEDOUT, "the kernel sent nothing for 2 s"), "timeout"),
         (NetlinkError(errno.EIO, "Input/output error"), "other"),
     ],
 )
 def test_a_failed_scan_is_counted_and_the_last_good_one_served(tmp_path, fault, reason):
-    collector = SocketPortsCollector(SocketPortsOptions(), CollectorContext(procfs(tmp_path), 1.0))
-    reader, _ = replayed_reader()
-    reader._socket = ScriptedSocket(None, fault, fault)
-    collector._reader = reader
+    collector = collector_over(tmp_path, ScriptedSocket(None, fault, fault))
     collector.scan()
     first = parse_samples(exposition(collector))
     collector.scan()
@@ -203,12 +204,11 @@ def test_a_failed_scan_is_counted_and_the_last_good_one_served(tmp_path, fault, 
 
 
 def test_refusal_stops_scanning(tmp_path):
-    collector = SocketPortsCollector(SocketPortsOptions(), CollectorContext(procfs(tmp_path), 1.0))
-    reader, _ = replayed_reader()
-    reader._socket = ScriptedSocket(NetlinkError(errno.EPERM, "Operation not permitted"))
-    collector._reader = reader
+    replay = ScriptedSocket(NetlinkError(errno.EPERM, "Operation not permitted"))
+    collector = collector_over(tmp_path, replay)
     collector.scan()
     collector.scan()  # not asked again: the refusal is final
-    assert reader._socket.asked == []
-    with pytest.raises(NoDataError, match="permission"):
+    assert replay.asked == []
+    with pytest.raises(NoDataError, match="refused: socket port scan refused"):
         collector.collect()
+    assert errors(parse_samples(exposition(collector)))["permission"] == 1

@@ -23,8 +23,9 @@ from prometheus_client.metrics_core import GaugeMetricFamily
 
 from conntrack_exporter import server as server_module
 from conntrack_exporter.config import WebConfig
-from conntrack_exporter.registry import Collected, ExporterCollector
+from conntrack_exporter.registry import Collected
 from conntrack_exporter.server import MetricsServer, landing_page
+from tests.collectors import exporter
 
 CLIENT_TIMEOUT = 30  # only to fail instead of hanging; no assertion depends on it
 REQUEST_HEAD = b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n"
@@ -63,7 +64,7 @@ def free_port() -> int:
 @contextlib.contextmanager
 def running(collector: object, **web: object) -> Iterator[MetricsServer]:
     config = WebConfig(listen_address=f"127.0.0.1:{free_port()}", **web)
-    srv = MetricsServer(config, ExporterCollector([collector]), landing_page("/metrics", []))
+    srv = MetricsServer(config, exporter(collector), landing_page("/metrics", []))
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05})
     thread.start()
     try:

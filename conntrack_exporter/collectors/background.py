@@ -1,159 +1,256 @@
-"""What the collectors fed by a background scan share: failures, retries and scan health.
+"""The base of the collectors fed by a background scan: conntrack_table and socket_ports.
 
-conntrack_table and socket_ports dump a kernel table in the scanner's thread (see scanner.py)
-and serve the metric families of their last good scan. Around each dump the bookkeeping is the
-same: failures counted by reason and logged once, a refusal that stops scanning for good, one
-retry of a dump the kernel flagged as interrupted, the families rebuilt once per scan, and the
-scan health families (`<prefix>_scan_duration_seconds`, `_timestamp_seconds`,
-`_errors_total{reason}`). Whatever a scan raises is counted here, procfs trouble and bugs
-included: nothing reaches the scanner's last-resort handler uncounted.
+Each dumps a kernel table in the scanner's thread (see scanner.py) and serves the metric
+families of its last good scan. A subclass says what a scan reads before its dump
+(`_prepare`), how one dump runs (`_dump`), and what families a scan gives (`_families`,
+`_scan_counts`); everything around the dump is here, once:
+
+- the reader, opened on the first scan through the context's factory and closed in close();
+- the scan's bounds: `scan_timeout_seconds` for the whole scan (the netlink timeout bounds
+  only the kernel's silence), and the scanner's stop event, which cancels a dump at once;
+- one retry of a dump the kernel flagged as interrupted (the table changed under it);
+- failures counted by reason in `<prefix>_scan_errors_total{reason}`, served from the first
+  scrape on, zeros included, whether or not a scan ever succeeded; each failure logged once,
+  not every interval; a refusal (EPERM) stops scanning for good;
+- the scan health families (`_scan_duration_seconds`, `_scan_timestamp_seconds`), built once
+  per scan in the scanner's thread, so that a scrape costs a list read.
+
+Whatever a scan raises is counted here, procfs trouble and bugs included: nothing reaches the
+scanner's last-resort handler uncounted.
 """
 
 from __future__ import annotations
 
+import enum
 import errno
 import logging
+import threading
+import time
 from collections import Counter
 from collections.abc import Callable
-from typing import ClassVar, Generic, TypeVar
+from dataclasses import dataclass
+from typing import ClassVar, Generic, NamedTuple, Protocol, TypeVar
 
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from conntrack_exporter.netlink import NetlinkParseError, NetlinkTimeout
-from conntrack_exporter.netlink.socket import DumpResult
+from conntrack_exporter.netlink.socket import DumpBounds, DumpCancelled, DumpResult
 from conntrack_exporter.registry import Collected, NoDataError
 
 ERROR_REASONS = ("permission", "timeout", "no_buffer_space", "interrupted", "parse", "other")
 
-R = TypeVar("R")  # a collector's scan result
-T = TypeVar("T")
+
+class Closable(Protocol):
+    def close(self) -> None: ...
 
 
-class BackgroundScanCollector(Generic[R]):
-    """Base of a collector whose data comes from a periodic dump (a scanner BackgroundJob).
+class Finishable(Protocol):
+    def finish(self) -> None: ...
 
-    A subclass implements `_scan()`, which publishes a result through `_publish()`, and
-    `_families(result)`, which turns it into every family a scrape serves. Scrapes cost a list
-    read: the families are built once per scan, in the scanner's thread.
-    """
 
+R = TypeVar("R", bound=Closable)  # the netlink reader
+P = TypeVar("P")  # what a scan reads before its dump (from procfs)
+T = TypeVar("T", bound=Finishable)  # the tally a dump fills
+
+
+class SourceAbsent(Exception):
+    """What the scan reads is absent on this kernel (conntrack not loaded): nothing to count."""
+
+
+class _PrepareFailed(Exception):
+    """Reading procfs before the dump failed: its errno never means the dump was refused."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+        self.reason = "parse" if isinstance(cause, ValueError) else "other"
+
+
+class ScanState(enum.Enum):
+    """Why a background collector serves what it serves."""
+
+    WAITING = "waiting for the first scan"
+    SCANNED = "serving the last good scan"
+    ABSENT = "source absent"
+    REFUSED = "refused"
+    FAILED = "failing"
+
+
+@dataclass(frozen=True)
+class Scan(Generic[P, T]):
+    """One good scan: what it read first, its tally, and how it went."""
+
+    prepared: P
+    tally: T
+    complete: bool  # False when the collector's budget stopped the dump
+    duration: float
+    finished_at: float  # Unix time
+
+
+class _Served(NamedTuple):
+    """What scrapes serve, replaced whole by each scan (one reference: no lock needed)."""
+
+    metrics: list[Metric] | None  # the last good scan's families, with the current errors
+    errors: Metric  # the errors family alone, for when there is no good scan
+    why: str  # for NoDataError while there is no good scan
+
+
+class BackgroundScanCollector(Generic[R, P, T]):
+    """A collector whose data comes from a periodic dump (a scanner.BackgroundJob)."""
+
+    name: ClassVar[str]
     metric_prefix: ClassVar[str]  # e.g. "conntrack_table"
     subject: ClassVar[str]  # what is scanned, in HELP and NoDataError texts: "table"
     scan_name: ClassVar[str]  # in log messages: "conntrack table"
     refusal: ClassVar[str]  # the warning logged once when the kernel refuses the dump
 
-    def __init__(self) -> None:
-        self._result: R | None = None  # the last good scan
-        self._metrics: list[Metric] | None = None  # its families, served to every scrape
+    def __init__(self, interval: float, scan_timeout: float, open_reader: Callable[[], R]) -> None:
+        self._interval = interval
+        self._scan_timeout = scan_timeout
+        self._open_reader = open_reader
+        self._reader: R | None = None
+        self._scan: Scan[P, T] | None = None
         self._errors: Counter[str] = Counter(dict.fromkeys(ERROR_REASONS, 0))
-        self._failure: str | None = None  # why there is no result, for the scrape to say
+        self._state = ScanState.WAITING
+        self._detail = ""  # what went wrong, for NoDataError
         self._logged: str | None = None  # the failure last logged, until a scan goes clean
+        self._served = self._serving()
+
+    @property
+    def interval(self) -> float:
+        return self._interval
+
+    # -- what a subclass writes ---------------------------------------------------------
+
+    def _prepare(self) -> P:
+        """Read what the dump needs (raise SourceAbsent when the kernel lacks the feature)."""
+        raise NotImplementedError
+
+    def _dump(self, reader: R, prepared: P, bounds: DumpBounds) -> tuple[T, DumpResult]:
+        """One dump into a fresh tally."""
+        raise NotImplementedError
+
+    def _families(self, scan: Scan[P, T]) -> list[Metric]:
+        """The collector's own families of a scan."""
+        raise NotImplementedError
+
+    def _scan_counts(self, scan: Scan[P, T]) -> list[Metric]:
+        """The families that say what the scan read, served among the health families."""
+        raise NotImplementedError
 
     # -- background ---------------------------------------------------------------------
 
-    def scan(self) -> None:
-        if self._failure == "permission":
+    def scan(self, stop: threading.Event | None = None) -> None:
+        """One scan (a BackgroundJob's work); `stop` set cancels it without counting."""
+        if self._state is ScanState.REFUSED:
             return  # refused once, refused for good: capabilities do not come back
         errors_before = self._errors.total()
         try:
-            self._scan()
-        except Exception as exc:  # what _counted does not expect: a procfs file, or a bug
-            self._count_error("parse" if isinstance(exc, ValueError) else "other", exc)
+            self._scan = self._scan_once(stop)
+            self._state, self._detail = ScanState.SCANNED, ""
+        except DumpCancelled:
+            return
+        except SourceAbsent as exc:
+            self._state, self._detail = ScanState.ABSENT, str(exc)
+        except _PrepareFailed as exc:
+            self._count_error(exc.reason, exc.cause)
+        except Exception as exc:
+            self._count_error(_dump_reason(exc), exc)
         if self._errors.total() == errors_before:
             self._logged = None  # a clean scan: the next failure is news again
-        # Also after a failed scan: the last good result is served with new error counts.
-        if self._result is not None:
-            self._metrics = self._families(self._result)
+        self._served = self._serving()
 
-    def _scan(self) -> None:
-        raise NotImplementedError
-
-    def _families(self, result: R) -> list[Metric]:
-        raise NotImplementedError
-
-    def _publish(self, result: R) -> None:
-        self._result = result
-        self._failure = None
-
-    def _counted(self, dump: Callable[[], T]) -> T | None:
-        """dump(), its failure counted by reason instead of raised (None then)."""
+    def _scan_once(self, stop: threading.Event | None) -> Scan[P, T]:
         try:
-            return dump()
-        except OSError as exc:  # NetlinkError, or a netlink socket that cannot be opened
-            self._count_error(error_reason(exc), exc)
-        except NetlinkParseError as exc:
-            self._count_error("parse", exc)
-        return None
-
-    def _retried(self, dump_once: Callable[[], tuple[T, DumpResult]]) -> tuple[T, bool]:
-        """(data, complete) of dump_once(), run again once when the kernel flagged it
-        interrupted (the table changed under the dump); after that, take what we have and
-        count it."""
+            prepared = self._prepare()
+        except (OSError, ValueError) as exc:  # an unreadable or garbled /proc file
+            raise _PrepareFailed(exc) from exc
+        started = time.monotonic()
+        bounds = DumpBounds.within(self._scan_timeout, stop)
+        if self._reader is None:
+            self._reader = self._open_reader()
         for attempt in (1, 2):
-            data, result = dump_once()
+            tally, result = self._dump(self._reader, prepared, bounds)
             if not result.interrupted:
                 break
-            if attempt == 2:
+            if attempt == 2:  # take what we have, and count it
                 self._count_error("interrupted", None)
-        return data, result.complete
+        tally.finish()
+        return Scan(prepared, tally, result.complete, time.monotonic() - started, time.time())
 
     def _count_error(self, reason: str, exc: Exception | None) -> None:
         self._errors[reason] += 1
+        log = logging.getLogger(type(self).__module__)
         if reason == "permission":
-            self._failure = reason
-            logging.getLogger(type(self).__module__).warning(self.refusal)
+            self._state, self._detail = ScanState.REFUSED, self.refusal
+            log.warning(self.refusal)
             return
-        failure = f"{reason}: {exc}"
-        if self._result is None:
-            self._failure = f"no {self.subject} scan has finished yet, the last failed: {failure}"
+        failure = f"{reason}: {exc}" if exc is not None else reason
+        if self._scan is None:
+            self._state, self._detail = ScanState.FAILED, failure
         # Once per failure, not once per interval: the counter says how often it recurs.
         if failure != self._logged:
             self._logged = failure
-            self._log_failure(reason, exc)
+            # A traceback only for an exception nothing here expects, where it shows the bug.
+            expected = exc is None or isinstance(exc, OSError | ValueError)
+            log.warning(
+                f"{self.scan_name} scan failed",
+                extra={"reason": reason, "err": str(exc)},
+                exc_info=None if expected else exc,
+            )
 
-    def _log_failure(self, reason: str, exc: Exception | None) -> None:
-        # A traceback only for an exception nothing here expects, where it shows the bug.
-        expected = exc is None or isinstance(exc, OSError | ValueError)
-        logging.getLogger(type(self).__module__).warning(
-            f"{self.scan_name} scan failed",
-            extra={"reason": reason, "err": str(exc)},
-            exc_info=None if expected else exc,
-        )
-
-    # -- scrape -------------------------------------------------------------------------
-
-    def collect(self) -> Collected:
-        metrics = self._metrics
-        if metrics is None:
-            raise NoDataError(self._failure or f"no {self.subject} scan has finished yet")
-        return Collected("netlink", metrics)
-
-    def _health_families(
-        self, duration: float, finished_at: float, counts: list[Metric]
-    ) -> list[Metric]:
-        """The scan health families, with the collector's own `counts` of what it read."""
-        prefix, subject = self.metric_prefix, self.subject
+    def _serving(self) -> _Served:
         errors = CounterMetricFamily(
-            f"{prefix}_scan_errors",
-            f"{subject.capitalize()} scans that failed or were inconsistent, by reason.",
+            f"{self.metric_prefix}_scan_errors",
+            f"{self.subject.capitalize()} scans that failed or were inconsistent, by reason.",
             labels=["reason"],
         )
         for reason, count in self._errors.items():
             errors.add_metric([reason], count)
+        # Also after a failed scan: the last good result is served with new error counts.
+        metrics = None
+        if self._scan is not None:
+            metrics = [*self._families(self._scan), *self._health_families(self._scan, errors)]
+        why = f"no {self.subject} scan to serve: {self._state.value}"
+        return _Served(metrics, errors, f"{why}: {self._detail}" if self._detail else why)
+
+    def _health_families(self, scan: Scan[P, T], errors: Metric) -> list[Metric]:
+        prefix, subject = self.metric_prefix, self.subject
         return [
             GaugeMetricFamily(
                 f"{prefix}_scan_duration_seconds",
                 f"How long the last {subject} scan took.",
-                value=duration,
+                value=scan.duration,
             ),
             GaugeMetricFamily(
                 f"{prefix}_scan_timestamp_seconds",
                 f"When the last {subject} scan finished (Unix time).",
-                value=finished_at,
+                value=scan.finished_at,
             ),
-            *counts,
+            *self._scan_counts(scan),
             errors,
         ]
+
+    # -- scrape and lifecycle -----------------------------------------------------------
+
+    def collect(self) -> Collected:
+        served = self._served
+        if served.metrics is None:
+            raise NoDataError(served.why, [served.errors])
+        return Collected("netlink", served.metrics)
+
+    def close(self) -> None:
+        """Close the reader; the scanner that calls scan() must have stopped."""
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+
+def _dump_reason(exc: Exception) -> str:
+    """The reason label of what the dump raised (opening its socket included)."""
+    if isinstance(exc, OSError):  # NetlinkError, or a netlink socket that cannot be opened
+        return error_reason(exc)
+    return "parse" if isinstance(exc, NetlinkParseError) else "other"
 
 
 def error_reason(exc: OSError) -> str:

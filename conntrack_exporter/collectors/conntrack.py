@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -15,12 +15,11 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 
 from conntrack_exporter.netlink import NetlinkError
 from conntrack_exporter.netlink.ctnetlink import ConntrackStatsReader, CpuStats
-from conntrack_exporter.procfs import parse_nf_conntrack_stat
+from conntrack_exporter.procfs import CONNTRACK_COUNT_FILE, parse_nf_conntrack_stat
 from conntrack_exporter.registry import Collected, CollectorContext, NoDataError
 
 log = logging.getLogger(__name__)
 
-COUNT_FILE = "sys/net/netfilter/nf_conntrack_count"
 MAX_FILE = "sys/net/netfilter/nf_conntrack_max"
 BUCKETS_FILE = "sys/net/netfilter/nf_conntrack_buckets"
 STAT_FILE = "net/stat/nf_conntrack"
@@ -65,11 +64,13 @@ class ConntrackCollector:
     def __init__(self, options: ConntrackOptions, context: CollectorContext) -> None:
         self._per_cpu = options.per_cpu
         self._procfs = context.procfs
-        self._reader = self._open_netlink(context.netlink_timeout)
+        self._reader = self._open_netlink(context.readers.conntrack_stats)
 
-    def _open_netlink(self, timeout: float) -> ConntrackStatsReader | None:
+    def _open_netlink(
+        self, open_reader: Callable[[], ConntrackStatsReader]
+    ) -> ConntrackStatsReader | None:
         try:
-            return ConntrackStatsReader(timeout)
+            return open_reader()
         except OSError as exc:
             log.warning(
                 "netfilter netlink unavailable, reading conntrack from procfs",
@@ -90,6 +91,11 @@ class ConntrackCollector:
                 self._drop_netlink(exc)
         return self._collect_procfs(buckets)
 
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
     def _drop_netlink(self, exc: NetlinkError) -> None:
         log.warning(
             "ctnetlink refused (needs CAP_NET_ADMIN); falling back to procfs, which has no "
@@ -98,9 +104,7 @@ class ConntrackCollector:
             "to read over netlink",
             extra={"err": exc.strerror},
         )
-        if self._reader is not None:
-            self._reader.close()
-        self._reader = None
+        self.close()
 
     def _collect_netlink(self, reader: ConntrackStatsReader, buckets: int) -> Collected:
         totals = reader.global_stats()
@@ -109,7 +113,7 @@ class ConntrackCollector:
         return Collected("netlink", metrics)
 
     def _collect_procfs(self, buckets: int) -> Collected:
-        entries = self._procfs.read_int(COUNT_FILE)
+        entries = self._procfs.read_int(CONNTRACK_COUNT_FILE)
         limit = self._procfs.read_int(MAX_FILE)
         try:
             rows = parse_nf_conntrack_stat(self._procfs.read_text(STAT_FILE))

@@ -8,36 +8,36 @@ Scrapes only turn the last scan's tallies into metrics.
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from dataclasses import dataclass, field
-from functools import partial
-from typing import ClassVar, NamedTuple
+from typing import ClassVar
 
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
-from conntrack_exporter.checks import non_negative, port_range, seconds
-from conntrack_exporter.collectors.background import BackgroundScanCollector
+from conntrack_exporter.collectors.background import BackgroundScanCollector, Scan, SourceAbsent
+from conntrack_exporter.config import NON_NEGATIVE, PORT_RANGE, SECONDS
 from conntrack_exporter.netlink.ctnetlink import ConntrackTableReader
 from conntrack_exporter.netlink.cttable import (
-    FAMILY_NAMES,
     NO_STATE,
     PORT_PROTOCOLS,
-    PROTOCOL_NAMES,
     STATUS_FLAGS,
     TCP_STATE_NAMES,
     TableTally,
-    decode_address,
-    decode_destination,
     decode_kind,
     decode_nat_pool,
     status_names,
+)
+from conntrack_exporter.netlink.socket import DumpBounds, DumpResult
+from conntrack_exporter.netlink.tally import (
+    FAMILY_NAMES,
+    PROTOCOL_NAMES,
+    decode_address,
+    decode_destination,
     top,
 )
-from conntrack_exporter.netlink.socket import DumpResult
+from conntrack_exporter.procfs import CONNTRACK_COUNT_FILE
 from conntrack_exporter.registry import CollectorContext
 
-COUNT_FILE = "sys/net/netfilter/nf_conntrack_count"
 CACHED = "From the last background table scan"
 # SNAT maps ICMP echo ids, not ports, and picks them from the whole 16-bit range.
 ICMP_NAMES = frozenset({"icmp", "icmpv6"})
@@ -46,26 +46,24 @@ ICMP_ID_POOL = 65536
 
 @dataclass(frozen=True)
 class ConntrackTableOptions:
-    interval_seconds: float = field(default=30.0, metadata={"check": seconds})
+    interval_seconds: float = field(default=30.0, metadata={"check": SECONDS})
+    # The whole scan's bound; netlink.timeout_seconds bounds only the kernel's silence.
+    scan_timeout_seconds: float = field(default=120.0, metadata={"check": SECONDS})
     # Entries read per scan at most; 0 reads the whole table however large.
-    max_entries: int = field(default=250_000, metadata={"check": non_negative})
+    max_entries: int = field(default=250_000, metadata={"check": NON_NEGATIVE})
     # How many sources, destinations and NAT pools to name; 0 turns those families off.
-    top_k: int = field(default=10, metadata={"check": non_negative})
+    top_k: int = field(default=10, metadata={"check": NON_NEGATIVE})
     label_ct_zone: bool = False
     label_mark: bool = False
     # The ports SNAT/masquerade picks from (the kernel's default without --to-ports).
-    nat_port_range: str = field(default="1024-65535", metadata={"check": port_range})
+    nat_port_range: str = field(default="1024-65535", metadata={"check": PORT_RANGE})
 
 
-class ScanResult(NamedTuple):
-    tally: TableTally
-    table_size: int  # entries in the table when the scan started
-    complete: bool
-    duration: float
-    finished_at: float  # Unix time
+# A scan of the table: the table's size when it started (from procfs), and its tally.
+TableScan = Scan[int, TableTally]
 
 
-class ConntrackTableCollector(BackgroundScanCollector[ScanResult]):
+class ConntrackTableCollector(BackgroundScanCollector[ConntrackTableReader, int, TableTally]):
     name: ClassVar[str] = "conntrack_table"
     default_enabled: ClassVar[bool] = True
     options_type: ClassVar[type] = ConntrackTableOptions
@@ -78,63 +76,37 @@ class ConntrackTableCollector(BackgroundScanCollector[ScanResult]):
     )
 
     def __init__(self, options: ConntrackTableOptions, context: CollectorContext) -> None:
-        super().__init__()
+        super().__init__(
+            options.interval_seconds, options.scan_timeout_seconds, context.readers.conntrack_table
+        )
         self._options = options
         self._procfs = context.procfs
-        self._timeout = context.netlink_timeout
-        self._reader: ConntrackTableReader | None = None
         low, _, high = options.nat_port_range.partition("-")
         self._pool_size = int(high) - int(low) + 1
 
-    @property
-    def interval(self) -> float:
-        return self._options.interval_seconds
-
     # -- background ---------------------------------------------------------------------
 
-    def _scan(self) -> None:
+    def _prepare(self) -> int:
         try:
-            table_size = self._procfs.read_int(COUNT_FILE)
+            return self._procfs.read_int(CONNTRACK_COUNT_FILE)
         except FileNotFoundError:
-            self._failure = "conntrack is not loaded"
-            return
-        started = time.monotonic()
-        dumped = self._counted(self._dump)
-        if dumped is None:
-            return
-        tally, complete = dumped
-        tally.finish()
-        self._publish(
-            ScanResult(
-                tally,
-                max(table_size, tally.entries),
-                complete,
-                time.monotonic() - started,
-                time.time(),
-            )
-        )
+            raise SourceAbsent("conntrack is not loaded") from None
 
-    def _dump(self) -> tuple[TableTally, bool]:
-        if self._reader is None:
-            self._reader = ConntrackTableReader(self._timeout)
-        return self._retried(partial(self._dump_once, self._reader))
-
-    def _dump_once(self, reader: ConntrackTableReader) -> tuple[TableTally, DumpResult]:
+    def _dump(
+        self, reader: ConntrackTableReader, prepared: int, bounds: DumpBounds
+    ) -> tuple[TableTally, DumpResult]:
         tally = TableTally(
             self._options.label_ct_zone,
             self._options.label_mark,
             stop_after=self._options.max_entries,
         )
-        return tally, reader.dump(tally)
+        return tally, reader.dump(tally, bounds)
 
     # -- the families, built once per scan ----------------------------------------------
 
-    def _families(self, result: ScanResult) -> list[Metric]:
-        return [*self._table_families(result), *self._scan_families(result)]
-
-    def _table_families(self, result: ScanResult) -> list[Metric]:
-        tally = result.tally
-        scale = result.table_size / tally.entries if not result.complete and tally.entries else 1.0
+    def _families(self, scan: TableScan) -> list[Metric]:
+        tally = scan.tally
+        scale = _table_size(scan) / tally.entries if not scan.complete and tally.entries else 1.0
         entries = GaugeMetricFamily(
             "conntrack_table_entries",
             f"Conntrack entries by family, protocol and TCP state. {CACHED} (ctnetlink "
@@ -220,13 +192,13 @@ class ConntrackTableCollector(BackgroundScanCollector[ScanResult]):
             size.add_metric([protocol], ICMP_ID_POOL if protocol in ICMP_NAMES else self._pool_size)
         return [sources, destinations, used, size]
 
-    def _scan_families(self, result: ScanResult) -> list[Metric]:
-        ratio = 1.0 if result.complete else result.tally.entries / result.table_size
-        counts = [
+    def _scan_counts(self, scan: TableScan) -> list[Metric]:
+        ratio = 1.0 if scan.complete else scan.tally.entries / _table_size(scan)
+        return [
             GaugeMetricFamily(
                 "conntrack_table_scan_entries",
                 "Entries the last table scan read.",
-                value=result.tally.entries,
+                value=scan.tally.entries,
             ),
             GaugeMetricFamily(
                 "conntrack_table_scan_sample_ratio",
@@ -235,7 +207,11 @@ class ConntrackTableCollector(BackgroundScanCollector[ScanResult]):
                 value=ratio,
             ),
         ]
-        return self._health_families(result.duration, result.finished_at, counts)
+
+
+def _table_size(scan: TableScan) -> int:
+    """Entries in the table: its count when the scan started, or more if it read more."""
+    return max(scan.prepared, scan.tally.entries)
 
 
 def _tcp_state_name(state: int) -> str:

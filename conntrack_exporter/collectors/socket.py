@@ -20,6 +20,7 @@ from prometheus_client.samples import Sample
 
 from conntrack_exporter.procfs import (
     ProcFile,
+    ProcFS,
     ephemeral_port_flags,
     parse_ints,
     parse_port_range,
@@ -241,23 +242,33 @@ class SocketCollector:
         # The kernel counts socket memory in pages of the running system: 4 KiB is not a
         # given (arm64 and ppc64 kernels may use 16 or 64 KiB pages).
         self._page_size = os.sysconf("SC_PAGE_SIZE")
-        self._sockstat = procfs.file(SOCKSTAT_FILE)
-        self._sockstat6 = procfs.file(SOCKSTAT6_FILE)
-        self._netstat = procfs.file(NETSTAT_FILE)
-        self._snmp = procfs.file(SNMP_FILE)
-        self._snmp6 = procfs.file(SNMP6_FILE)
-        self._max_orphans = procfs.file(MAX_ORPHANS_FILE)
-        self._max_timewait = procfs.file(MAX_TIMEWAIT_FILE)
+        self._files: list[ProcFile] = []
+        self._sockstat = self._file(procfs, SOCKSTAT_FILE)
+        self._sockstat6 = self._file(procfs, SOCKSTAT6_FILE)
+        self._netstat = self._file(procfs, NETSTAT_FILE)
+        self._snmp = self._file(procfs, SNMP_FILE)
+        self._snmp6 = self._file(procfs, SNMP6_FILE)
+        self._max_orphans = self._file(procfs, MAX_ORPHANS_FILE)
+        self._max_timewait = self._file(procfs, MAX_TIMEWAIT_FILE)
         self._memory_sysctls = [
-            (procfs.file(TCP_MEM_FILE), {"protocol": "tcp"}),
-            (procfs.file(UDP_MEM_FILE), {"protocol": "udp"}),
+            (self._file(procfs, TCP_MEM_FILE), {"protocol": "tcp"}),
+            (self._file(procfs, UDP_MEM_FILE), {"protocol": "udp"}),
         ]
-        self._port_range = procfs.file(PORT_RANGE_FILE)
-        self._reserved_ports = procfs.file(RESERVED_PORTS_FILE)
-        self._file_nr = procfs.file(FILE_NR_FILE)
+        self._port_range = self._file(procfs, PORT_RANGE_FILE)
+        self._reserved_ports = self._file(procfs, RESERVED_PORTS_FILE)
+        self._file_nr = self._file(procfs, FILE_NR_FILE)
         # The last (ip_local_port_range, ip_local_reserved_ports) texts and the range size
         # they give: both rarely change, and the size takes a 64 KiB table to compute.
         self._ports: tuple[str, str, int] | None = None
+
+    def _file(self, procfs: ProcFS, relative: str) -> ProcFile:
+        file = procfs.file(relative)
+        self._files.append(file)
+        return file
+
+    def close(self) -> None:
+        for file in self._files:
+            file.close()
 
     def collect(self) -> Collected:
         metrics: list[Metric] = []

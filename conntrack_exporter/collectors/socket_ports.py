@@ -16,49 +16,53 @@ scan walked is unknown. Scrapes only serve the families of the last scan.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
-from functools import partial
 from typing import ClassVar, NamedTuple
 
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
-from conntrack_exporter.checks import non_negative, seconds
-from conntrack_exporter.collectors.background import BackgroundScanCollector
-from conntrack_exporter.netlink.cttable import decode_destination, top
-from conntrack_exporter.netlink.inet_diag import (
+from conntrack_exporter.collectors.background import BackgroundScanCollector, Scan, SourceAbsent
+from conntrack_exporter.config import NON_NEGATIVE, SECONDS
+from conntrack_exporter.netlink.inet_diag import PortTally, SockDiagReader
+from conntrack_exporter.netlink.socket import DumpBounds, DumpResult
+from conntrack_exporter.netlink.tally import (
     IPPROTO_TCP,
     IPPROTO_UDP,
-    PortTally,
-    SockDiagReader,
+    PROTOCOL_NAMES,
+    decode_destination,
+    top,
 )
-from conntrack_exporter.netlink.socket import DumpResult
 from conntrack_exporter.procfs import ephemeral_port_flags, parse_port_range, parse_port_ranges
 from conntrack_exporter.registry import CollectorContext
 
 RANGE_FILE = "sys/net/ipv4/ip_local_port_range"
 RESERVED_FILE = "sys/net/ipv4/ip_local_reserved_ports"
 CACHED = "From the last background socket scan (sock_diag SOCK_DIAG_BY_FAMILY dump)"
-PROTOCOL_NAMES = {IPPROTO_TCP: "tcp", IPPROTO_UDP: "udp"}
+SCANNED_PROTOCOLS = (IPPROTO_TCP, IPPROTO_UDP)
 
 
 @dataclass(frozen=True)
 class SocketPortsOptions:
-    interval_seconds: float = field(default=30.0, metadata={"check": seconds})
+    interval_seconds: float = field(default=30.0, metadata={"check": SECONDS})
+    # The whole scan's bound; netlink.timeout_seconds bounds only the kernel's silence.
+    scan_timeout_seconds: float = field(default=120.0, metadata={"check": SECONDS})
     # Sockets read per scan at most; 0 reads them all however many.
-    max_sockets: int = field(default=1_000_000, metadata={"check": non_negative})
+    max_sockets: int = field(default=1_000_000, metadata={"check": NON_NEGATIVE})
     # How many destinations to name in socket_ephemeral_ports_used; 0 turns that family off.
-    top_k: int = field(default=10, metadata={"check": non_negative})
+    top_k: int = field(default=10, metadata={"check": NON_NEGATIVE})
 
 
-class ScanResult(NamedTuple):
-    tally: PortTally
-    complete: bool
-    duration: float
-    finished_at: float  # Unix time
+class EphemeralPorts(NamedTuple):
+    """What a scan reads from procfs first: the range, and which ports of it count."""
+
+    port_range: tuple[int, int]
+    flags: bytes  # procfs.ephemeral_port_flags
 
 
-class SocketPortsCollector(BackgroundScanCollector[ScanResult]):
+PortScan = Scan[EphemeralPorts, PortTally]
+
+
+class SocketPortsCollector(BackgroundScanCollector[SockDiagReader, EphemeralPorts, PortTally]):
     name: ClassVar[str] = "socket_ports"
     default_enabled: ClassVar[bool] = True
     options_type: ClassVar[type] = SocketPortsOptions
@@ -71,51 +75,33 @@ class SocketPortsCollector(BackgroundScanCollector[ScanResult]):
     )
 
     def __init__(self, options: SocketPortsOptions, context: CollectorContext) -> None:
-        super().__init__()
+        super().__init__(
+            options.interval_seconds, options.scan_timeout_seconds, context.readers.sock_diag
+        )
         self._options = options
         self._procfs = context.procfs
-        self._timeout = context.netlink_timeout
-        self._reader: SockDiagReader | None = None
-
-    @property
-    def interval(self) -> float:
-        return self._options.interval_seconds
 
     # -- background ---------------------------------------------------------------------
 
-    def _scan(self) -> None:
+    def _prepare(self) -> EphemeralPorts:
         try:
             port_range = parse_port_range(self._procfs.read_text(RANGE_FILE))
             reserved = parse_port_ranges(self._procfs.read_text(RESERVED_FILE))
         except FileNotFoundError:
-            self._failure = f"no {RANGE_FILE} or {RESERVED_FILE} in procfs"
-            return
-        ephemeral = ephemeral_port_flags(port_range, reserved)
-        started = time.monotonic()
-        dumped = self._counted(partial(self._dump, port_range, ephemeral))
-        if dumped is None:
-            return
-        tally, complete = dumped
-        tally.finish()
-        self._publish(ScanResult(tally, complete, time.monotonic() - started, time.time()))
+            raise SourceAbsent(f"no {RANGE_FILE} or {RESERVED_FILE} in procfs") from None
+        return EphemeralPorts(port_range, ephemeral_port_flags(port_range, reserved))
 
-    def _dump(self, port_range: tuple[int, int], ephemeral: bytes) -> tuple[PortTally, bool]:
-        if self._reader is None:
-            self._reader = SockDiagReader(self._timeout)
-        return self._retried(partial(self._dump_once, self._reader, port_range, ephemeral))
-
-    def _dump_once(
-        self, reader: SockDiagReader, port_range: tuple[int, int], ephemeral: bytes
+    def _dump(
+        self, reader: SockDiagReader, prepared: EphemeralPorts, bounds: DumpBounds
     ) -> tuple[PortTally, DumpResult]:
         tally = PortTally(stop_after=self._options.max_sockets)
-        return tally, reader.dump_ports(tally, port_range, ephemeral)
+        result = reader.dump_ports(tally, prepared.port_range, prepared.flags, bounds=bounds)
+        return tally, result
 
     # -- the families, built once per scan ----------------------------------------------
 
-    def _families(self, result: ScanResult) -> list[Metric]:
-        return [*self._port_families(result.tally), *self._scan_families(result)]
-
-    def _port_families(self, tally: PortTally) -> list[Metric]:
+    def _families(self, scan: PortScan) -> list[Metric]:
+        tally = scan.tally
         metrics: list[Metric] = []
         k = self._options.top_k
         if k:
@@ -139,27 +125,26 @@ class SocketPortsCollector(BackgroundScanCollector[ScanResult]):
             f"socket_ephemeral_ports_used of the protocol, 0 with none. {CACHED}.",
             labels=["protocol"],
         )
-        for protocol, name in PROTOCOL_NAMES.items():
-            largest.add_metric([name], tally.largest(protocol))
+        for protocol in SCANNED_PROTOCOLS:
+            largest.add_metric([PROTOCOL_NAMES[protocol]], tally.largest(protocol))
         metrics.append(largest)
         return metrics
 
-    def _scan_families(self, result: ScanResult) -> list[Metric]:
-        counts = [
+    def _scan_counts(self, scan: PortScan) -> list[Metric]:
+        return [
             GaugeMetricFamily(
                 "socket_ports_scan_sockets",
                 "Sockets the last socket scan read: those whose local port lies in "
                 "ip_local_port_range (the kernel filters out the others).",
-                value=result.tally.sockets,
+                value=scan.tally.sockets,
             ),
             GaugeMetricFamily(
                 "socket_ports_scan_complete",
                 "1 if the last socket scan read every socket, 0 when "
                 "collectors.socket_ports.max_sockets stopped it: counts are then lower bounds.",
-                value=1.0 if result.complete else 0.0,
+                value=1.0 if scan.complete else 0.0,
             ),
         ]
-        return self._health_families(result.duration, result.finished_at, counts)
 
 
 def _labels(key: int) -> list[str]:

@@ -18,7 +18,12 @@ from conntrack_exporter.netlink.core import (
     iter_attributes,
 )
 from conntrack_exporter.netlink.cttable import CT_NEW_MESSAGE, TableTally
-from conntrack_exporter.netlink.socket import NETLINK_NETFILTER, DumpResult, NetlinkSocket
+from conntrack_exporter.netlink.socket import (
+    NETLINK_NETFILTER,
+    DumpBounds,
+    DumpResult,
+    NetlinkReader,
+)
 
 NFNL_SUBSYS_CTNETLINK = 1
 NFNL_SUBSYS_CTNETLINK_EXP = 2
@@ -116,28 +121,22 @@ def parse_cpu_stats(buf: Buffer, msg: Message, names: dict[int, str]) -> CpuStat
     return CpuStats(cpu, counters)
 
 
-class ConntrackTableReader:
+class ConntrackTableReader(NetlinkReader):
     """Dumps the conntrack table (IPv4 and IPv6) of the socket's network namespace."""
 
-    def __init__(self, timeout: float) -> None:
-        self._socket = NetlinkSocket(NETLINK_NETFILTER, READ_REQUESTS, timeout)
+    protocol = NETLINK_NETFILTER
+    read_requests = READ_REQUESTS
 
-    def close(self) -> None:
-        self._socket.close()
-
-    def dump(self, tally: TableTally) -> DumpResult:
+    def dump(self, tally: TableTally, bounds: DumpBounds | None = None) -> DumpResult:
         """Feed every entry to tally, until the tally's budget is spent."""
-        return self._socket.dump(CT_GET, nfgen_request(), tally.add_message)
+        return self._socket.dump(CT_GET, nfgen_request(), tally.add_message, bounds)
 
 
-class ConntrackStatsReader:
+class ConntrackStatsReader(NetlinkReader):
     """Reads conntrack statistics of the network namespace the socket was opened in."""
 
-    def __init__(self, timeout: float) -> None:
-        self._socket = NetlinkSocket(NETLINK_NETFILTER, READ_REQUESTS, timeout)
-
-    def close(self) -> None:
-        self._socket.close()
+    protocol = NETLINK_NETFILTER
+    read_requests = READ_REQUESTS
 
     def global_stats(self) -> GlobalStats:
         replies = self._collect(CT_GET_STATS, 0, parse_global_stats)

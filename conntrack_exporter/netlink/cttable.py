@@ -7,8 +7,6 @@ a key costs no allocation beyond the int. Pure: it reads a buffer and offsets, n
 
 from __future__ import annotations
 
-import heapq
-import ipaddress
 import struct
 from typing import NamedTuple
 
@@ -19,6 +17,16 @@ from conntrack_exporter.netlink.core import (
     Message,
     NetlinkParseError,
     iter_attributes,
+)
+from conntrack_exporter.netlink.tally import (
+    AF_INET,
+    AF_INET6,
+    DESTINATION_BITS,
+    PRUNE_CHECK_INTERVAL,
+    Destination,
+    decode_address,
+    decode_destination,
+    prune,
 )
 
 # enum ctattr_type
@@ -53,9 +61,6 @@ STATUS_FLAGS = {
     "offload": (IPS_OFFLOAD | IPS_HW_OFFLOAD, False),
 }
 
-AF_INET, AF_INET6 = 2, 10
-FAMILY_NAMES = {AF_INET: "ipv4", AF_INET6: "ipv6"}
-PROTOCOL_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6", 132: "sctp", 47: "gre"}
 # enum tcp_conntrack, lower-cased (LISTEN is SYN_SENT2 on current kernels)
 TCP_STATE_NAMES = (
     "none",
@@ -70,8 +75,6 @@ TCP_STATE_NAMES = (
     "syn_sent2",
 )
 NO_STATE = -1
-# A destination key packs (address: up to 128 bits, protocol: 8, port: 16, is-IPv6: 1).
-DESTINATION_BITS = 128 + 8 + 16 + 1
 # Protocols whose tuples carry ports (the rest have ICMP ids or nothing).
 PORT_PROTOCOLS = frozenset({6, 17, 132, 33, 136})  # tcp, udp, sctp, dccp, udplite
 
@@ -175,8 +178,6 @@ _STATUS_MARK_VALUES = struct.Struct("!4xI4xI")
 _STATUS_MARK = (8, 3, 8, 8)  # (len, CTA_STATUS, len, CTA_MARK)
 _status_mark_headers = _STATUS_MARK_HEADERS.unpack_from
 _status_mark_values = _STATUS_MARK_VALUES.unpack_from
-# How many entries between checks of the address tallies' sizes.
-PRUNE_CHECK_INTERVAL = 1024
 _STATUS_BITS = (
     IPS_SEEN_REPLY | IPS_ASSURED | IPS_SRC_NAT | IPS_DST_NAT | IPS_OFFLOAD | IPS_HW_OFFLOAD
 )
@@ -311,38 +312,6 @@ class TableTally:
             self.pruned += prune(tally, self._capacity)
 
 
-def prune(tally: dict[int, int], capacity: int) -> int:
-    """Past `capacity` keys, keep the half (at least one) counted most; return the count lost.
-
-    Keys counted more often than the median-ish cutoff stay: a C-level sort of the counts
-    alone, not a key function called per item (a 1M-entry table with 300k destinations
-    prunes ~90 times per scan). Then ties at the cutoff, up to half.
-    """
-    if len(tally) <= capacity:
-        return 0
-    half = max(capacity // 2, 1)  # a capacity of 1 still keeps the top key
-    cutoff = sorted(tally.values(), reverse=True)[half - 1]
-    keep = {key: count for key, count in tally.items() if count > cutoff}
-    for key, count in tally.items():
-        if len(keep) == half:
-            break
-        if count == cutoff:
-            keep[key] = count
-    lost = sum(tally.values()) - sum(keep.values())
-    tally.clear()
-    tally.update(keep)
-    return lost
-
-
-def _count_of(item: tuple[int, int]) -> int:
-    return item[1]
-
-
-def top(tally: dict[int, int], k: int) -> list[tuple[int, int]]:
-    """The k (key, count) pairs with the highest counts, highest first."""
-    return heapq.nlargest(k, tally.items(), key=_count_of)
-
-
 def _scalars(
     buf: Buffer, pos: int, end: int, tcp: bool, complete: bool = False
 ) -> tuple[int, int, int, int]:
@@ -406,12 +375,6 @@ class Kind(NamedTuple):
     mark: int
 
 
-class Destination(NamedTuple):
-    address: str
-    protocol: int
-    port: int
-
-
 class NatPool(NamedTuple):
     nat_address: str
     destination: Destination
@@ -425,20 +388,6 @@ def decode_kind(key: int) -> Kind:
     state = (key & 0x1FF) - 1  # nine bits: a state byte + 1 (NO_STATE is 0)
     key >>= 9
     return Kind(key >> 8, key & 0xFF, state, zone, mark)
-
-
-def decode_address(key: int) -> str:
-    """An address key (address << 1 | is-IPv6) as text."""
-    address = key >> 1
-    return str(ipaddress.IPv6Address(address) if key & 1 else ipaddress.IPv4Address(address))
-
-
-def decode_destination(key: int) -> Destination:
-    v6 = key & 1
-    key >>= 1
-    port = key & 0xFFFF
-    key >>= 16
-    return Destination(decode_address(key >> 8 << 1 | v6), key & 0xFF, port)
 
 
 def decode_nat_pool(key: int) -> NatPool:

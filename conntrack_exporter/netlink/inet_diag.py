@@ -22,8 +22,15 @@ from conntrack_exporter.netlink.core import (
     Message,
     NetlinkParseError,
 )
-from conntrack_exporter.netlink.cttable import PRUNE_CHECK_INTERVAL, prune
-from conntrack_exporter.netlink.socket import DumpResult, NetlinkSocket
+from conntrack_exporter.netlink.socket import DumpBounds, DumpResult, NetlinkReader
+from conntrack_exporter.netlink.tally import (
+    AF_INET,
+    AF_INET6,
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    PRUNE_CHECK_INTERVAL,
+    prune,
+)
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20  # the request, and the type of each socket in its reply
@@ -31,9 +38,7 @@ SOCK_DIAG_BY_FAMILY = 20  # the request, and the type of each socket in its repl
 # not in READ_REQUESTS, so NetlinkSocket refuses it.
 READ_REQUESTS = frozenset({SOCK_DIAG_BY_FAMILY})
 
-AF_INET, AF_INET6 = 2, 10
 FAMILIES = (AF_INET, AF_INET6)  # inet_diag wants one per request, not AF_UNSPEC
-IPPROTO_TCP, IPPROTO_UDP = 6, 17
 
 # enum in include/net/tcp_states.h; UDP sockets use TCP_ESTABLISHED (connected) and TCP_CLOSE.
 TCP_ESTABLISHED = 1
@@ -129,8 +134,8 @@ def local_port(buf: Buffer, msg: Message) -> int:
 class PortTally:
     """Sockets of one scan by destination, for the local ports that count.
 
-    A destination key is (remote address, protocol, remote port, is-IPv6) packed as cttable's
-    TableTally packs one, so that cttable.decode_destination reads both. A socket without a
+    A destination key is (remote address, protocol, remote port, is-IPv6) packed as in
+    tally.py, as cttable's TableTally packs one. A socket without a
     remote port (unconnected UDP, a bound TCP socket) counts under the key of address 0 port 0.
     An IPv4-mapped IPv6 remote address counts as the IPv4 address: both families draw on the
     same ports toward it.
@@ -203,19 +208,18 @@ class PortTally:
         return max(self.destinations[protocol].values(), default=0)
 
 
-class SockDiagReader:
+class SockDiagReader(NetlinkReader):
     """Dumps the TCP and UDP sockets (IPv4 and IPv6) of the socket's network namespace.
 
     Needs no privilege: sock_diag shows every socket of the namespace to anyone.
     """
 
-    def __init__(self, timeout: float) -> None:
-        self._socket = NetlinkSocket(NETLINK_SOCK_DIAG, READ_REQUESTS, timeout)
+    protocol = NETLINK_SOCK_DIAG
+    read_requests = READ_REQUESTS
 
-    def close(self) -> None:
-        self._socket.close()
-
-    def listening_ports(self, port_range: tuple[int, int] | None) -> set[int]:
+    def listening_ports(
+        self, port_range: tuple[int, int] | None, bounds: DumpBounds | None = None
+    ) -> set[int]:
         """Ports a TCP socket listens on (in the range), IPv4 and IPv6 alike: a listener on
         :: owns the IPv4 port too."""
         ports: set[int] = set()
@@ -226,7 +230,7 @@ class SockDiagReader:
 
         for family in FAMILIES:
             request = build_request(family, IPPROTO_TCP, LISTEN_STATES, port_range)
-            self._socket.dump(SOCK_DIAG_BY_FAMILY, request, add)
+            self._socket.dump(SOCK_DIAG_BY_FAMILY, request, add, bounds)
         return ports
 
     def dump_ports(
@@ -235,6 +239,7 @@ class SockDiagReader:
         port_range: tuple[int, int],
         ephemeral: bytes,
         kernel_filter: bool = True,
+        bounds: DumpBounds | None = None,
     ) -> DumpResult:
         """Feed tally every TCP and UDP socket that may hold an ephemeral port.
 
@@ -242,18 +247,18 @@ class SockDiagReader:
         Accepted TCP sockets carry their listener's port: ports with a listener do not count
         (connect() never picks a port that has one). `kernel_filter=False` drops the
         bytecode, to measure what it saves: the sockets outside the range then reach the
-        tally, which skips them.
+        tally, which skips them. `bounds` holds for the whole scan, every dump of it.
         """
         bytecode_range = port_range if kernel_filter else None
         tcp_ports = bytearray(ephemeral)
-        for port in self.listening_ports(bytecode_range):
+        for port in self.listening_ports(bytecode_range, bounds):
             tcp_ports[port] = 0
         interrupted = False
         for protocol, counted in ((IPPROTO_TCP, tcp_ports), (IPPROTO_UDP, ephemeral)):
             tally.expect(protocol, counted)
             for family in FAMILIES:
                 request = build_request(family, protocol, PORT_STATES, bytecode_range)
-                result = self._socket.dump(SOCK_DIAG_BY_FAMILY, request, tally.add_message)
+                result = self._socket.dump(SOCK_DIAG_BY_FAMILY, request, tally.add_message, bounds)
                 if not result.complete:
                     return result
                 interrupted |= result.interrupted
