@@ -244,7 +244,8 @@ def _read_yaml(file: str) -> tuple[dict[str, Any], dict[str, str]]:
             problem = f"expected a mapping at the top level, got {_describe(data)}"
             raise ConfigError([f"{file}: {problem}"])
         locations: dict[str, str] = {}
-        _index_locations(node, "", file, locations)
+        if node is not None:  # None only for an empty document, returned above
+            _index_locations(node, "", file, locations)
     except yaml.YAMLError as exc:
         raise ConfigError([f"{file}: not valid YAML: {exc}"]) from None
     except RecursionError:
@@ -354,7 +355,7 @@ def _convert(expected: Any, value: Any, path: str, validation: Validation) -> An
             return value
         validation.problem(path, f"expected one of {', '.join(map(str, choices))}, got {value!r}")
         return None
-    if dataclasses.is_dataclass(expected):
+    if isinstance(expected, type) and dataclasses.is_dataclass(expected):
         return _build_dataclass(expected, value, path, validation)
     if origin is tuple:
         return _convert_list(typing.get_args(expected)[0], value, path, validation)

@@ -73,7 +73,7 @@ def encode(collector: SupportsCollect, accept: str) -> tuple[bytes, str]:
     for metric in collector.collect():
         header = _header(encoder, content_type, metric, fmt)
         lines = None if header is None else _sample_lines(metric)
-        if lines is None:
+        if header is None or lines is None:
             out.append(_render(encoder, metric, fmt))
         else:
             out.append(header)

@@ -325,7 +325,7 @@ def parse_snmp6_values(text: str, names: Iterable[str], source: str = "snmp6") -
         raise ValueError(f"{source}: not ASCII text")
     if not text.strip():
         raise ValueError(f"{source} is empty")
-    found = {}
+    found: dict[str, int] = {}
     for name in names:
         start = _line_start(text, name)
         if start >= 0:

@@ -6,6 +6,8 @@ no namespace needed); real signals, real scrapes.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import queue
 import signal
 import subprocess
@@ -134,3 +136,87 @@ def test_sighup_says_which_web_settings_need_a_restart(exporter):
     running.wait_for('msg="configuration reloaded"')
     # Still serving where it was.
     assert value(running.scrape(), "conntrack_exporter_collector_success", collector="socket")
+
+
+# -- the lifecycle: what a reload opens, it closes ---------------------------------------------
+
+EVERY_COLLECTOR = (
+    "collectors:\n"
+    "  conntrack_table:\n"
+    "    interval_seconds: 0.3\n"
+    "  socket_ports:\n"
+    "    interval_seconds: 0.3\n"
+)
+FEWER_COLLECTORS = (
+    "collectors:\n"
+    "  conntrack:\n"
+    "    per_cpu: true\n"
+    "  conntrack_table:\n"
+    "    enabled: false\n"
+    "  socket_ports:\n"
+    "    interval_seconds: 0.5\n"
+)
+SCANNED = ("conntrack_table", "socket_ports")
+
+
+def held(pid: int) -> dict[str, int]:
+    """The process's open fds, threads, and netlink sockets among the fds."""
+    fd_dir = Path(f"/proc/{pid}/fd")
+    sockets = set()
+    for fd in fd_dir.iterdir():
+        with contextlib.suppress(FileNotFoundError):  # an fd closed while we look
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                sockets.add(target[len("socket:[") : -1])
+    rows = Path(f"/proc/{pid}/net/netlink").read_text().splitlines()[1:]
+    netlink = {row.split()[-1] for row in rows}  # the Inode column
+    return {
+        "fds": len(list(fd_dir.iterdir())),
+        "threads": len(list(Path(f"/proc/{pid}/task").iterdir())),
+        "netlink_sockets": len(sockets & netlink),
+    }
+
+
+def settled(running: Exporter, scanned: tuple[str, ...]) -> dict[str, int]:
+    """What the process holds once the collectors have scraped and scanned: waits until each
+    background collector served a scan and the counts stop moving (transient connection
+    threads end), 20 s at most."""
+    deadline = time.monotonic() + 20
+    last: dict[str, int] = {}
+    while True:
+        samples = running.scrape()
+        done = all(
+            value(samples, "conntrack_exporter_collector_success", collector=name) == 1
+            for name in scanned
+        )
+        now = held(running.process.pid)
+        if done and now == last:
+            return now
+        assert time.monotonic() < deadline, f"never settled: {now} after {last}"
+        last = now
+        time.sleep(0.5)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="conntrack_table needs CAP_NET_ADMIN (CI is root)")
+def test_fifty_reloads_leave_fds_threads_and_netlink_sockets_where_they_were(tmp_path):
+    """Each reload stops and joins the old scanner and closes the old collectors (their
+    netlink sockets and kept-open /proc files) before the new ones start. Before, 31 reloads
+    took the process from 16 to 298 open fds."""
+    config = tmp_path / "config.yml"
+    config.write_text(EVERY_COLLECTOR)
+    running = Exporter(config)
+    try:
+        before = settled(running, SCANNED)
+        assert before["netlink_sockets"] == 3  # conntrack's stats, the table's, sock_diag's
+        for reload in range(50):
+            config.write_text(FEWER_COLLECTORS if reload % 2 == 0 else EVERY_COLLECTOR)
+            running.reload('msg="configuration reloaded"')
+            if reload == 0:
+                fewer = settled(running, ("socket_ports",))
+                assert fewer["netlink_sockets"] == 2  # the table's is closed
+        after = settled(running, SCANNED)
+    finally:
+        running.process.terminate()
+        running.process.wait(timeout=10)
+    assert after == before
+    assert running.process.returncode == 0
