@@ -130,11 +130,11 @@ class CollectorSet:
         self.scanner.start()
 
     @contextlib.contextmanager
-    def in_use(self) -> Iterator[list[Collector]]:
-        """The collectors, for one scrape; empty once close() has begun."""
+    def in_use(self) -> Iterator[list[Collector] | None]:
+        """The collectors, for one scrape; None once close() has begun."""
         with self._idle:
             if self._closed:
-                yield []
+                yield None
                 return
             self._users += 1
         try:
@@ -178,11 +178,20 @@ class ExporterCollector:
 
     def collect(self) -> Iterator[Metric]:
         outcomes = []
-        with self.active.in_use() as collectors:
-            for collector in collectors:
-                outcome, metrics = self._run(collector)
-                outcomes.append(outcome)
-                yield from metrics
+        while True:
+            active = self.active
+            with active.in_use() as collectors:
+                if collectors is None:
+                    # Closed by a reload after this scrape read `active`: a reload replaces
+                    # the set before it closes it, so a second read finds the new one.
+                    if self.active is not active:
+                        continue
+                    collectors = []
+                for collector in collectors:
+                    outcome, metrics = self._run(collector)
+                    outcomes.append(outcome)
+                    yield from metrics
+                break
         yield from _health_metrics(outcomes)
 
     def _run(self, collector: Collector) -> tuple[_Outcome, list[Metric]]:

@@ -207,4 +207,27 @@ def test_close_waits_for_the_scrape_in_flight_then_closes_every_collector(caplog
     # The new set serves; the old one, closed, is never collected again.
     assert value(scrape(exporter), "test_value") == 42
     with old.in_use() as collectors:
-        assert collectors == []
+        assert collectors is None
+
+
+def test_a_scrape_that_finds_its_set_closed_is_served_by_the_set_that_replaced_it():
+    new = CollectorSet([Tracked("new")])
+
+    class ClosedUnderTheScrape(CollectorSet):
+        """A reload lands between the scrape's read of the set and its use of it."""
+
+        def in_use(self):
+            if exporter.active is self:
+                exporter.replace(new)
+                self.close()
+            return super().in_use()
+
+    exporter = ExporterCollector(ClosedUnderTheScrape([Tracked("old")]))
+    samples = scrape(exporter)
+    assert list(samples["conntrack_exporter_collector_success"]) == [(("collector", "new"),)]
+
+
+def test_a_closed_set_that_is_still_the_active_one_serves_no_collector():
+    exporter = ExporterCollector(CollectorSet([Tracked("old")]))
+    exporter.active.close()
+    assert "conntrack_exporter_collector_success" not in scrape(exporter)

@@ -13,7 +13,6 @@ from conntrack_exporter.collectors.socket_ports import SocketPortsCollector
 from conntrack_exporter.registry import CollectorClass
 
 
-
 def _table(*classes: CollectorClass) -> dict[str, CollectorClass]:
     # A typed parameter list: mypy names the class that breaks the contract, and how.
     return {cls.name: cls for cls in classes}
