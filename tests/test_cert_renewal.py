@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import gc
 import http.client
 import logging
 import os
@@ -31,7 +32,6 @@ from tests.test_web_security import (
     CLIENT_TIMEOUT,
     PASSWORD,
     SERVER_EXTENSIONS,
-    WRONG_PASSWORD,
     Exporter,
     Pki,
     bcrypt_hash,
@@ -50,6 +50,7 @@ DEADLINE_SECONDS = 30
 SEVERAL_CHECKS_SECONDS = 3
 WARNING = "web configuration changed but has problems"
 RELOADED = "web configuration reloaded"
+NEW_PASSWORD = "renewed-staple-4d19"
 
 
 @pytest.fixture(scope="session")
@@ -185,8 +186,10 @@ def test_a_new_connection_gets_the_renewed_certificate(certs, tmp_path, layout):
 
 def test_a_kept_alive_connection_goes_on_with_the_old_certificate(certs, tmp_path):
     install(certs, "one", tmp_path)
-    with exporter(tmp_path, PLAIN_FILES) as running:
-        kept = https(running, certs)
+    with (
+        exporter(tmp_path, PLAIN_FILES) as running,
+        contextlib.closing(https(running, certs)) as kept,
+    ):
         assert get(kept) == 200
         old_socket = kept.sock
         install(certs, "two", tmp_path)
@@ -197,7 +200,6 @@ def test_a_kept_alive_connection_goes_on_with_the_old_certificate(certs, tmp_pat
         # The same connection, not a reconnection: its handshake's certificate is the old one.
         assert kept.sock is old_socket
         assert kept.sock.getpeercert()["serialNumber"] == serial(certs["one.crt"])
-        kept.close()
 
 
 def users(password: str) -> str:
@@ -206,23 +208,25 @@ def users(password: str) -> str:
 
 def test_a_changed_password_applies_to_the_next_request(certs, tmp_path):
     install(certs, "one", tmp_path)
-    with exporter(tmp_path, PLAIN_FILES + users(PASSWORD)) as running:
-        kept = https(running, certs)
+    web_config = PLAIN_FILES + users(PASSWORD)
+    with (
+        exporter(tmp_path, web_config) as running,
+        contextlib.closing(https(running, certs)) as kept,
+    ):
         assert get(kept, "alice", PASSWORD) == 200
         replace(
-            write(tmp_path, "new-web.yml", PLAIN_FILES + users(WRONG_PASSWORD)),
+            write(tmp_path, "new-web.yml", PLAIN_FILES + users(NEW_PASSWORD)),
             tmp_path / "web.yml",
         )
 
         def new_password_works() -> bool:
             with contextlib.closing(https(running, certs)) as connection:
-                return get(connection, "alice", WRONG_PASSWORD) == 200
+                return get(connection, "alice", NEW_PASSWORD) == 200
 
         eventually(new_password_works, "the new password accepted")
         # Each request asks afresh, on a connection opened before the change too.
         assert get(kept, "alice", PASSWORD) == 401
-        assert get(kept, "alice", WRONG_PASSWORD) == 200
-        kept.close()
+        assert get(kept, "alice", NEW_PASSWORD) == 200
 
 
 def break_the_key_pair(certs: Pki, directory: Path) -> None:
@@ -285,7 +289,7 @@ def test_sighup_reads_the_web_config_again_even_if_it_looks_unchanged(certs, tmp
         web = tmp_path / "web.yml"
         before = web.stat()
         # The same size, inode and times: a change only a full re-read finds.
-        web.write_text(PLAIN_FILES + users(WRONG_PASSWORD))
+        web.write_text(PLAIN_FILES + users(NEW_PASSWORD))
         os.utime(web, ns=(before.st_atime_ns, before.st_mtime_ns))
         assert web.stat().st_size == before.st_size
         deadline = time.monotonic() + SEVERAL_CHECKS_SECONDS
@@ -296,13 +300,15 @@ def test_sighup_reads_the_web_config_again_even_if_it_looks_unchanged(certs, tmp
         running.process.send_signal(signal.SIGHUP)
         eventually(lambda: log_lines(running, 'msg="configuration reloaded"'), "the reload")
         assert running.request("/metrics", "alice", PASSWORD, client_tls(certs))[0] == 401
-        assert running.request("/metrics", "alice", WRONG_PASSWORD, client_tls(certs))[0] == 200
+        assert running.request("/metrics", "alice", NEW_PASSWORD, client_tls(certs))[0] == 200
 
 
 # --- the watcher, in-process ----------------------------------------------------------------
 
 
 class Clock:
+    """A monotonic clock that moves only when told."""
+
     def __init__(self) -> None:
         self.now = 1000.0
 
@@ -343,12 +349,31 @@ def handshake_serial(context: ssl.SSLContext, certs: Pki) -> str:
     raise AssertionError("the handshake did not finish")
 
 
-def watching(
-    certs: Pki, directory: Path, text: str = PLAIN_FILES
-) -> tuple[WebSecurityWatcher, Clock]:
+def watching(certs: Pki, directory: Path) -> tuple[WebSecurityWatcher, Clock]:
+    """A watcher of a web configuration serving certificate one, on a clock of the test's."""
     install(certs, "one", directory)
     clock = Clock()
-    return WebSecurityWatcher(str(write(directory, "web.yml", text)), clock), clock
+    return WebSecurityWatcher(str(write(directory, "web.yml", PLAIN_FILES)), clock), clock
+
+
+class RacingLock:
+    """The watcher's lock, with another caller's whole `current()` run, in another thread,
+    just before the next acquire: between the first caller's look at the clock and its lock."""
+
+    def __init__(self, watcher: WebSecurityWatcher) -> None:
+        self._lock = watcher._lock
+        self._rival: Callable[[], object] | None = watcher.current
+
+    def acquire(self, blocking: bool = True) -> bool:
+        rival, self._rival = self._rival, None
+        if rival is not None:
+            thread = threading.Thread(target=rival)
+            thread.start()
+            thread.join()
+        return self._lock.acquire(blocking)
+
+    def release(self) -> None:
+        self._lock.release()
 
 
 def test_the_files_are_stated_at_most_once_a_second(certs, tmp_path, monkeypatch):
@@ -359,14 +384,10 @@ def test_the_files_are_stated_at_most_once_a_second(certs, tmp_path, monkeypatch
     assert stats.paths == []  # the files were stat'ed as they were loaded
 
     clock.now += webconfig.WATCH_INTERVAL_SECONDS
-    # Many threads at once, as connections come: one of them checks, once.
-    threads = [
-        threading.Thread(target=lambda: [watcher.current() for _ in range(200)]) for _ in range(8)
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    # The worst interleaving, two connections due at once: between them, one round of stats.
+    monkeypatch.setattr(watcher, "_lock", RacingLock(watcher))
+    for _ in range(1000):
+        watcher.current()
     files = [str(tmp_path / name) for name in ("web.yml", "server.crt", "server.key")]
     assert sorted(stats.paths) == sorted(files)
 
@@ -439,6 +460,7 @@ def open_fds() -> set[str]:
 def test_reloads_leave_no_file_open_and_no_thread(certs, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger=webconfig.__name__)
     watcher, clock = watching(certs, tmp_path)
+    gc.collect()  # earlier tests' garbage must not close its files during this one
     fds, threads = open_fds(), threading.active_count()
     for name in ("two", "three", "one") * 3:
         install(certs, name, tmp_path)
