@@ -24,7 +24,7 @@ from conntrack_exporter.logs import setup_logging
 from conntrack_exporter.procfs import ProcFS
 from conntrack_exporter.registry import CollectorContext, CollectorSet, ExporterCollector, Readers
 from conntrack_exporter.server import MetricsServer, landing_page
-from conntrack_exporter.webconfig import PLAIN_HTTP, WebSecurity, load_web_config
+from conntrack_exporter.webconfig import PLAIN_HTTP, WebSecuritySource, WebSecurityWatcher
 
 log = logging.getLogger(__name__)
 
@@ -184,10 +184,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return running.serve(lambda: _load(args.config_file, flags))
 
 
-def _load(file: str | None, flags: dict[str, Any]) -> tuple[Config, WebSecurity]:
+def _load(file: str | None, flags: dict[str, Any]) -> tuple[Config, WebSecuritySource]:
     config = load_config(file, flags, COLLECTORS)
     web_file = config.web.config_file
-    return config, load_web_config(web_file) if web_file else PLAIN_HTTP
+    return config, WebSecurityWatcher(web_file) if web_file else PLAIN_HTTP
 
 
 # Web settings a reload cannot change: the listening socket and the server's limits are made
@@ -204,7 +204,9 @@ class Running:
     """The serving exporter: its configuration, collectors, scanner and server, and the
     signals that stop it (SIGTERM, SIGINT) or reload its configuration (SIGHUP)."""
 
-    def __init__(self, config: Config, exporter: ExporterCollector, security: WebSecurity) -> None:
+    def __init__(
+        self, config: Config, exporter: ExporterCollector, security: WebSecuritySource
+    ) -> None:
         self.config = config
         self.exporter = exporter
         self.security = security
@@ -212,7 +214,7 @@ class Running:
         self._stop = False
         self._reload = False
 
-    def serve(self, load: Callable[[], tuple[Config, WebSecurity]]) -> int:
+    def serve(self, load: Callable[[], tuple[Config, WebSecuritySource]]) -> int:
         config = self.config
         page = landing_page(config.web.telemetry_path, config.enabled_collectors)
         try:
@@ -236,8 +238,8 @@ class Running:
                 "address": server.bound_address,
                 "telemetry_path": config.web.telemetry_path,
                 "collectors": ",".join(config.enabled_collectors) or "none",
-                "tls": self.security.tls is not None,
-                "basic_auth": self.security.auth is not None,
+                "tls": self.security.current().tls is not None,
+                "basic_auth": self.security.current().auth is not None,
                 "version": __version__,
             },
         )
@@ -262,7 +264,7 @@ class Running:
         self._wake.set()
 
     def _reload_config(
-        self, load: Callable[[], tuple[Config, WebSecurity]], server: MetricsServer
+        self, load: Callable[[], tuple[Config, WebSecuritySource]], server: MetricsServer
     ) -> None:
         """Apply a new configuration file, or keep the running one if it has any problem."""
         try:

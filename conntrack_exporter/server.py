@@ -28,7 +28,7 @@ from conntrack_exporter import __version__
 from conntrack_exporter.config import WebConfig, parse_listen_address
 from conntrack_exporter.exposition import encode
 from conntrack_exporter.registry import ExporterCollector
-from conntrack_exporter.webconfig import PLAIN_HTTP, WebSecurity
+from conntrack_exporter.webconfig import PLAIN_HTTP, WebSecuritySource
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class MetricsServer(ThreadingHTTPServer):
         web: WebConfig,
         exporter: ExporterCollector,
         page: bytes,
-        security: WebSecurity = PLAIN_HTTP,
+        security: WebSecuritySource = PLAIN_HTTP,
     ) -> None:
         host, port = parse_listen_address(web.listen_address)
         self._dual_stack = not host and socket.has_dualstack_ipv6()
@@ -180,11 +180,14 @@ class MetricsServer(ThreadingHTTPServer):
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         # In the connection's own thread, so that a client that never finishes its TLS
-        # handshake holds only that thread, for read_timeout at most.
-        if self.security.tls is None:
+        # handshake holds only that thread, for read_timeout at most, and a reload of the web
+        # configuration delays only that connection. The context is the one current when the
+        # connection came: a renewed certificate serves new connections, kept-alive ones go on.
+        tls = self.security.current().tls
+        if tls is None:
             super().finish_request(request, client_address)
             return
-        tls_socket = self._handshake(request, client_address)
+        tls_socket = self._handshake(tls, request, client_address)
         if tls_socket is None:
             return
         try:
@@ -192,12 +195,13 @@ class MetricsServer(ThreadingHTTPServer):
         finally:
             self.shutdown_request(tls_socket)
 
-    def _handshake(self, request: socket.socket, client_address: Any) -> ssl.SSLSocket | None:
-        assert self.security.tls is not None
+    def _handshake(
+        self, tls: ssl.SSLContext, request: socket.socket, client_address: Any
+    ) -> ssl.SSLSocket | None:
         # ssl bounds the whole handshake by the socket's timeout, not each read.
         request.settimeout(self.read_timeout)
         try:
-            return self.security.tls.wrap_socket(request, server_side=True)
+            return tls.wrap_socket(request, server_side=True)
         except (OSError, ValueError) as exc:  # ssl.SSLError and TimeoutError are OSErrors
             log.debug("TLS handshake failed", extra={"client": client_address[0], "err": exc})
             return None
@@ -335,7 +339,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _authenticated(self, send_body: bool) -> bool:
         """Whether the request may go on; if not, it has had its 401."""
-        auth = self.server.security.auth
+        # Each request asks afresh: a changed password applies to kept-alive connections too.
+        auth = self.server.security.current().auth
         if auth is None or auth.check(self.headers.get("Authorization")):
             return True
         # Never the header itself: it carries the password, barely encoded.

@@ -1,9 +1,10 @@
 """The web configuration file: TLS and basic authentication, as Prometheus' exporter-toolkit.
 
 The same YAML node_exporter takes with --web.config.file, as far as Python's ssl allows. It is
-read once at start-up into an `ssl.SSLContext` and a `BasicAuth`; every problem (unknown keys,
-wrong types, unreadable files, a certificate that does not match its key, a bad hash) is
-reported at once with its line, as for the exporter's own configuration.
+read into an `ssl.SSLContext` and a `BasicAuth`; every problem (unknown keys, wrong types,
+unreadable files, a certificate that does not match its key, a bad hash) is reported at once
+with its line, as for the exporter's own configuration. `WebSecurityWatcher` reads it again
+when it or a file it names changes, so that a renewed certificate needs no restart.
 """
 
 from __future__ import annotations
@@ -12,22 +13,26 @@ import base64
 import collections
 import hashlib
 import hmac
+import logging
 import os
 import re
 import secrets
 import ssl
 import stat
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from conntrack_exporter.config import Check, Validation, read_dataclass
+from conntrack_exporter.config import Check, ConfigError, Validation, read_dataclass
 
 try:
     import bcrypt
 except ImportError:  # an optional extra: only basic_auth_users needs it
     bcrypt = None
+
+log = logging.getLogger(__name__)
 
 BCRYPT_INSTALL = "pip install 'conntrack-exporter[bcrypt]'"
 
@@ -126,6 +131,10 @@ class WebSecurity:
     tls: ssl.SSLContext | None = None
     auth: BasicAuth | None = None
 
+    def current(self) -> WebSecurity:
+        """Itself: a fixed configuration, which the server asks as it asks a watcher."""
+        return self
+
 
 PLAIN_HTTP = WebSecurity()
 
@@ -133,13 +142,117 @@ PLAIN_HTTP = WebSecurity()
 def load_web_config(file: str) -> WebSecurity:
     """Read and check a web configuration file; `ConfigError` lists every problem."""
     model, validation = read_dataclass(WebConfigFile, file)
-    base = os.path.dirname(file)
+    return _web_security(model, os.path.dirname(file), validation)
+
+
+def _web_security(model: WebConfigFile, base: str, validation: Validation) -> WebSecurity:
     tls = None
     if validation.given("tls_server_config"):
         tls = _tls_context(model.tls_server_config, base, validation)
     auth = _basic_auth(model.basic_auth_users, validation)
     validation.raise_problems()
     return WebSecurity(tls, auth)
+
+
+# --- watching the files ---------------------------------------------------------------------
+
+# exporter-toolkit reads the files again for every connection; stat'ing them at most once a
+# second notices a renewal as soon, for a few system calls a second under any load.
+WATCH_INTERVAL_SECONDS = 1.0
+
+FileSignature = tuple[int, int, int, int, int] | None
+
+
+class WebSecurityWatcher:
+    """A web configuration file's `WebSecurity`, loaded again when the file or one it names
+    (certificate, key, client CA) changes, for the connections and requests that follow.
+
+    A new version with problems is not applied: the running configuration stays, one warning
+    lists the problems, and the files are read again only once one of them changes again (a
+    renewal that writes the certificate and the key one after the other is taken at the
+    second write).
+    """
+
+    def __init__(self, file: str, clock: Callable[[], float] = time.monotonic) -> None:
+        """Load the file at once; `ConfigError` lists every problem."""
+        self.file = file
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._files: tuple[str, ...] = ()
+        self._signature: tuple[FileSignature, ...] = ()
+        self._security = self._load()
+        self._due = clock() + WATCH_INTERVAL_SECONDS
+
+    def current(self) -> WebSecurity:
+        """The configuration for a new connection or request, the files checked if due."""
+        # Read without the lock: each is replaced whole. A caller that finds a check under way
+        # does not wait for it (a reload can spend seconds in bcrypt): the running
+        # configuration serves it meanwhile.
+        if self._clock() >= self._due and self._lock.acquire(blocking=False):
+            try:
+                self._check()
+            finally:
+                self._lock.release()
+        return self._security
+
+    def _check(self) -> None:
+        now = self._clock()
+        if now < self._due:  # another caller checked between our look and the lock
+            return
+        self._due = now + WATCH_INTERVAL_SECONDS
+        if tuple(map(_file_signature, self._files)) == self._signature:
+            return
+        try:
+            self._security = self._load()
+        except (ConfigError, OSError) as exc:
+            # OSError (ssl.SSLError is one): a file replaced again between its check and its
+            # load, which changed its signature too, so the next check tries again.
+            problems = exc.problems if isinstance(exc, ConfigError) else [str(exc)]
+            log.warning(
+                "web configuration changed but has problems; the running one stays",
+                extra={"file": self.file, "problems": "; ".join(problems)},
+            )
+            return
+        log.info(
+            "web configuration reloaded",
+            extra={
+                "file": self.file,
+                "tls": self._security.tls is not None,
+                "basic_auth": self._security.auth is not None,
+            },
+        )
+
+    def _load(self) -> WebSecurity:
+        # Each file is stat'ed before it is read: a change made during the load then shows at
+        # the next check instead of passing for loaded. A file that does not parse names no
+        # files, so it alone is watched until it changes.
+        self._files, self._signature = (self.file,), (_file_signature(self.file),)
+        model, validation = read_dataclass(WebConfigFile, self.file)
+        base = os.path.dirname(self.file)
+        named = _named_files(model.tls_server_config, base)
+        self._files += named
+        self._signature += tuple(map(_file_signature, named))
+        return _web_security(model, base, validation)
+
+
+# What the server asks for the configuration of each connection and request.
+WebSecuritySource = WebSecurity | WebSecurityWatcher
+
+
+def _named_files(config: TLSServerConfig, base: str) -> tuple[str, ...]:
+    names = (config.cert_file, config.key_file, config.client_ca_file)
+    return tuple(os.path.join(base, name) for name in names if name)
+
+
+def _file_signature(path: str) -> FileSignature:
+    # os.stat follows links: a Kubernetes Secret volume's files are links through a `..data`
+    # link that an update swaps, so only their targets change. A new inode is a replaced file,
+    # a new mode a permission fixed; None, a file missing (or not yet there).
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev, st.st_mode)
 
 
 # --- TLS ------------------------------------------------------------------------------------

@@ -61,7 +61,7 @@ def _key_and_request(directory: Path, name: str, subject: str) -> None:
     )  # fmt: skip
 
 
-def _ca(directory: Path, name: str) -> None:
+def make_ca(directory: Path, name: str) -> None:
     _openssl(
         directory, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
         "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.crt", "-days", "2",
@@ -69,7 +69,7 @@ def _ca(directory: Path, name: str) -> None:
     )  # fmt: skip
 
 
-def _signed(directory: Path, name: str, ca: str, extensions: str) -> None:
+def make_signed(directory: Path, name: str, ca: str, extensions: str) -> None:
     _key_and_request(directory, name, f"/CN={name}")
     (directory / f"{name}.ext").write_text(extensions + "\n")
     _openssl(
@@ -79,18 +79,19 @@ def _signed(directory: Path, name: str, ca: str, extensions: str) -> None:
     )  # fmt: skip
 
 
+# What a client connecting to https://localhost or https://127.0.0.1 verifies.
+SERVER_EXTENSIONS = "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth"
+
+
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     """ca signs server and client; other-ca signs stranger, a client the exporter must refuse."""
     directory = tmp_path_factory.mktemp("pki")
-    _ca(directory, "ca")
-    _ca(directory, "other-ca")
-    _signed(
-        directory, "server", "ca", "subjectAltName=DNS:localhost,IP:127.0.0.1\n"
-        "extendedKeyUsage=serverAuth",
-    )  # fmt: skip
-    _signed(directory, "client", "ca", "extendedKeyUsage=clientAuth")
-    _signed(directory, "stranger", "other-ca", "extendedKeyUsage=clientAuth")
+    make_ca(directory, "ca")
+    make_ca(directory, "other-ca")
+    make_signed(directory, "server", "ca", SERVER_EXTENSIONS)
+    make_signed(directory, "client", "ca", "extendedKeyUsage=clientAuth")
+    make_signed(directory, "stranger", "other-ca", "extendedKeyUsage=clientAuth")
     (directory / "garbage.pem").write_text("not a certificate\n")
     return Pki(directory)
 
@@ -106,6 +107,7 @@ def bcrypt_hash(password: str) -> str:
 class Exporter:
     port: int
     log: Path
+    process: subprocess.Popen
 
     def request(
         self,
@@ -156,7 +158,7 @@ def exporter(tmp_path: Path, web_config: str, config: str = "") -> Iterator[Expo
         process = subprocess.Popen(args, stderr=stderr)
     try:
         _wait_listening(process, log)
-        yield Exporter(port, log)
+        yield Exporter(port, log, process)
     finally:
         process.terminate()
         process.wait(CLIENT_TIMEOUT)
