@@ -45,7 +45,8 @@ VALUE_FLAGS = {
     "--web.config.file": (
         "web.config_file",
         "web configuration file in the format of Prometheus' exporter-toolkit: TLS and basic "
-        "authentication (see the README)",
+        "authentication (see the README); a changed file, certificate, key or CA applies to "
+        "new connections within a second, no restart needed",
     ),
     "--path.procfs": (
         "path.procfs",
