@@ -22,13 +22,16 @@ import threading
 import time
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from conntrack_exporter import __version__
 from conntrack_exporter.config import WebConfig, parse_listen_address
 from conntrack_exporter.exposition import encode
 from conntrack_exporter.registry import ExporterCollector
 from conntrack_exporter.webconfig import PLAIN_HTTP, WebSecuritySource
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer, WriteableBuffer
 
 log = logging.getLogger(__name__)
 
@@ -150,15 +153,20 @@ class MetricsServer(ThreadingHTTPServer):
         if self._dual_stack:
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = self.server_address[:2]
+        self.server_name, self.server_port = self._host_port()
 
     def server_activate(self) -> None:
         self.address_family = self.socket.family
         super().server_activate()
 
+    def _host_port(self) -> tuple[str, int]:
+        # An AF_INET or AF_INET6 address: (host, port[, flowinfo, scope_id]).
+        host, port = self.server_address[:2]
+        return str(host), int(port)
+
     @property
     def bound_address(self) -> str:
-        host, port = self.server_address[:2]
+        host, port = self._host_port()
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     def process_request(self, request: Any, client_address: Any) -> None:
@@ -243,11 +251,11 @@ class _DeadlineIO(io.RawIOBase):
     def writable(self) -> bool:
         return True
 
-    def readinto(self, buffer: bytearray | memoryview) -> int:
+    def readinto(self, buffer: WriteableBuffer) -> int:
         self._arm()
         return self._sock.recv_into(buffer)
 
-    def write(self, data: bytes | bytearray | memoryview) -> int:
+    def write(self, data: ReadableBuffer) -> int:
         self._arm()
         return self._sock.send(data)
 
@@ -262,6 +270,7 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = f"conntrack-exporter/{__version__}"
     server: MetricsServer
+    rfile: io.BufferedReader  # set in setup(): peek() waits for a kept-alive request
 
     def setup(self) -> None:
         # StreamRequestHandler's set-up, with both directions under deadlines. Headers and

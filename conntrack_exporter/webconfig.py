@@ -23,14 +23,14 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from conntrack_exporter.config import Check, ConfigError, Validation, read_dataclass
 
 try:
     import bcrypt
 except ImportError:  # an optional extra: only basic_auth_users needs it
-    bcrypt = None
+    bcrypt = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,12 @@ TLS_VERSIONS = {
 }
 # The configuration's types are built from the tables, so that a name the tables lack is a
 # problem reported by the loader, with its line, like any other wrong value.
-CipherSuiteName = Literal[tuple(CIPHER_SUITES)]  # type: ignore[valid-type]
-TLSVersionName = Literal[tuple(TLS_VERSIONS)]  # type: ignore[valid-type]
+if TYPE_CHECKING:  # a Literal built at run time is no type to a static checker
+    CipherSuiteName = str
+    TLSVersionName = str
+else:
+    CipherSuiteName = Literal[tuple(CIPHER_SUITES)]
+    TLSVersionName = Literal[tuple(TLS_VERSIONS)]
 
 # exporter-toolkit's client_auth_type values Python's ssl can honour. It verifies every
 # certificate it asks for, so Go's "ask but do not verify" modes have no equivalent.
@@ -276,12 +280,12 @@ def _load_certificate(
         if not getattr(config, key) and f"{SECTION}.{key}" not in validation.failed:
             validation.problem(f"{SECTION}.{key}", "required for TLS")
     cert = _certificates(base, "cert_file", config.cert_file, validation)
-    key = _readable(base, "key_file", config.key_file, validation)
-    if cert is None or key is None:
+    key_path = _readable(base, "key_file", config.key_file, validation)
+    if cert is None or key_path is None:
         return
     try:
         # A callback, so that an encrypted key is an error, not a prompt on the terminal.
-        context.load_cert_chain(cert, key, password=lambda: b"")
+        context.load_cert_chain(cert, key_path, password=lambda: b"")
     except ssl.SSLError as exc:
         if exc.reason == "KEY_VALUES_MISMATCH":
             message = f"{config.key_file} is not the key of {config.cert_file}"
