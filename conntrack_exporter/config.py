@@ -11,6 +11,7 @@ loading a configuration never imports the netlink stack.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ T = TypeVar("T")
 MAX_SECONDS = 86400.0
 # 1 to 65535 as a regular expression, for the JSON schema of a port range.
 _PORT = "([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+PORT_RANGE_PATTERN = f"{_PORT}-{_PORT}"
 
 
 @dataclass(frozen=True)
@@ -49,9 +51,12 @@ def _non_negative(value: float) -> str | None:
 
 
 def _port_range(value: str) -> str | None:
-    low, sep, high = value.partition("-")
-    if sep and low.isdigit() and high.isdigit() and 1 <= int(low) <= int(high) <= 65535:
-        return None
+    # The schema's own pattern (no leading zeros, ASCII digits only), then what no pattern
+    # can say: low at most high.
+    if re.fullmatch(PORT_RANGE_PATTERN, value):
+        low, _, high = value.partition("-")
+        if int(low) <= int(high):
+            return None
     return f"expected a port range like 1024-65535, got {value!r}"
 
 
@@ -77,7 +82,7 @@ def _telemetry_path(value: str) -> str | None:
 SECONDS = Check(_seconds, {"exclusiveMinimum": 0, "maximum": MAX_SECONDS})
 NON_NEGATIVE = Check(_non_negative, {"minimum": 0})
 # Low-high; that low is at most high, JSON schema cannot say (the loader does).
-PORT_RANGE = Check(_port_range, {"pattern": f"^{_PORT}-{_PORT}$"})
+PORT_RANGE = Check(_port_range, {"pattern": f"^{PORT_RANGE_PATTERN}$"})
 ABSOLUTE_PATH = Check(_absolute_path, {"pattern": "^/"})
 LISTEN_ADDRESS = Check(_listen_address, {"pattern": ":[0-9]+$"})
 TELEMETRY_PATH = Check(_telemetry_path, {"pattern": "^/", "not": {"enum": ["/", "/healthz"]}})
