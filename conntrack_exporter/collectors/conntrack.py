@@ -206,7 +206,7 @@ def counter_families(rows: Iterable[CpuStats], per_cpu: bool) -> list[Metric]:
     """
     rows = [CpuStats(row.cpu, ALWAYS_PRESENT | row.counters) for row in rows]
     names = sorted({name for row in rows for name in row.counters} - RETIRED_COUNTERS)
-    families = []
+    families: list[Metric] = []
     for name in names:
         family = CounterMetricFamily(
             f"conntrack_stat_{name}",
