@@ -1,18 +1,22 @@
 """The conntrack collector: table size, limit, hash size and the per-CPU event counters.
 
-Netlink (ctnetlink) first; without CAP_NET_ADMIN the same values come from procfs.
+Netlink (ctnetlink) first; without CAP_NET_ADMIN the same values come from procfs. The counters
+are the kernel's 32-bit ones accumulated across wraps (counters.WrappingCounters), whichever
+interface served them.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from conntrack_exporter.counters import WrappingCounters
 from conntrack_exporter.netlink import NetlinkError
 from conntrack_exporter.netlink.ctnetlink import ConntrackStatsReader, CpuStats
 from conntrack_exporter.procfs import CONNTRACK_COUNT_FILE, parse_nf_conntrack_stat
@@ -45,10 +49,21 @@ COUNTER_HELP = {
     "expect_create": "Expectations created",
     "expect_delete": "Expectations deleted",
 }
-# The kernel's per-CPU counters are u32 and wrap; Prometheus treats a wrap as a counter reset.
-COUNTER_SOURCE = "ctnetlink *_GET_STATS_CPU or /proc/net/stat/nf_conntrack"
+# The kernel's per-CPU counters are u32 and wrap; ours add up each CPU's advances instead, so
+# that a wrap is no counter reset (see counters.py).
+COUNTER_SOURCE = (
+    "ctnetlink *_GET_STATS_CPU or /proc/net/stat/nf_conntrack; "
+    "the kernel's 32-bit per-CPU counters, accumulated across wraps"
+)
 
 NETLINK_FORBIDDEN = (errno.EPERM, errno.EACCES)
+
+
+class _Reading(NamedTuple):
+    source: str
+    entries: int
+    limit: int
+    rows: list[CpuStats]  # the kernel's raw 32-bit values
 
 
 @dataclass(frozen=True)
@@ -65,6 +80,8 @@ class ConntrackCollector:
         self._per_cpu = options.per_cpu
         self._procfs = context.procfs
         self._reader = self._open_netlink(context.readers.conntrack_stats)
+        self._counters = WrappingCounters()
+        self._lock = threading.Lock()
 
     def _open_netlink(
         self, open_reader: Callable[[], ConntrackStatsReader]
@@ -82,14 +99,24 @@ class ConntrackCollector:
         # Checked before any netlink request: asking ctnetlink about an absent conntrack
         # makes the kernel load the modules, a change this exporter must not cause.
         buckets = self._buckets()
+        # One scrape at a time from the reading to the accounting: the counters must see the
+        # readings in the order they were taken, or an older reading applied after a newer one
+        # would count as a wrap of nearly 2^32. The netlink socket serializes requests anyway.
+        with self._lock:
+            reading = self._read()
+            rows = self._counters.update(reading.rows)
+        metrics = self._families(reading.entries, reading.limit, buckets, rows)
+        return Collected(reading.source, metrics)
+
+    def _read(self) -> _Reading:
         if self._reader is not None:
             try:
-                return self._collect_netlink(self._reader, buckets)
+                return self._read_netlink(self._reader)
             except NetlinkError as exc:
                 if exc.errno not in NETLINK_FORBIDDEN:
                     raise
                 self._drop_netlink(exc)
-        return self._collect_procfs(buckets)
+        return self._read_procfs()
 
     def close(self) -> None:
         if self._reader is not None:
@@ -106,21 +133,29 @@ class ConntrackCollector:
         )
         self.close()
 
-    def _collect_netlink(self, reader: ConntrackStatsReader, buckets: int) -> Collected:
+    def _read_netlink(self, reader: ConntrackStatsReader) -> _Reading:
         totals = reader.global_stats()
         rows = _merge_rows(reader.cpu_stats(), reader.expect_cpu_stats())
-        metrics = self._families(totals.entries, totals.max_entries, buckets, rows)
-        return Collected("netlink", metrics)
+        return _Reading("netlink", totals.entries, totals.max_entries, rows)
 
-    def _collect_procfs(self, buckets: int) -> Collected:
+    def _read_procfs(self) -> _Reading:
         entries = self._procfs.read_int(CONNTRACK_COUNT_FILE)
         limit = self._procfs.read_int(MAX_FILE)
         try:
             rows = parse_nf_conntrack_stat(self._procfs.read_text(STAT_FILE))
         except FileNotFoundError:
             rows = []  # a kernel without CONFIG_NF_CONNTRACK_PROCFS: counts only
-        cpu_rows = [CpuStats(cpu, counters) for cpu, counters in enumerate(rows)]
-        return Collected("procfs", self._families(entries, limit, buckets, cpu_rows))
+        # The file's rows carry no CPU number. Like ctnetlink's per-CPU replies (whose res_id
+        # is the CPU), they are the *possible* CPUs in ascending order: ct_cpu_seq_start and
+        # ctnetlink_ct_stat_cpu_dump both skip !cpu_possible. So row i is CPU i wherever the
+        # possible CPUs are 0..n-1, as on nearly every machine. Where the mask has holes, row i
+        # is the i-th possible CPU: if netlink named as many CPUs before it was refused, its
+        # numbers are reused, so that each row carries on its own CPU's total; otherwise the
+        # rows are numbered 0..n-1 and the `cpu` label differs from what netlink would say.
+        seen = self._counters.cpus()
+        numbers = seen if len(seen) == len(rows) else range(len(rows))
+        cpu_rows = [CpuStats(cpu, counters) for cpu, counters in zip(numbers, rows, strict=True)]
+        return _Reading("procfs", entries, limit, cpu_rows)
 
     def _buckets(self) -> int:
         try:
@@ -165,10 +200,13 @@ def _merge_rows(*sources: list[CpuStats]) -> list[CpuStats]:
 
 
 def counter_families(rows: Iterable[CpuStats], per_cpu: bool) -> list[Metric]:
-    """One `conntrack_stat_<name>_total` family per counter, summed or labelled by CPU."""
+    """One `conntrack_stat_<name>_total` family per counter, summed or labelled by CPU.
+
+    `rows` hold the running totals of WrappingCounters.update(), one row per CPU.
+    """
     rows = [CpuStats(row.cpu, ALWAYS_PRESENT | row.counters) for row in rows]
     names = sorted({name for row in rows for name in row.counters} - RETIRED_COUNTERS)
-    families = []
+    families: list[Metric] = []
     for name in names:
         family = CounterMetricFamily(
             f"conntrack_stat_{name}",
