@@ -300,10 +300,10 @@ def alloc_main(scrapes: int, accept: str) -> None:
     from conntrack_exporter.cli import build_collectors
     from conntrack_exporter.collectors import COLLECTORS
     from conntrack_exporter.config import load_config
-    from conntrack_exporter.registry import ExporterCollector
+    from conntrack_exporter.registry import ExporterCollector, Lasting
     from conntrack_exporter.server import metrics_response
 
-    exporter = ExporterCollector(build_collectors(load_config(None, {}, COLLECTORS)))
+    exporter = ExporterCollector(build_collectors(load_config(None, {}, COLLECTORS), Lasting()))
 
     def scrape() -> None:
         metrics_response(exporter, accept, "gzip")

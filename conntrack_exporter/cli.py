@@ -22,7 +22,13 @@ from conntrack_exporter.collectors import COLLECTORS
 from conntrack_exporter.config import Config, ConfigError, LogConfig, load_config
 from conntrack_exporter.logs import setup_logging
 from conntrack_exporter.procfs import ProcFS
-from conntrack_exporter.registry import CollectorContext, CollectorSet, ExporterCollector, Readers
+from conntrack_exporter.registry import (
+    CollectorContext,
+    CollectorSet,
+    ExporterCollector,
+    Lasting,
+    Readers,
+)
 from conntrack_exporter.server import MetricsServer, landing_page
 from conntrack_exporter.webconfig import PLAIN_HTTP, WebSecuritySource, WebSecurityWatcher
 
@@ -146,10 +152,11 @@ def _flag_values(args: argparse.Namespace, parser: argparse.ArgumentParser) -> d
     }
 
 
-def build_collectors(config: Config) -> CollectorSet:
-    """The enabled collectors, not yet started (see CollectorSet)."""
+def build_collectors(config: Config, lasting: Lasting) -> CollectorSet:
+    """The enabled collectors, not yet started (see CollectorSet); `lasting` is the state
+    kept across reloads."""
     context = CollectorContext(
-        ProcFS(config.path.procfs), Readers.netlink(config.netlink.timeout_seconds)
+        ProcFS(config.path.procfs), Readers.netlink(config.netlink.timeout_seconds), lasting
     )
     return CollectorSet(
         [
@@ -173,7 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return EXIT_USAGE
     setup_logging(config.log.level, config.log.format)
-    collectors = build_collectors(config)
+    lasting = Lasting()
+    collectors = build_collectors(config, lasting)
     if args.once:
         try:
             collectors.scanner.run_once()
@@ -181,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             collectors.close()
         return EXIT_OK
-    running = Running(config, ExporterCollector(collectors), security)
+    running = Running(config, ExporterCollector(collectors), security, lasting)
     return running.serve(lambda: _load(args.config_file, flags))
 
 
@@ -206,11 +214,16 @@ class Running:
     signals that stop it (SIGTERM, SIGINT) or reload its configuration (SIGHUP)."""
 
     def __init__(
-        self, config: Config, exporter: ExporterCollector, security: WebSecuritySource
+        self,
+        config: Config,
+        exporter: ExporterCollector,
+        security: WebSecuritySource,
+        lasting: Lasting,
     ) -> None:
         self.config = config
         self.exporter = exporter
         self.security = security
+        self.lasting = lasting
         self._wake = threading.Event()
         self._stop = False
         self._reload = False
@@ -277,7 +290,7 @@ class Running:
             )
             return
         setup_logging(config.log.level, config.log.format)
-        collectors = build_collectors(config)
+        collectors = build_collectors(config, self.lasting)
         # Old scans end before new ones start (never two at once), and the old collectors
         # are closed, after the scrapes still using them, before anything new runs.
         self.exporter.replace(collectors).close()

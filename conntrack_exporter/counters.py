@@ -9,6 +9,7 @@ that Python's ints never wrap. Pure: no I/O, no clock.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
 
 from conntrack_exporter.netlink.ctnetlink import CpuStats
@@ -30,11 +31,13 @@ class WrappingCounters:
     interval, 286 million events a second on one CPU). A CPU whose row disappears keeps its
     total, and continues from its last raw value if the row comes back.
 
-    Not thread-safe: the caller serializes update() calls, in the order the readings were taken.
-    An older reading applied after a newer one would look like a wrap of nearly 2^32.
+    update() itself is not thread-safe: the caller holds `lock` from taking a reading to
+    accounting it, so that readings are accounted in the order they were taken. An older
+    reading applied after a newer one would look like a wrap of nearly 2^32.
     """
 
     def __init__(self) -> None:
+        self.lock = threading.Lock()
         self._last: dict[int, dict[str, int]] = {}
         self._totals: dict[int, dict[str, int]] = {}
 

@@ -10,7 +10,8 @@ table (collectors.COLLECTORS):
 - class attributes `name` (its config key and label), `default_enabled`, and `options_type`,
   a frozen dataclass whose fields are the keys `collectors.NAME.*` (validated by config.py);
 - a constructor `Cls(options, context)`: options of `options_type`, and a CollectorContext,
-  through which alone it reaches the kernel (procfs, and netlink reader factories);
+  through which alone it reaches the kernel (procfs, and netlink reader factories), and which
+  keeps what must outlive a reload (`context.lasting`);
 - `collect() -> Collected`, called on every scrape, on any of the server's threads; it raises
   NoDataError when the kernel lacks the feature and any other exception when it fails;
 - `close()`: releases whatever the constructor or collect() opened (netlink sockets, kept-open
@@ -28,9 +29,9 @@ import platform
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
@@ -41,6 +42,7 @@ from conntrack_exporter.procfs import ProcFS
 from conntrack_exporter.scanner import BackgroundJob, Scanner
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class NoDataError(Exception):
@@ -77,12 +79,31 @@ class Readers:
         )
 
 
+class Lasting:
+    """State that outlives one configuration's collectors: made once per process and handed
+    to every configuration's, so that a reload does not lose it (the conntrack counters'
+    running totals: lost, a CPU that had wrapped would read as a counter reset)."""
+
+    def __init__(self) -> None:
+        self._values: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: str, make: Callable[[], T]) -> T:
+        """The value kept under `key`, made by `make()` the first time it is asked for."""
+        with self._lock:
+            if key not in self._values:
+                self._values[key] = make()
+            value: T = self._values[key]
+            return value
+
+
 @dataclass(frozen=True)
 class CollectorContext:
-    """All a collector may reach the kernel through."""
+    """All a collector may reach the kernel through, and the state it keeps across reloads."""
 
     procfs: ProcFS
     readers: Readers
+    lasting: Lasting = field(default_factory=Lasting)
 
 
 class Collector(Protocol):

@@ -22,17 +22,24 @@ from conntrack_exporter.registry import (
     CollectorContext,
     CollectorSet,
     ExporterCollector,
+    Lasting,
     Readers,
 )
 
 
 def context(
-    root: str | Path = "/proc", timeout: float = 1.0, **readers: Callable[[], object]
+    root: str | Path = "/proc",
+    timeout: float = 1.0,
+    lasting: Lasting | None = None,
+    **readers: Callable[[], object],
 ) -> CollectorContext:
     """The context of a collector over the procfs at `root`, with the real netlink readers
-    but for those given (conntrack_stats=, conntrack_table=, sock_diag= factories)."""
+    but for those given (conntrack_stats=, conntrack_table=, sock_diag= factories). A reload
+    hands the new collectors the `lasting` state of the old ones; by default it is new."""
     return CollectorContext(
-        ProcFS(str(root)), dataclasses.replace(Readers.netlink(timeout), **readers)
+        ProcFS(str(root)),
+        dataclasses.replace(Readers.netlink(timeout), **readers),
+        lasting or Lasting(),
     )
 
 

@@ -33,6 +33,7 @@ from conntrack_exporter.netlink.ctnetlink import (
     parse_global_stats,
 )
 from conntrack_exporter.procfs import NF_CONNTRACK_STAT_ALIASES
+from conntrack_exporter.registry import Lasting
 from tests.collectors import context, exposition
 from tests.metrics import parse_samples, sources, stat_counters, value
 from tests.test_netlink_parsers import EXP_STATS_CPU_REPLY, datagrams, messages
@@ -205,9 +206,12 @@ class ScriptedStats:
         self.closed = True
 
 
-def over_netlink(reader: object, per_cpu: bool = False, root: Path = PROCFS) -> ConntrackCollector:
+def over_netlink(
+    reader: object, per_cpu: bool = False, root: Path = PROCFS, lasting: Lasting | None = None
+) -> ConntrackCollector:
     return ConntrackCollector(
-        ConntrackOptions(per_cpu=per_cpu), context(root, conntrack_stats=lambda: reader)
+        ConntrackOptions(per_cpu=per_cpu),
+        context(root, lasting=lasting, conntrack_stats=lambda: reader),
     )
 
 
@@ -270,14 +274,19 @@ def test_a_cpu_row_that_disappears_keeps_its_series_per_cpu():
     assert drops(scrape(per_cpu)) == {"0": 7, "1": NEAR_WRAP}
 
 
-def test_a_new_collector_starts_from_the_kernels_current_sum():
+def test_a_restart_starts_from_the_kernels_current_sum_and_a_reload_carries_on():
+    near = captured_cpu_rows({0: {"drop": 7}, 1: {"drop": NEAR_WRAP}})
     wrapped = captured_cpu_rows({0: {"drop": 7}, 1: {"drop": WRAPPED}})
-    before = over_netlink(ScriptedStats(captured_cpu_rows({1: {"drop": NEAR_WRAP}}), wrapped))
-    scrape(before)
-    assert drops(scrape(before)) == {"": NEAR_WRAP + 0x20 + 7}
-    # A restart (or a reload, which builds the collectors anew): the kernel's sum again.
-    after = over_netlink(ScriptedStats(wrapped))
-    assert drops(scrape(after)) == {"": 7 + WRAPPED}
+    lasting = Lasting()
+    before = over_netlink(ScriptedStats(near), lasting=lasting)
+    assert drops(scrape(before)) == {"": 7 + NEAR_WRAP}
+    before.close()
+    # A reload builds the collectors anew, with the state that outlives them: no reset.
+    reloaded = over_netlink(ScriptedStats(wrapped), lasting=lasting)
+    assert drops(scrape(reloaded)) == {"": 7 + NEAR_WRAP + 0x20}
+    # A restart: the kernel's sum again (one reset, which Prometheus handles).
+    restarted = over_netlink(ScriptedStats(wrapped))
+    assert drops(scrape(restarted)) == {"": 7 + WRAPPED}
 
 
 class HeldStats(ScriptedStats):

@@ -9,9 +9,11 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -21,6 +23,9 @@ from pathlib import Path
 import pytest
 
 from tests.metrics import parse_samples, value
+from tests.test_counter_wrap import NEAR_WRAP, WRAPPED, stat_text
+from tests.test_counter_wrap import PROCFS as WRAP_PROCFS
+from tests.test_counter_wrap import STAT_FILE as WRAP_STAT_FILE
 from tests.test_web_load import free_port
 
 SOCKET_ONLY = "collectors:\n  disable_defaults: true\n  socket:\n    enabled: true\n"
@@ -32,17 +37,21 @@ PORTS_ONLY = (
     "    interval_seconds: 1\n"
 )
 BAD = "collectors:\n  socket:\n    enabled: maybe\n  sockets: {}\n"
+CONNTRACK_ONLY = "collectors:\n  disable_defaults: true\n  conntrack:\n    enabled: true\n"
 
 
 class Exporter:
     """The exporter as a process, its log lines as they come."""
 
-    def __init__(self, config: Path) -> None:
+    def __init__(self, config: Path, *flags: str, user: str | None = None) -> None:
         self.port = free_port()
+        as_user = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"]
         self.process = subprocess.Popen(
             [
+                *(as_user if user else []),
                 *(sys.executable, "-m", "conntrack_exporter", f"--config.file={config}"),
                 f"--web.listen-address=127.0.0.1:{self.port}",
+                *flags,
             ],
             stderr=subprocess.PIPE,
             text=True,
@@ -220,3 +229,34 @@ def test_fifty_reloads_leave_fds_threads_and_netlink_sockets_where_they_were(tmp
         running.process.wait(timeout=10)
     assert after == before
     assert running.process.returncode == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs the exporter as nobody with setpriv")
+def test_a_reload_keeps_the_running_totals_of_counters_that_wrapped():
+    """The real exporter, as nobody (netlink refused: procfs serves the counters), over a
+    procfs root whose per-CPU stat file a CPU's 32-bit drop counter wraps in, across a real
+    SIGHUP. The totals outlive the reload's new collectors: the counter rises by the wrapped
+    advance, where a reload that started again from the kernel's sum would fall by 2^32."""
+    root = Path(tempfile.mkdtemp(prefix="cte-wrap-", dir="/tmp"))  # nobody reads it
+    try:
+        shutil.copytree(WRAP_PROCFS, root, dirs_exist_ok=True)
+        for path in [root, *root.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        stat = root / WRAP_STAT_FILE
+        stat.write_text(stat_text([{"drop": 7}, {"drop": NEAR_WRAP}]))
+        config = root / "config.yml"
+        config.write_text(CONNTRACK_ONLY)
+        running = Exporter(config, "--path.procfs", str(root), user="65534")
+        try:
+            before = value(running.scrape(), "conntrack_stat_drop_total")
+            stat.write_text(stat_text([{"drop": 7}, {"drop": WRAPPED}]))
+            config.write_text(CONNTRACK_ONLY + "log:\n  level: debug\n")
+            running.reload('msg="configuration reloaded"')
+            after = value(running.scrape(), "conntrack_stat_drop_total")
+        finally:
+            running.process.terminate()
+            running.process.wait(timeout=10)
+    finally:
+        shutil.rmtree(root)
+    assert before == 7 + NEAR_WRAP
+    assert after == before + 0x20

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
@@ -80,8 +79,11 @@ class ConntrackCollector:
         self._per_cpu = options.per_cpu
         self._procfs = context.procfs
         self._reader = self._open_netlink(context.readers.conntrack_stats)
-        self._counters = WrappingCounters()
-        self._lock = threading.Lock()
+        # Kept across reloads: a reload that started the totals afresh from the kernel's sum
+        # would make a CPU that had wrapped read as a counter reset, at every SIGHUP.
+        self._counters = context.lasting.get(
+            f"conntrack.counters:{context.procfs.root}", WrappingCounters
+        )
 
     def _open_netlink(
         self, open_reader: Callable[[], ConntrackStatsReader]
@@ -102,7 +104,7 @@ class ConntrackCollector:
         # One scrape at a time from the reading to the accounting: the counters must see the
         # readings in the order they were taken, or an older reading applied after a newer one
         # would count as a wrap of nearly 2^32. The netlink socket serializes requests anyway.
-        with self._lock:
+        with self._counters.lock:
             reading = self._read()
             rows = self._counters.update(reading.rows)
         metrics = self._families(reading.entries, reading.limit, buckets, rows)
