@@ -193,12 +193,14 @@ def settled(running: Exporter, scanned: tuple[str, ...]) -> dict[str, int]:
     deadline = time.monotonic() + 20
     last: dict[str, int] = {}
     while True:
+        # Before this round's scrape, half a second after the last one: that scrape's
+        # connection (an fd) and its thread are gone by now, this one's not yet there.
+        now = held(running.process.pid)
         samples = running.scrape()
         done = all(
             value(samples, "conntrack_exporter_collector_success", collector=name) == 1
             for name in scanned
         )
-        now = held(running.process.pid)
         if done and now == last:
             return now
         assert time.monotonic() < deadline, f"never settled: {now} after {last}"
