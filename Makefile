@@ -22,9 +22,12 @@ run: deps
 test: system-deps deps tools lint
 	$(BIN)/pytest -q -ra $(PYTEST_ARGS)
 
+# mypy checks the package's types, and every class of the collector table against the
+# collector contract (registry.py).
 lint: deps
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy conntrack_exporter
 
 # Pure tests only: no root, no kernel fixtures.
 unit: deps
