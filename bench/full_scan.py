@@ -458,7 +458,7 @@ def report(args: argparse.Namespace, info: dict) -> None:
         "conntrack_table_scan_errors_total at the end: "
         + ", ".join(f"{k} {v:.0f}" for k, v in errors_end.items()),
         "collector_success{collector=conntrack_table}: "
-        f"1 in {sum(1 for v in success if v == 1)} scrapes, 0 in "
+        f"value 1 in {sum(1 for v in success if v == 1)} scrapes, 0 in "
         f"{sum(1 for v in success if v == 0)}"
         + (
             f" ({first_good} before the first scan finished)"
@@ -468,9 +468,21 @@ def report(args: argparse.Namespace, info: dict) -> None:
         f"conntrack_table_scan_sample_ratio: "
         f"{sorted({s.values['ratio'] for s in ok if 'ratio' in s.values}) or 'not served'}",
         "",
-        f"scrape latency while a scan ran:   {_ms(scanning)}",
-        f"scrape latency between scans:      {_ms(idle)}",
+        *(
+            [
+                f"scrape latency while a scan ran:   {_ms(scanning)}",
+                f"scrape latency between scans:      {_ms(idle)}",
+            ]
+            if windows
+            else ["scrape latency by scan: unknown (only a scan that succeeded has a window)"]
+        ),
         f"scrape latency, all:               {_ms([s.latency for s in ok])}",
+        "slowest scrapes: "
+        + ", ".join(
+            f"{s.latency * 1e3:.1f} ms at {s.started - t0:.0f} s"
+            + (" (during a scan)" if windows and during_scan(s) else "")
+            for s in sorted(ok, key=lambda s: s.latency or 0, reverse=True)[:3]
+        ),
         f"collector_duration_seconds{{conntrack_table}}, max: "
         f"{max((s.values.get('collect', 0) for s in ok), default=0) * 1e3:.2f} ms",
     ]
