@@ -411,6 +411,7 @@ def report(args: argparse.Namespace, info: dict) -> None:
     lines = [
         "",
         f"{common.machine()}, {info['conntrack_version']}, commit {info['commit']}",
+        f"load average {info['load_before']} at the start, {info['load_after']} at the end",
         f"netns with {count} conntrack entries (asked {args.entries}; filled in "
         f"{info['fill_seconds']:.1f} s), nf_conntrack_buckets {info['buckets']}, "
         f"nf_conntrack_max {info['max_during']} during the run ({info['max_before']} before)",
@@ -538,6 +539,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def loadavg() -> str:
+    """The 1, 5 and 15 minute load averages: other work on the machine shows in them."""
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
 def commit() -> str:
     try:
         head = common.run(["git", "-C", str(common.REPO), "rev-parse", "--short", "HEAD"])
@@ -557,6 +563,7 @@ def main() -> int:
         "conntrack_version": common.run(["conntrack", "--version"]).stdout.split("(")[0].strip(),
         "commit": commit(),
         "max_before": int(table_scan.CONNTRACK_MAX.read_text()),
+        "load_before": loadavg(),
     }
     workdir = Path(tempfile.mkdtemp(prefix="full-scan-"))
     try:
@@ -575,6 +582,7 @@ def main() -> int:
     except KeyboardInterrupt:
         common.log("interrupted; exporter stopped, nf_conntrack_max restored, namespace removed")
         return 130
+    info["load_after"] = loadavg()
     report(args, info)
     common.log(f"exporter log and configuration kept in {workdir}")
     return 0
