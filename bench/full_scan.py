@@ -65,7 +65,6 @@ STOP_WAIT = 30.0  # seconds the exporter gets to exit after SIGTERM before SIGKI
 # The series read from every scrape; errors are read by their reason label.
 SERIES = {
     'conntrack_exporter_collector_success{collector="conntrack_table"}': "success",
-    'conntrack_exporter_collector_duration_seconds{collector="conntrack_table"}': "collect",
     "conntrack_table_scan_entries": "entries",
     "conntrack_table_scan_duration_seconds": "duration",
     "conntrack_table_scan_timestamp_seconds": "timestamp",
@@ -73,6 +72,8 @@ SERIES = {
     "conntrack_entries": "table",
 }
 ERRORS_PREFIX = 'conntrack_table_scan_errors_total{reason="'
+# Every collector's own time in a scrape, as values["collect:NAME"].
+DURATION_PREFIX = 'conntrack_exporter_collector_duration_seconds{collector="'
 
 
 class Namespace(common.Namespace):
@@ -94,6 +95,15 @@ class Namespace(common.Namespace):
             "nf_conntrack_tcp_timeout_syn_sent",
         )
         super().__init__("ctx-fscan", timeouts, 7200, chains=(drop_syns, untrack))
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, all CPUs (/proc/stat)."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle, iowait
+    total = sum(ticks[:8])  # guest time is already in user
+    return (total - idle) / CLK_TCK, total / CLK_TCK
 
 
 def cpu_seconds(pid: int) -> float:
@@ -137,6 +147,7 @@ def config_text(args: argparse.Namespace) -> str:
 class Scrape:
     started: float  # Unix time
     latency: float | None = None  # seconds, request to last byte of the body
+    healthz: float | None = None  # a /healthz right after, on the same connection
     status: int | None = None
     error: str = ""
     values: dict[str, float] = field(default_factory=dict)
@@ -154,6 +165,8 @@ def parse(body: str) -> tuple[dict[str, float], dict[str, float]]:
             values[SERIES[series]] = float(value)
         elif series.startswith(ERRORS_PREFIX):
             errors[series[len(ERRORS_PREFIX) : -2]] = float(value)
+        elif series.startswith(DURATION_PREFIX):
+            values["collect:" + series[len(DURATION_PREFIX) : -2]] = float(value)
     return values, errors
 
 
@@ -206,6 +219,12 @@ class Scraper(threading.Thread):
                 scrape.latency = time.perf_counter() - started
                 scrape.status = response.status
                 scrape.values, scrape.errors = parse(body.decode())
+                # The server's answer without any collection: what the GIL and the CPUs
+                # cost a request at that moment, beside what /metrics cost.
+                started = time.perf_counter()
+                conn.request("GET", "/healthz")
+                conn.getresponse().read()
+                scrape.healthz = time.perf_counter() - started
             except (OSError, http.client.HTTPException) as exc:
                 scrape.error = f"{type(exc).__name__}: {exc}"
                 if conn is not None:
@@ -315,7 +334,7 @@ def measure(ns: Namespace, args: argparse.Namespace, info: dict, workdir: Path) 
         info["startup"] = wait_listening(ns, PORT, exporter.process, 30)
         common.log(f"exporter pid {exporter.pid} listening after {info['startup']:.2f} s")
         scraper = Scraper(ns.name, PORT)
-        cpu0, wall0 = cpu_seconds(exporter.pid), time.monotonic()
+        cpu0, wall0, busy0 = cpu_seconds(exporter.pid), time.monotonic(), machine_busy()
         info["rss_start_kib"] = common.status_kib("VmRSS", exporter.pid)
         scraper.start()
         scraper.ready.wait()
@@ -332,6 +351,8 @@ def measure(ns: Namespace, args: argparse.Namespace, info: dict, workdir: Path) 
                 + exporter.log_text()[-3000:]
             )
         info["cpu"] = cpu_seconds(exporter.pid) - cpu0
+        busy1 = machine_busy()
+        info["machine_busy"] = (busy1[0] - busy0[0]) / (busy1[1] - busy0[1])
         info["window"] = time.monotonic() - wall0
         info["rss_end_kib"] = common.status_kib("VmRSS", exporter.pid)
         info["hwm_kib"] = common.status_kib("VmHWM", exporter.pid)
@@ -369,6 +390,15 @@ def _ms(values: list[float]) -> str:
     )
 
 
+def collect_times(scrapes: list[Scrape]) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {}
+    for s in scrapes:
+        for key, value in s.values.items():
+            if key.startswith("collect:"):
+                out.setdefault(key[len("collect:") :], []).append(value)
+    return out
+
+
 def scans_seen(scrapes: list[Scrape]) -> list[dict]:
     """One row per distinct conntrack_table_scan_timestamp_seconds: the scans that succeeded."""
     seen: dict[float, dict] = {}
@@ -402,6 +432,10 @@ def report(args: argparse.Namespace, info: dict) -> None:
 
     scanning = [s.latency for s in ok if during_scan(s)]
     idle = [s.latency for s in ok if not during_scan(s)]
+    timed = [s for s in ok if s.healthz is not None]
+    scanning_h = [s.healthz for s in timed if during_scan(s)]
+    idle_h = [s.healthz for s in timed if not during_scan(s)]
+    all_h = [s.healthz for s in timed]
     success = [s.values.get("success") for s in ok]
     first_good = next((i for i, v in enumerate(success) if v == 1), None)
     errors_end = ok[-1].errors if ok else {}
@@ -484,8 +518,19 @@ def report(args: argparse.Namespace, info: dict) -> None:
             + (" (during a scan)" if windows and during_scan(s) else "")
             for s in sorted(ok, key=lambda s: s.latency or 0, reverse=True)[:3]
         ),
-        f"collector_duration_seconds{{conntrack_table}}, max: "
-        f"{max((s.values.get('collect', 0) for s in ok), default=0) * 1e3:.2f} ms",
+        *(
+            [
+                f"/healthz right after, while a scan ran: {_ms(scanning_h)}",
+                f"/healthz right after, between scans:    {_ms(idle_h)}",
+            ]
+            if windows
+            else [f"/healthz right after each scrape: {_ms(all_h)}"]
+        ),
+        "collector_duration_seconds by collector, p50 / max: "
+        + ", ".join(
+            f"{name} {quantile(v, 0.5) * 1e3:.2f} / {max(v) * 1e3:.2f} ms"
+            for name, v in collect_times(ok).items()
+        ),
     ]
     if failed:
         lines.append("failed scrapes: " + "; ".join(s.error or str(s.status) for s in failed[:5]))
@@ -494,6 +539,9 @@ def report(args: argparse.Namespace, info: dict) -> None:
         "",
         f"exporter CPU over the window: {cpu:.1f} s in {window:.1f} s = {cpu / window * 100:.0f} "
         f"% of one CPU" + (f"; {cpu / len(scans):.2f} s per succeeded scan" if scans else ""),
+        f"the machine's CPUs over the window: {info['machine_busy'] * 100:.0f} % busy of "
+        f"{os.cpu_count()} (the exporter is {cpu / window / (os.cpu_count() or 1) * 100:.0f} "
+        "points of it; the rest is this script, conntrack's kernel work and others' jobs)",
         f"exporter RSS: {info['rss_start_kib'] / 1024:.1f} MiB at the window's start, "
         f"{info['rss_end_kib'] / 1024:.1f} MiB at its end, peak (VmHWM) "
         f"{info['hwm_kib'] / 1024:.1f} MiB; {info['threads']} threads",
