@@ -36,3 +36,17 @@ def sources(samples: dict, collector: str) -> list[str]:
         for labels, value_ in samples.get("conntrack_exporter_source_info", {}).items()
         if dict(labels).get("collector") == collector and value_ == 1
     ]
+
+
+def scan_errors(samples: dict, prefix: str) -> dict[str, float]:
+    """`<prefix>_scan_errors_total` by reason."""
+    series = samples[f"{prefix}_scan_errors_total"]
+    return {dict(labels)["reason"]: count for labels, count in series.items()}
+
+
+def assert_scan_refused(samples: dict, prefix: str) -> None:
+    """No series of the scan's but its errors, which say it was refused, once."""
+    families = [name for name in samples if name.startswith(f"{prefix}_")]
+    assert families == [f"{prefix}_scan_errors_total"], families
+    errors = scan_errors(samples, prefix)
+    assert errors.pop("permission") == 1 and set(errors.values()) == {0}, errors
