@@ -7,6 +7,7 @@ sys.path, for the children a script re-executes the same way too), as `bench.com
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import os
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+CLONE_NEWNET = 0x40000000
 
 
 def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -184,3 +186,19 @@ def catch_interrupts() -> None:
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def join_netns(name: str) -> None:
+    """Move the calling thread (only it: namespaces are per thread) into netns `name`.
+
+    The tests' fixtures use it too (tests/conftest.py): the sockets a joined thread opens,
+    an HTTP client's say, live in that namespace.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/var/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            error = ctypes.get_errno()
+            raise OSError(error, f"setns into {name}: {os.strerror(error)}")
+    finally:
+        os.close(fd)

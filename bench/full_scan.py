@@ -39,7 +39,6 @@ It prints figures; it asserts nothing about time.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import http.client
 import os
 import statistics
@@ -59,7 +58,6 @@ else:  # python bench/full_scan.py
 
 PORT = 19373  # in a namespace of our own: nothing else listens there
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-CLONE_NEWNET = 0x40000000
 SCRAPE_TIMEOUT = 10.0  # Prometheus' default scrape timeout
 STOP_WAIT = 30.0  # seconds the exporter gets to exit after SIGTERM before SIGKILL
 # The series read from every scrape; errors are read by their reason label.
@@ -111,18 +109,6 @@ def cpu_seconds(pid: int) -> float:
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat[stat.rindex(")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def join_netns(name: str) -> None:
-    """Move the calling thread (only it: namespaces are per thread) into netns `name`."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(f"/var/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            error = ctypes.get_errno()
-            raise OSError(error, f"setns into {name}: {os.strerror(error)}")
-    finally:
-        os.close(fd)
 
 
 def config_text(args: argparse.Namespace) -> str:
@@ -185,7 +171,7 @@ class Scraper(threading.Thread):
 
     def run(self) -> None:
         try:
-            join_netns(self.netns)
+            common.join_netns(self.netns)
             self.ready.set()
             self._loop()
         except BaseException as exc:  # reported by the main thread
@@ -241,7 +227,7 @@ def wait_listening(ns: Namespace, port: int, proc: subprocess.Popen, seconds: fl
     result: dict[str, object] = {}
 
     def probe() -> None:
-        join_netns(ns.name)
+        common.join_netns(ns.name)
         while time.monotonic() - started < seconds and proc.poll() is None:
             try:
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)

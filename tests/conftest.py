@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import shutil
 import subprocess
@@ -18,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from bench.common import join_netns
+
 KERNEL_TOOLS = ("ip", "nft", "conntrack", "setpriv")
-CLONE_NEWNET = 0x40000000
 MAX_FILE = Path("/proc/sys/net/netfilter/nf_conntrack_max")
 HOST_COUNT_FILE = Path("/proc/sys/net/netfilter/nf_conntrack_count")
 # A full table of ours holds at least this many entries, and this many more than the host's.
@@ -82,7 +82,7 @@ class Netns:
     def thread_pool(self) -> ThreadPoolExecutor:
         """A one-thread pool whose thread has joined the namespace: the sockets it opens (an
         HTTP client, say) live there. Network namespaces are per thread."""
-        return ThreadPoolExecutor(max_workers=1, initializer=_join_netns, initargs=(self.name,))
+        return ThreadPoolExecutor(max_workers=1, initializer=join_netns, initargs=(self.name,))
 
     def hold_tcp_connections(self, count: int) -> subprocess.Popen:
         """Open `count` established loopback TCP connections in the namespace and hold them
@@ -200,17 +200,6 @@ class Netns:
             str(first_port),
             str(count),
         )
-
-
-def _join_netns(name: str) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(f"/var/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            error = ctypes.get_errno()
-            raise OSError(error, f"setns into {name}: {os.strerror(error)}")
-    finally:
-        os.close(fd)
 
 
 def _as_user(user: str | None) -> list[str]:
