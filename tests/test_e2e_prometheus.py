@@ -124,6 +124,12 @@ class Prometheus:
             url += "?" + urllib.parse.urlencode(params)
         return self._pool.submit(_get_json, url).result(timeout=30)
 
+    def is_ready(self) -> bool:
+        """Whether Prometheus serves queries: until it has started (the TSDB opened, the
+        rules loaded) its API answers 503, which is no Prometheus error JSON."""
+        url = f"http://127.0.0.1:{PROMETHEUS_PORT}/-/ready"
+        return self._pool.submit(_status, url).result(timeout=30) == 200
+
     def query(self, expr: str) -> list[dict]:
         """The result vector of an instant query; any PromQL or evaluation error fails."""
         answer = self.get("/api/v1/query", query=expr)
@@ -144,6 +150,14 @@ class Prometheus:
             if time.monotonic() > deadline:
                 pytest.fail(f"timed out waiting for {what}")
             time.sleep(0.5)
+
+
+def _status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
 
 
 def _get_json(url: str) -> dict:
@@ -198,6 +212,7 @@ def stack(netns, tmp_path) -> Iterator[tuple]:
 def wait_for_data(prometheus: Prometheus) -> None:
     """Until the target is up, both background scans have been scraped, and every rule has
     been evaluated after enough samples for a rate()."""
+    prometheus.wait_until("Prometheus to be ready", prometheus.is_ready)
     prometheus.wait_until(
         "the exporter to be scraped",
         lambda: (
