@@ -1,0 +1,179 @@
+"""Network namespaces on the node, found through /proc without setns or any capability.
+
+`/proc/PID/net/*` shows the network namespace of process PID to any uid. A namespace's key is
+`(st_dev, st_ino)` of `/proc/PID/net/sockstat`: the same for every process of the namespace,
+different across namespaces, and reused once a namespace dies, so every discovery pass checks
+it again. (`readlink /proc/PID/ns/net` would name the namespace too, but needs
+CAP_SYS_PTRACE.)
+
+An open fd on a `/proc/PID/net` file keeps its namespace alive after the last process has
+gone, and goes on reading the dead namespace: NamespaceFiles are closed as soon as a pass
+finds no process in their namespace. They are opened once and never reopened by path: after
+the process exits, its pid may name a process of another namespace.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterable, Iterator
+from typing import NamedTuple
+
+from conntrack_exporter.procfs import READ_CHUNK_BYTES, ProcFS
+
+KEY_FILE = "net/sockstat"
+# What a namespace's own counters are read from (see collectors/socket.py and conntrack.py).
+NAMESPACE_FILES = (
+    "net/sockstat",
+    "net/sockstat6",
+    "net/netstat",
+    "net/snmp",
+    "net/snmp6",
+    "net/stat/nf_conntrack",
+)
+# A process that exits while we look, or a kernel thread's (it has no net/ of its own).
+_GONE = (errno.ENOENT, errno.ESRCH, errno.EINVAL)
+
+
+class NetnsKey(NamedTuple):
+    dev: int
+    ino: int
+
+
+class Namespace(NamedTuple):
+    """A network namespace and its processes at one discovery pass."""
+
+    key: NetnsKey
+    pids: tuple[int, ...]  # ascending
+
+
+def _key(stat: os.stat_result) -> NetnsKey:
+    return NetnsKey(stat.st_dev, stat.st_ino)
+
+
+def namespace_key(procfs: ProcFS, pid: int | str) -> NetnsKey:
+    """The key of the namespace `pid` ("self" for the reader's own) is in."""
+    return _key(os.stat(procfs.path(f"{pid}/{KEY_FILE}")))
+
+
+def discover(procfs: ProcFS, exclude: NetnsKey | None = None) -> list[Namespace]:
+    """Every network namespace a process of `procfs` is in, but `exclude` (the reader's own,
+    usually: its counters are the host collectors'), ordered by their lowest pid.
+
+    One stat per process (~7 us here): /proc lists processes, not threads, and a namespace
+    without a process (held by a bind mount or an fd only) has no pid to find it by.
+    """
+    pids: dict[NetnsKey, list[int]] = {}
+    for pid in _pids(procfs.root):
+        try:
+            key = namespace_key(procfs, pid)
+        except OSError as exc:
+            if exc.errno in _GONE:
+                continue
+            raise
+        if key != exclude:
+            pids.setdefault(key, []).append(pid)
+    found = [Namespace(key, tuple(sorted(members))) for key, members in pids.items()]
+    return sorted(found, key=lambda namespace: namespace.pids[0])
+
+
+def _pids(root: str) -> Iterator[int]:
+    with os.scandir(root) as entries:
+        for entry in entries:
+            if entry.name.isdigit():
+                yield int(entry.name)
+
+
+class NamespaceFiles:
+    """The counters' files of one namespace, held open on fds that pin it.
+
+    Opened through one of its processes, all at once, and checked: the key file's fd must
+    have the namespace's key, or the pid named another namespace by then (it exited and was
+    reused) and nothing is kept. A file this kernel lacks (sockstat6 without IPv6,
+    stat/nf_conntrack without CONFIG_NF_CONNTRACK_PROCFS) reads as None.
+    """
+
+    def __init__(self, procfs: ProcFS, namespace: Namespace) -> None:
+        self.key = namespace.key
+        self._fds: dict[str, int] = {}
+        try:
+            self._open(procfs, namespace)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, procfs: ProcFS, namespace: Namespace) -> None:
+        for pid in namespace.pids:
+            try:
+                self._open_through(procfs, pid)
+                return
+            except OSError as exc:
+                if exc.errno not in _GONE:
+                    raise
+                self.close()  # that pid went or moved: try the namespace's next one
+        raise FileNotFoundError(errno.ENOENT, "no process of the namespace is left", self.key)
+
+    def _open_through(self, procfs: ProcFS, pid: int) -> None:
+        for name in NAMESPACE_FILES:
+            try:
+                self._fds[name] = os.open(procfs.path(f"{pid}/{name}"), os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                if name == KEY_FILE:
+                    raise
+        if _key(os.fstat(self._fds[KEY_FILE])) != self.key:
+            raise FileNotFoundError(errno.ENOENT, f"pid {pid} is in another namespace now")
+
+    def read(self, name: str) -> str | None:
+        """The file's text now (None if this kernel has no such file)."""
+        fd = self._fds.get(name)
+        if fd is None:
+            return None
+        chunks = []
+        offset = 0
+        while chunk := os.pread(fd, READ_CHUNK_BYTES, offset):
+            chunks.append(chunk)
+            offset += len(chunk)
+        try:
+            return b"".join(chunks).decode("ascii")
+        except UnicodeDecodeError:
+            raise ValueError(f"{name} of namespace {self.key}: not ASCII text") from None
+
+    def close(self) -> None:
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
+
+
+class NamespaceTable:
+    """The namespaces of the last discovery pass, each with its files open.
+
+    `update()` opens the files of new namespaces and closes those of namespaces no process
+    is in any more. While our fds hold a namespace its key cannot be reused, so a key found
+    again is the same namespace. Not thread-safe: the caller serializes update(), close()
+    and reads.
+    """
+
+    def __init__(self, procfs: ProcFS) -> None:
+        self._procfs = procfs
+        self.files: dict[NetnsKey, NamespaceFiles] = {}
+
+    def update(self, namespaces: Iterable[Namespace]) -> list[NetnsKey]:
+        """Track exactly `namespaces`; return the keys that could not be opened (their
+        processes exited during the pass)."""
+        wanted = {namespace.key: namespace for namespace in namespaces}
+        for key in [key for key in self.files if key not in wanted]:
+            self.files.pop(key).close()
+        missed = []
+        for key, namespace in wanted.items():
+            if key in self.files:
+                continue
+            try:
+                self.files[key] = NamespaceFiles(self._procfs, namespace)
+            except FileNotFoundError:
+                missed.append(key)
+        return missed
+
+    def close(self) -> None:
+        for files in self.files.values():
+            files.close()
+        self.files = {}

@@ -1,0 +1,224 @@
+"""Network namespace discovery on the real kernel (conntrack_exporter/netns.py).
+
+"Pods" here are processes in network namespaces of their own (`unshare -n sleep`), as on a
+Kubernetes node; a veth pair with one end in a pod's namespace shows when that namespace is
+really destroyed (the kernel deletes the host end with it).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conntrack_exporter.netns import NamespaceFiles, NamespaceTable, discover, namespace_key
+from conntrack_exporter.procfs import ProcFS, parse_snmp_table
+
+pytestmark = pytest.mark.kernel
+PROC = ProcFS("/proc")
+
+
+class Pod:
+    """A process in a network namespace of its own, with lo up."""
+
+    def __init__(self) -> None:
+        self.process = subprocess.Popen(["unshare", "-n", "sleep", "600"])
+        self.pid = self.process.pid
+        deadline = time.monotonic() + 10
+        while namespace_key(PROC, self.pid) == namespace_key(PROC, "self"):
+            assert time.monotonic() < deadline, "unshare never entered a new namespace"
+            time.sleep(0.01)
+        self.key = namespace_key(PROC, self.pid)
+        self.run("ip", "link", "set", "lo", "up")
+
+    def run(self, *cmd: str, **kwargs: object) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["nsenter", "-t", str(self.pid), "-n", *cmd],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            **kwargs,
+        )
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait(timeout=10)
+
+
+@pytest.fixture
+def pods() -> Iterator[list[Pod]]:
+    started: list[Pod] = []
+    try:
+        for _ in range(3):
+            started.append(Pod())
+        yield started
+    finally:
+        for pod in started:
+            pod.stop()
+
+
+def test_discovery_finds_each_namespace_with_its_processes_but_its_own(pods):
+    # A second process in the first pod's namespace, as a pod's containers share one.
+    sidecar = subprocess.Popen(["nsenter", "-t", str(pods[0].pid), "-n", "sleep", "600"])
+    try:
+        deadline = time.monotonic() + 10
+        while namespace_key(PROC, sidecar.pid) != pods[0].key:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        own = namespace_key(PROC, "self")
+        found = {namespace.key: namespace.pids for namespace in discover(PROC, exclude=own)}
+    finally:
+        sidecar.kill()
+        sidecar.wait()
+    assert found[pods[0].key] == tuple(sorted((pods[0].pid, sidecar.pid)))
+    assert found[pods[1].key] == (pods[1].pid,)
+    assert found[pods[2].key] == (pods[2].pid,)
+    assert own not in found
+    assert len({pod.key for pod in pods}) == 3
+
+
+def test_discovery_as_nobody_finds_the_same_namespaces(pods):
+    """No capability, no setns: /proc/PID/net is readable by any uid."""
+    code = textwrap.dedent(
+        """
+        from conntrack_exporter.netns import discover, namespace_key
+        from conntrack_exporter.procfs import ProcFS
+        proc = ProcFS("/proc")
+        for namespace in discover(proc, exclude=namespace_key(proc, "self")):
+            print(namespace.key.dev, namespace.key.ino, *namespace.pids)
+        """
+    )
+    out = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+        cwd=Path(__file__).parent.parent,
+    ).stdout
+    seen = {}
+    for line in out.splitlines():
+        dev, ino, *pids = map(int, line.split())
+        seen[(dev, ino)] = tuple(pids)
+    for pod in pods:
+        assert seen[tuple(pod.key)] == (pod.pid,)
+
+
+def listen_overflows(text: str) -> int:
+    table = parse_snmp_table(text, "TcpExt", ["ListenOverflows"])
+    assert table is not None
+    return table["ListenOverflows"]
+
+
+OVERFLOW = """
+import socket
+listener = socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen(1)
+port = listener.getsockname()[1]
+clients = []
+for _ in range(40):
+    client = socket.socket()
+    client.setblocking(False)
+    client.connect_ex(("127.0.0.1", port))
+    clients.append(client)
+import time
+time.sleep(1)
+for client in clients:
+    client.close()
+"""
+
+
+def test_the_files_read_the_namespaces_own_counters(pods):
+    """Listen overflows made for real in one pod: its files say what nstat says inside it,
+    another pod's and the host's files do not move."""
+    table = NamespaceTable(PROC)
+    try:
+        table.update(discover(PROC, exclude=namespace_key(PROC, "self")))
+        host_before = listen_overflows(Path("/proc/net/netstat").read_text())
+        pods[0].run(sys.executable, "-c", OVERFLOW)
+        ours = listen_overflows(table.files[pods[0].key].read("net/netstat") or "")
+        nstat = pods[0].run("nstat", "-az", "TcpExtListenOverflows").stdout.split()
+        other = listen_overflows(table.files[pods[1].key].read("net/netstat") or "")
+        host_after = listen_overflows(Path("/proc/net/netstat").read_text())
+    finally:
+        table.close()
+    assert ours > 0
+    assert ours == int(nstat[nstat.index("TcpExtListenOverflows") + 1])
+    assert other == 0
+    assert host_after == host_before
+
+
+def own_fds_into(pid: int) -> list[str]:
+    links = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            links.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except FileNotFoundError:
+            continue
+    return [link for link in links if link.startswith(f"/proc/{pid}/")]
+
+
+def link_exists(name: str) -> bool:
+    return Path(f"/sys/class/net/{name}").exists()
+
+
+def test_a_gone_pods_namespace_is_dropped_and_really_freed(pods):
+    """The host end of a veth pair whose other end is in the pod's namespace lives exactly
+    as long as that namespace: after the pod's last process exits, our open files still hold
+    the namespace (the host end stays); the next pass closes them and the kernel destroys
+    the namespace (the host end goes)."""
+    gone = pods[0]
+    host_end = f"vh{uuid.uuid4().hex[:10]}"
+    subprocess.run(
+        ["ip", "link", "add", host_end, "type", "veth", "peer", "name", "eth0", "netns",
+         str(gone.pid)],
+        check=True, capture_output=True, timeout=30,
+    )  # fmt: skip
+    table = NamespaceTable(PROC)
+    try:
+        own = namespace_key(PROC, "self")
+        table.update(discover(PROC, exclude=own))
+        assert gone.key in table.files and own_fds_into(gone.pid)
+        gone.stop()
+        time.sleep(1)  # namespace clean-up is asynchronous: give it time to go, wrongly
+        assert link_exists(host_end), "the namespace went while our fds held it"
+        assert table.files[gone.key].read("net/sockstat")  # still reads the dead namespace
+
+        namespaces = discover(PROC, exclude=own)
+        assert gone.key not in {namespace.key for namespace in namespaces}
+        table.update(namespaces)
+        assert gone.key not in table.files
+        assert own_fds_into(gone.pid) == []
+        assert {pods[1].key, pods[2].key} <= table.files.keys()
+        deadline = time.monotonic() + 20
+        while link_exists(host_end):
+            assert time.monotonic() < deadline, "the namespace was not freed"
+            time.sleep(0.1)
+    finally:
+        table.close()
+        subprocess.run(["ip", "link", "del", host_end], capture_output=True, timeout=30)
+
+
+def test_files_are_not_kept_through_a_pid_of_another_namespace(pods):
+    """Opened through a pid that is no longer in the namespace (it exited and its number
+    went to a process elsewhere): nothing is kept, rather than another namespace's files."""
+    from conntrack_exporter.netns import Namespace
+
+    elsewhere = pods[1].pid
+    with pytest.raises(FileNotFoundError):
+        NamespaceFiles(PROC, Namespace(pods[0].key, (elsewhere,)))
+    files = NamespaceFiles(PROC, Namespace(pods[0].key, (elsewhere, pods[0].pid)))
+    try:
+        assert files.read("net/sockstat")  # through the namespace's next pid
+    finally:
+        files.close()
+    assert own_fds_into(elsewhere) == [] and own_fds_into(pods[0].pid) == []
