@@ -45,7 +45,7 @@ RESERVED_PORTS_FILE = "sys/net/ipv4/ip_local_reserved_ports"
 FILE_NR_FILE = "sys/fs/file-nr"
 
 
-class _Family:
+class Family:
     """A metric family's fixed parts, checked once; a fresh family per scrape costs a copy.
 
     prometheus_client's constructors validate the name and build label dicts on every call,
@@ -79,12 +79,12 @@ _new_metric = Metric.__new__
 NO_LABELS: dict[str, str] = {}
 
 
-def _gauge(name: str, documentation: str) -> _Family:
-    return _Family(GaugeMetricFamily(name, documentation))
+def _gauge(name: str, documentation: str) -> Family:
+    return Family(GaugeMetricFamily(name, documentation))
 
 
-def _counter(name: str, documentation: str) -> _Family:
-    return _Family(CounterMetricFamily(name, documentation))
+def _counter(name: str, documentation: str) -> Family:
+    return Family(CounterMetricFamily(name, documentation))
 
 
 INUSE = _gauge(
@@ -284,15 +284,8 @@ class SocketCollector:
         # so without it the procfs root is wrong and the collector must say so.
         sockstat = parse_sockstat(self._sockstat.read_text(), self._sockstat.path)
         text6 = _read_optional(self._sockstat6)
-        by_family = {"ipv4": sockstat}
-        if text6 is not None:
-            by_family["ipv6"] = parse_sockstat(text6, self._sockstat6.path)
-        inuse = []
-        for family, line, labels in INUSE_POOLS:
-            value = by_family.get(family, {}).get(line, {}).get("inuse")
-            if value is not None:
-                inuse.append(INUSE.sample(labels, value))
-        _add(out, INUSE, inuse)
+        sockstat6 = None if text6 is None else parse_sockstat(text6, self._sockstat6.path)
+        _add(out, INUSE, inuse_samples(sockstat, sockstat6, NO_LABELS))
 
         _add_value(out, ALLOCATED, sockstat.get("sockets", {}).get("used"))
         tcp = sockstat.get("TCP", {})
@@ -322,27 +315,11 @@ class SocketCollector:
             _add(out, family, samples)
 
     def _counter_families(self, out: list[Metric]) -> None:
-        text = _read_optional(self._netstat)
-        if text is not None:
-            path = self._netstat.path
-            tcpext = parse_snmp_table(text, "TcpExt", TCPEXT_COUNTERS, path) or {}
-            for column, family in TCPEXT_COUNTERS.items():
-                _add_value(out, family, tcpext.get(column))
-
-        text = _read_optional(self._snmp)
-        udp = {}
-        if text is not None:
-            udp = parse_snmp_table(text, "Udp", UDP_COUNTERS, self._snmp.path) or {}
-        text = _read_optional(self._snmp6)
-        udp6 = {}
-        if text is not None:
-            udp6 = parse_snmp6_values(text, UDP6_COLUMNS, self._snmp6.path)
-        for column, family in UDP_COUNTERS.items():
-            samples = []
-            if column in udp:
-                samples.append(family.sample(IPV4, udp[column]))
-            if "Udp6" + column in udp6:
-                samples.append(family.sample(IPV6, udp6["Udp6" + column]))
+        texts = [
+            (_read_optional(file), file.path) for file in (self._netstat, self._snmp, self._snmp6)
+        ]
+        netstat, snmp, snmp6 = texts
+        for family, samples in counter_samples(netstat, snmp, snmp6, NO_LABELS):
             _add(out, family, samples)
 
     def _file_families(self, out: list[Metric]) -> None:
@@ -374,6 +351,60 @@ class SocketCollector:
         return size
 
 
+# The parts of a network namespace's sockstat, netstat, snmp and snmp6 that are its own, as
+# samples labelled `labels` besides their own: the host's (no labels) here, each pod's in
+# collectors/pods.py. The rest of those files is host-wide.
+
+
+def inuse_samples(
+    sockstat: dict[str, dict[str, int]],
+    sockstat6: dict[str, dict[str, int]] | None,
+    labels: dict[str, str],
+) -> list[Sample]:
+    """socket_inuse's samples from parsed sockstat and sockstat6 (None: no IPv6)."""
+    by_family = {"ipv4": sockstat, "ipv6": sockstat6 or {}}
+    samples = []
+    for family, line, pool in INUSE_POOLS:
+        value = by_family[family].get(line, {}).get("inuse")
+        if value is not None:
+            samples.append(INUSE.sample(_labelled(labels, pool), value))
+    return samples
+
+
+Text = tuple[str | None, str]  # a file's text (None: absent on this kernel) and its name
+
+
+def counter_samples(
+    netstat: Text, snmp: Text, snmp6: Text, labels: dict[str, str]
+) -> list[tuple[Family, list[Sample]]]:
+    """The counters that say a pool ran out (listen queues, TCP memory, TIME_WAIT, UDP
+    buffers), each family with its samples, in exposition order; a counter this kernel lacks
+    has none."""
+    out: list[tuple[Family, list[Sample]]] = []
+    text, source = netstat
+    tcpext = {} if text is None else parse_snmp_table(text, "TcpExt", TCPEXT_COUNTERS, source)
+    for column, family in TCPEXT_COUNTERS.items():
+        value = (tcpext or {}).get(column)
+        out.append((family, [] if value is None else [family.sample(labels, value)]))
+    text, source = snmp
+    udp = {} if text is None else parse_snmp_table(text, "Udp", UDP_COUNTERS, source) or {}
+    text, source = snmp6
+    udp6 = {} if text is None else parse_snmp6_values(text, UDP6_COLUMNS, source)
+    for column, family in UDP_COUNTERS.items():
+        samples = []
+        if column in udp:
+            samples.append(family.sample(_labelled(labels, IPV4), udp[column]))
+        if "Udp6" + column in udp6:
+            samples.append(family.sample(_labelled(labels, IPV6), udp6["Udp6" + column]))
+        out.append((family, samples))
+    return out
+
+
+def _labelled(labels: dict[str, str], own: dict[str, str]) -> dict[str, str]:
+    # The host's samples share their label dicts between scrapes: no copy without labels.
+    return {**labels, **own} if labels else own
+
+
 def _read_optional(file: ProcFile) -> str | None:
     try:
         return file.read_text()
@@ -386,12 +417,12 @@ def _read_int(file: ProcFile) -> int | None:
     return None if text is None else parse_ints(text, 1, file.path)[0]
 
 
-def _add(out: list[Metric], family: _Family, samples: list[Sample]) -> None:
+def _add(out: list[Metric], family: Family, samples: list[Sample]) -> None:
     # A family without samples is left out whole: the kernel does not have it.
     if samples:
         out.append(family.build(samples))
 
 
-def _add_value(out: list[Metric], family: _Family, value: int | None) -> None:
+def _add_value(out: list[Metric], family: Family, value: int | None) -> None:
     if value is not None:
         out.append(family.build_one(value))
