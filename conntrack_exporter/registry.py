@@ -28,7 +28,7 @@ import logging
 import platform
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, NamedTuple, Protocol, TypeVar
@@ -198,7 +198,11 @@ class ExporterCollector:
         return old
 
     def collect(self) -> Iterator[Metric]:
-        outcomes = []
+        outcomes: list[_Outcome] = []
+        yield from _merged(self._collect_all(outcomes))
+        yield from _health_metrics(outcomes)
+
+    def _collect_all(self, outcomes: list[_Outcome]) -> Iterator[Metric]:
         while True:
             active = self.active
             with active.in_use() as collectors:
@@ -213,7 +217,6 @@ class ExporterCollector:
                     outcomes.append(outcome)
                     yield from metrics
                 break
-        yield from _health_metrics(outcomes)
 
     def _run(self, collector: Collector) -> tuple[_Outcome, list[Metric]]:
         started = time.perf_counter()
@@ -242,6 +245,33 @@ class ExporterCollector:
             with self._lock:
                 if self._last_error.pop(name, None) is not None:
                     log.info("collector recovered", extra={"collector": name})
+
+
+def _merged(metrics: Iterable[Metric]) -> list[Metric]:
+    """One family per name: a family may appear only once in an exposition, and two
+    collectors report some under one name (the host's socket_inuse and every pod's). The
+    first family's HELP and type stand; the samples follow in the order collected."""
+    merged: dict[str, Metric] = {}
+    copied: set[str] = set()  # collectors may cache their families: merge into copies
+    for metric in metrics:
+        name = metric.name
+        first = merged.get(name)
+        if first is None:
+            merged[name] = metric
+        elif first.type != metric.type:  # a bug: the scrape goes on without the second
+            log.error("two collectors report a family as two types", extra={"family": name})
+        else:
+            if name not in copied:
+                first = merged[name] = _copy(first)
+                copied.add(name)
+            first.samples = [*first.samples, *metric.samples]
+    return list(merged.values())
+
+
+def _copy(metric: Metric) -> Metric:
+    copy = Metric.__new__(Metric)
+    copy.__dict__.update(metric.__dict__)
+    return copy
 
 
 def _health_metrics(outcomes: list[_Outcome]) -> Iterator[Metric]:

@@ -15,7 +15,7 @@ from typing import ClassVar
 
 import pytest
 from prometheus_client.exposition import generate_latest
-from prometheus_client.metrics_core import GaugeMetricFamily
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
 
 from conntrack_exporter.config import WebConfig
 from conntrack_exporter.registry import Collected, CollectorSet, ExporterCollector, NoDataError
@@ -231,3 +231,44 @@ def test_a_closed_set_that_is_still_the_active_one_serves_no_collector():
     exporter = ExporterCollector(CollectorSet([Tracked("old")]))
     exporter.active.close()
     assert "conntrack_exporter_collector_success" not in scrape(exporter)
+
+
+# -- families two collectors report under one name -------------------------------------------
+
+
+class Reporting(Working):
+    """Reports the given families."""
+
+    def __init__(self, name: str, *metrics) -> None:
+        self.name = name
+        self.metrics = list(metrics)
+
+    def collect(self) -> Collected:
+        return Collected("procfs", self.metrics)
+
+
+def gauge(name: str, labels: dict[str, str], value: float) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, f"{name} help", labels=list(labels))
+    family.add_metric(list(labels.values()), value)
+    return family
+
+
+def test_a_family_two_collectors_report_is_one_family_with_every_sample():
+    host = gauge("socket_inuse", {}, 5)
+    pod = gauge("socket_inuse", {"namespace": "team-a", "pod": "web-1"}, 2)
+    exporter = exporter_of(Reporting("socket", host), Reporting("pods", pod))
+    text = generate_latest(exporter).decode()
+    assert text.count("# TYPE socket_inuse gauge") == 1
+    assert value(parse_samples(text), "socket_inuse") == 5
+    assert value(parse_samples(text), "socket_inuse", namespace="team-a", pod="web-1") == 2
+    assert len(host.samples) == 1  # the collector's own family is left as it was
+
+
+def test_a_family_reported_as_two_types_keeps_the_first_and_says_so(caplog):
+    counter = CounterMetricFamily("clash", "a counter", value=1)
+    exporter = exporter_of(Reporting("a", counter), Reporting("b", gauge("clash", {}, 9)))
+    samples = scrape(exporter)
+    assert samples["clash_total"] == {(): 1.0} and "clash" not in samples
+    assert [r.getMessage() for r in caplog.records] == [
+        "two collectors report a family as two types"
+    ]
