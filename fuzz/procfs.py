@@ -13,6 +13,7 @@ from functools import partial
 from conntrack_exporter.collectors.conntrack import counter_families
 from conntrack_exporter.collectors.socket import TCPEXT_COUNTERS, UDP6_COLUMNS, UDP_COUNTERS
 from conntrack_exporter.netlink.ctnetlink import CpuStats
+from conntrack_exporter.pod_identity import identify, parse_pod_log_dirs
 from conntrack_exporter.procfs import (
     ephemeral_port_flags,
     parse_ints,
@@ -27,12 +28,13 @@ from conntrack_exporter.procfs import (
 )
 from fuzz.harness import FIXTURES, fuzz
 
-NOT_PROC_FILES = {".py", ".md"}
+NOT_PROC_FILES = {".py", ".md", ".json"}
 
 
 def seeds() -> Iterator[bytes]:
-    """Every captured /proc file (this kernel's, an older one's, node_exporter's)."""
-    for directory in ("proc", "procfs"):
+    """Every captured /proc file (this kernel's, an older one's, node_exporter's), and the
+    /proc/PID/cgroup files (this kernel's, other machines')."""
+    for directory in ("proc", "procfs", "cgroup"):
         for path in sorted((FIXTURES / directory).rglob("*")):
             if path.is_file() and path.suffix not in NOT_PROC_FILES:
                 yield path.read_bytes()
@@ -43,6 +45,11 @@ def _stat_families(text: str) -> object:
     builds them (a header name becomes part of a metric name)."""
     rows = parse_nf_conntrack_stat(text)
     return counter_families([CpuStats(cpu, row) for cpu, row in enumerate(rows)], True)
+
+
+def _pod_log_dirs(text: str) -> object:
+    """The kubelet's pod-log directory names, one a line."""
+    return parse_pod_log_dirs(text.split("\n"))
 
 
 def _port_flags(text: str) -> bytes:
@@ -64,6 +71,8 @@ PARSERS: tuple[Callable[[str], object], ...] = (
     partial(parse_snmp6_values, names=UDP6_COLUMNS),
     partial(parse_ints, count=3, source="tcp_mem"),
     partial(parse_ints, count=1, source="tcp_max_orphans"),
+    identify,
+    _pod_log_dirs,
 )
 
 
