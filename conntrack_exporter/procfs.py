@@ -156,6 +156,22 @@ def parse_nf_conntrack_stat(text: str) -> list[dict[str, int]]:
     return rows
 
 
+def parse_nf_conntrack_entries(text: str) -> int:
+    """The `entries` column of /proc/net/stat/nf_conntrack: the namespace's entry count,
+    repeated on every CPU's row (0 without a row)."""
+    lines = text.splitlines()
+    header = lines[0].split() if lines else []
+    if "entries" not in header:
+        raise ValueError(f"nf_conntrack stat header has no entries column: {text[:80]!r}")
+    if len(lines) < 2:
+        return 0
+    fields = lines[1].split()
+    column = header.index("entries")
+    if len(fields) != len(header) or not HEX_DIGITS.issuperset(fields[column]):
+        raise ValueError(f"nf_conntrack stat line 2 is not a row of the header: {lines[1]!r}")
+    return int(fields[column], 16)
+
+
 def parse_port_range(text: str) -> tuple[int, int]:
     """net.ipv4.ip_local_port_range ("32768\\t60999"): the (low, high) ephemeral ports."""
     fields = text.split()

@@ -56,6 +56,10 @@ COUNTER_SOURCE = (
 )
 
 NETLINK_FORBIDDEN = (errno.EPERM, errno.EACCES)
+ENTRIES_HELP = (
+    "Conntrack table entries in this network namespace "
+    "(ctnetlink CTA_STATS_GLOBAL_ENTRIES or nf_conntrack_count)."
+)
 
 
 class _Reading(NamedTuple):
@@ -171,12 +175,7 @@ class ConntrackCollector:
         self, entries: int, limit: int, buckets: int, rows: list[CpuStats]
     ) -> list[Metric]:
         metrics: list[Metric] = [
-            GaugeMetricFamily(
-                "conntrack_entries",
-                "Conntrack table entries in this network namespace "
-                "(ctnetlink CTA_STATS_GLOBAL_ENTRIES or nf_conntrack_count).",
-                value=entries,
-            ),
+            GaugeMetricFamily("conntrack_entries", ENTRIES_HELP, value=entries),
             GaugeMetricFamily(
                 "conntrack_entries_limit",
                 "Most conntrack entries the kernel allows (ctnetlink "
@@ -201,6 +200,11 @@ def _merge_rows(*sources: list[CpuStats]) -> list[CpuStats]:
     return [CpuStats(cpu, counters) for cpu, counters in sorted(merged.items())]
 
 
+def counter_help(name: str) -> str:
+    """The HELP of conntrack_stat_<name>_total, whoever reports it (the pods collector too)."""
+    return f"{COUNTER_HELP.get(name, 'Conntrack counter ' + name)} ({COUNTER_SOURCE})."
+
+
 def counter_families(rows: Iterable[CpuStats], per_cpu: bool) -> list[Metric]:
     """One `conntrack_stat_<name>_total` family per counter, summed or labelled by CPU.
 
@@ -211,9 +215,7 @@ def counter_families(rows: Iterable[CpuStats], per_cpu: bool) -> list[Metric]:
     families: list[Metric] = []
     for name in names:
         family = CounterMetricFamily(
-            f"conntrack_stat_{name}",
-            f"{COUNTER_HELP.get(name, 'Conntrack counter ' + name)} ({COUNTER_SOURCE}).",
-            labels=["cpu"] if per_cpu else None,
+            f"conntrack_stat_{name}", counter_help(name), labels=["cpu"] if per_cpu else None
         )
         if per_cpu:
             for row in rows:
