@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -45,6 +46,10 @@ MASKS = [
         r"\1 <duration>",
     ),
     (re.compile(r'python_version="[^"]*"'), 'python_version="<python>"'),
+    (
+        re.compile(r"^(conntrack_exporter_pod_discovery_(?:duration|timestamp)_seconds) .*$", re.M),
+        r"\1 <time>",
+    ),
 ]
 
 
@@ -74,7 +79,7 @@ def masked(text: str) -> str:
 
 
 def test_the_procfs_collectors_have_golden_cases():
-    assert set(CASES) >= {"conntrack", "socket"}  # found in the collector table, not listed
+    assert set(CASES) >= {"conntrack", "socket", "pods"}  # from the collector table, not listed
 
 
 @pytest.mark.parametrize("case", sorted(CASES.keys() | EXTRA_CASES.keys()))
@@ -88,6 +93,28 @@ def test_golden_exposition(case):
         *flags,
     )
     assert_golden(case, masked(result.stdout))
+
+
+def test_golden_pods_named_from_their_log_directories():
+    """The pods collector over its fixture tree with the kubelet's pod-log directories
+    (tests/fixtures/procfs/pods/logs): pods by namespace and name, the podman container by
+    its cgroup; the automatic case above has no such directory and names pods by uid."""
+    root = PROCFS / "pods"
+    with tempfile.NamedTemporaryFile("w", suffix=".yml", dir="/tmp") as config:
+        config.write(f"collectors:\n  pods:\n    pod_logs_path: {root / 'logs'}\n")
+        config.flush()
+        os.chmod(config.name, 0o644)  # read by nobody
+        result = run_once(
+            "--collector.disable-defaults",
+            "--collector.pods",
+            "--path.procfs",
+            str(root),
+            "--config.file",
+            config.name,
+        )
+    got = masked(result.stdout)
+    assert_golden("pods_named", got)
+    assert 'socket_allocated{namespace="team-a",pod="web-1"} 15.0' in got
 
 
 def assert_golden(case: str, got: str) -> None:

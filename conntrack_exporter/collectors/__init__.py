@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from conntrack_exporter.collectors.conntrack import ConntrackCollector
 from conntrack_exporter.collectors.conntrack_table import ConntrackTableCollector
+from conntrack_exporter.collectors.pods import PodsCollector
 from conntrack_exporter.collectors.socket import SocketCollector
 from conntrack_exporter.collectors.socket_ports import SocketPortsCollector
 from conntrack_exporter.registry import CollectorClass
@@ -23,6 +24,7 @@ COLLECTORS = _table(
     ConntrackTableCollector,
     SocketCollector,
     SocketPortsCollector,
+    PodsCollector,
 )
 
 __all__ = ["COLLECTORS"]

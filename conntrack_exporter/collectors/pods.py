@@ -1,0 +1,325 @@
+"""The pods collector: every pod's network namespace, under the host metrics' own names.
+
+Most of a Kubernetes node's sockets live in pods' network namespaces, where the kernel keeps
+counters of their own that the host's /proc/net never shows: a web pod's listen overflows,
+CoreDNS's UDP receive-buffer drops, a sidecar's own conntrack table. This collector finds
+every network namespace other than the exporter's own through the procfs root (netns.py: any
+uid, no setns), names the pod each belongs to (pod_identity.py: /proc/PID/cgroup and the
+kubelet's /var/log/pods), and reports its counters as the socket and conntrack collectors
+report the host's, labelled `namespace` and `pod` (`pod_uid` when the name is unknown,
+`cgroup` for a namespace outside Kubernetes). The registry serves the two as one family.
+
+Discovery runs in the background scanner every `interval_seconds` (a stat per process, and a
+read of one cgroup file per new namespace); scrapes read each namespace's six files on fds
+held open (netns.NamespaceFiles): ~100 us of kernel time per namespace. A namespace whose
+processes are gone is closed at the next discovery: an open fd would keep it alive.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import ClassVar, NamedTuple
+
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.samples import Sample
+
+from conntrack_exporter.collectors.conntrack import ENTRIES_HELP, RETIRED_COUNTERS, counter_help
+from conntrack_exporter.collectors.socket import (
+    ALLOCATED,
+    INUSE,
+    TIMEWAIT,
+    Family,
+    counter_samples,
+    inuse_samples,
+)
+from conntrack_exporter.config import ABSOLUTE_PATH, NON_NEGATIVE, SECONDS
+from conntrack_exporter.counters import WrappingCounters
+from conntrack_exporter.netlink.ctnetlink import CpuStats
+from conntrack_exporter.netns import (
+    NAMESPACE_FILES,
+    Namespace,
+    NamespaceFiles,
+    NamespaceTable,
+    discover,
+)
+from conntrack_exporter.netns import namespace_key as key_of
+from conntrack_exporter.pod_identity import Cgroup, Pod, PodName, identify, read_pod_log_dirs
+from conntrack_exporter.procfs import (
+    parse_nf_conntrack_entries,
+    parse_nf_conntrack_stat,
+    parse_sockstat,
+)
+from conntrack_exporter.registry import Collected, CollectorContext, NoDataError
+
+log = logging.getLogger(__name__)
+
+ERROR_REASONS = ("procfs", "pod_logs", "parse")
+
+
+@dataclass(frozen=True)
+class PodsOptions:
+    # Seconds between discoveries: a new pod appears, and a gone one disappears, within one.
+    interval_seconds: float = field(default=15.0, metadata={"check": SECONDS})
+    # Namespaces reported at most (the oldest, by their lowest pid); 0 for no bound. Those
+    # past it are counted in conntrack_exporter_pod_namespaces_skipped and logged.
+    max_namespaces: int = field(default=1000, metadata={"check": NON_NEGATIVE})
+    # Kubernetes namespaces whose pods are reported (empty: every one), and those left out.
+    include_namespaces: tuple[str, ...] = ()
+    exclude_namespaces: tuple[str, ...] = ()
+    # The kubelet's per-pod log directories, <namespace>_<pod>_<uid>: the pods' names.
+    pod_logs_path: str = field(default="/var/log/pods", metadata={"check": ABSOLUTE_PATH})
+
+
+class Target(NamedTuple):
+    """A namespace to report, and the labels that say whose it is."""
+
+    namespace: Namespace
+    labels: dict[str, str]
+
+
+class Discovery(NamedTuple):
+    """What a discovery pass published, for scrapes to serve."""
+
+    targets: list[Target]
+    skipped: int
+    duration: float
+    finished_at: float
+
+
+class PodsCollector:
+    name: ClassVar[str] = "pods"
+    # Off until asked for (the chart turns it on): it reports what other tenants' pods do.
+    default_enabled: ClassVar[bool] = False
+    options_type: ClassVar[type] = PodsOptions
+
+    def __init__(self, options: PodsOptions, context: CollectorContext) -> None:
+        self._options = options
+        self._procfs = context.procfs
+        self._table = NamespaceTable(context.procfs)
+        # A pod's counters, by namespace and labels, kept across reloads (see counters.py).
+        self._counters: dict[tuple[object, ...], WrappingCounters] = context.lasting.get(
+            f"pods.counters:{context.procfs.root}", dict
+        )
+        self._lock = threading.Lock()  # the table, between discovery and scrapes
+        self._discovery: Discovery | None = None
+        self._errors = dict.fromkeys(ERROR_REASONS, 0)
+        self._logged: set[str] = set()
+
+    @property
+    def interval(self) -> float:
+        return self._options.interval_seconds
+
+    # -- discovery, in the scanner's thread ---------------------------------------------
+
+    def scan(self, stop: threading.Event | None = None) -> None:
+        started = time.monotonic()
+        try:
+            own = key_of(self._procfs, "self")
+            namespaces = discover(self._procfs, exclude=own)
+        except OSError as exc:
+            self._count("procfs", f"cannot list the namespaces in {self._procfs.root}: {exc}")
+            return
+        names = self._pod_names()
+        targets = [
+            Target(namespace, labels)
+            for namespace in namespaces
+            if (labels := self._labels(namespace, names)) is not None
+        ]
+        bound = self._options.max_namespaces
+        skipped = max(0, len(targets) - bound) if bound else 0
+        if skipped:
+            self._count_once("skipped", f"{skipped} network namespaces past max_namespaces")
+        kept = targets[: len(targets) - skipped]
+        with self._lock:
+            self._table.update(target.namespace for target in kept)
+            opened = [target for target in kept if target.namespace.key in self._table.files]
+            self._forget_counters(opened)
+            self._discovery = Discovery(opened, skipped, time.monotonic() - started, time.time())
+
+    def _pod_names(self) -> dict[str, PodName]:
+        try:
+            return read_pod_log_dirs(self._options.pod_logs_path)
+        except OSError as exc:
+            self._count("pod_logs", f"cannot read {self._options.pod_logs_path}: {exc}")
+            return {}
+
+    def _labels(self, namespace: Namespace, names: dict[str, PodName]) -> dict[str, str] | None:
+        """Whose the namespace is, as labels; None when the options leave it out."""
+        identity = self._identity(namespace)
+        if isinstance(identity, Pod):
+            name = names.get(identity.uid)
+            if name is None:
+                labels = {"pod_uid": identity.uid}
+            else:
+                labels = {"namespace": name.namespace, "pod": name.pod}
+        else:
+            labels = {"cgroup": identity.path if identity is not None else "/"}
+        return labels if self._wanted(labels.get("namespace")) else None
+
+    def _identity(self, namespace: Namespace) -> Pod | Cgroup | None:
+        """The pod of the first process that names one; else the first process's cgroup."""
+        first: Pod | Cgroup | None = None
+        for pid in namespace.pids:
+            try:
+                text = self._procfs.read_text(f"{pid}/cgroup")
+                identity = identify(text, f"/proc/{pid}/cgroup")
+            except FileNotFoundError:
+                continue  # exited since the pass listed it
+            except (OSError, ValueError) as exc:
+                self._count("parse", str(exc))
+                continue
+            if isinstance(identity, Pod):
+                return identity
+            first = first or identity
+        return first
+
+    def _wanted(self, kubernetes_namespace: str | None) -> bool:
+        include, exclude = self._options.include_namespaces, self._options.exclude_namespaces
+        if include and kubernetes_namespace not in include:
+            return False
+        return kubernetes_namespace not in exclude
+
+    def _forget_counters(self, targets: Iterable[Target]) -> None:
+        live = {_counter_key(target) for target in targets}
+        for key in [key for key in self._counters if key not in live]:
+            del self._counters[key]
+
+    def _count(self, reason: str, message: str) -> None:
+        self._errors[reason] += 1
+        self._count_once(reason, message)
+
+    def _count_once(self, what: str, message: str) -> None:
+        # Once per kind until a clean pass: the counter says how often it recurs.
+        if what not in self._logged:
+            self._logged.add(what)
+            log.warning("pod discovery: %s", message, extra={"reason": what})
+
+    # -- scrape -------------------------------------------------------------------------
+
+    def collect(self) -> Collected:
+        with self._lock:
+            discovery = self._discovery
+            if discovery is None:
+                raise NoDataError("no pod discovery has finished yet", [self._errors_family()])
+            samples: dict[Family, list[Sample]] = {}
+            for target in discovery.targets:
+                files = self._table.files.get(target.namespace.key)
+                if files is not None:
+                    self._namespace_samples(target, files, samples)
+        metrics = [family.build(values) for family, values in samples.items() if values]
+        return Collected("procfs", [*metrics, *self._health_families(discovery)])
+
+    def _namespace_samples(
+        self, target: Target, files: NamespaceFiles, out: dict[Family, list[Sample]]
+    ) -> None:
+        labels = target.labels
+        try:
+            texts = {name: files.read(name) for name in NAMESPACE_FILES}
+            sockstat = parse_sockstat(texts["net/sockstat"] or "", "sockstat")
+            text6 = texts["net/sockstat6"]
+            sockstat6 = None if text6 is None else parse_sockstat(text6, "sockstat6")
+            counters = counter_samples(
+                (texts["net/netstat"], "netstat"),
+                (texts["net/snmp"], "snmp"),
+                (texts["net/snmp6"], "snmp6"),
+                labels,
+            )
+            conntrack = self._conntrack_samples(target, texts["net/stat/nf_conntrack"])
+        except ValueError as exc:  # this namespace's files; the others are served
+            self._errors["parse"] += 1
+            self._count_once("parse", f"{labels}: {exc}")
+            return
+        out.setdefault(INUSE, []).extend(inuse_samples(sockstat, sockstat6, labels))
+        for family, line, key in ((ALLOCATED, "sockets", "used"), (TIMEWAIT, "TCP", "tw")):
+            value = sockstat.get(line, {}).get(key)
+            if value is not None:
+                out.setdefault(family, []).append(family.sample(labels, value))
+        for family, values in [*counters, *conntrack]:
+            out.setdefault(family, []).extend(values)
+
+    def _conntrack_samples(
+        self, target: Target, text: str | None
+    ) -> list[tuple[Family, list[Sample]]]:
+        """The namespace's own conntrack table, where anything in it uses conntrack (the file
+        is all zeros otherwise, and absent without CONFIG_NF_CONNTRACK_PROCFS)."""
+        if text is None:
+            return []
+        entries = parse_nf_conntrack_entries(text)
+        rows = parse_nf_conntrack_stat(text)
+        if not entries and not any(any(row.values()) for row in rows):
+            return []
+        counters = self._counters.setdefault(_counter_key(target), WrappingCounters())
+        with counters.lock:
+            totals = counters.update(CpuStats(cpu, row) for cpu, row in enumerate(rows))
+        summed: dict[str, int] = {}
+        for row in totals:
+            for name, value in row.counters.items():
+                summed[name] = summed.get(name, 0) + value
+        labels = target.labels
+        out = [(CONNTRACK_ENTRIES, [CONNTRACK_ENTRIES.sample(labels, entries)])]
+        for name in sorted(summed.keys() - RETIRED_COUNTERS):
+            family = _counter_family(name)
+            out.append((family, [family.sample(labels, summed[name])]))
+        return out
+
+    def _health_families(self, discovery: Discovery) -> list[Metric]:
+        return [
+            GaugeMetricFamily(
+                "conntrack_exporter_pod_namespaces",
+                "Network namespaces of pods (and other containers) the pods collector reports.",
+                value=len(discovery.targets),
+            ),
+            GaugeMetricFamily(
+                "conntrack_exporter_pod_namespaces_skipped",
+                "Network namespaces not reported because collectors.pods.max_namespaces were.",
+                value=discovery.skipped,
+            ),
+            GaugeMetricFamily(
+                "conntrack_exporter_pod_discovery_duration_seconds",
+                "How long the last discovery of the pods' network namespaces took.",
+                value=discovery.duration,
+            ),
+            GaugeMetricFamily(
+                "conntrack_exporter_pod_discovery_timestamp_seconds",
+                "When the last discovery of the pods' network namespaces finished (Unix time).",
+                value=discovery.finished_at,
+            ),
+            self._errors_family(),
+        ]
+
+    def _errors_family(self) -> Metric:
+        errors = CounterMetricFamily(
+            "conntrack_exporter_pod_discovery_errors",
+            "Pod discovery and per-pod reads that failed, by reason: procfs (the namespaces "
+            "could not be listed), pod_logs (the pods' names could not be read), parse.",
+            labels=["reason"],
+        )
+        for reason, count in self._errors.items():
+            errors.add_metric([reason], count)
+        return errors
+
+    def close(self) -> None:
+        with self._lock:
+            self._table.close()
+
+
+CONNTRACK_ENTRIES = Family(GaugeMetricFamily("conntrack_entries", ENTRIES_HELP))
+_counter_families: dict[str, Family] = {}
+
+
+def _counter_family(name: str) -> Family:
+    family = _counter_families.get(name)
+    if family is None:
+        family = Family(CounterMetricFamily(f"conntrack_stat_{name}", counter_help(name)))
+        _counter_families[name] = family
+    return family
+
+
+def _counter_key(target: Target) -> tuple[object, ...]:
+    # The key alone could name a new namespace after the old one died; with its labels it
+    # is one pod's.
+    return (target.namespace.key, *sorted(target.labels.items()))

@@ -1,0 +1,109 @@
+"""The pods collector's bounds and lifecycle over a fixture procfs tree.
+
+tests/fixtures/procfs/pods/: the exporter's own process (pid 1, `self`), a web pod of two
+processes sharing one namespace (100, 101), a CoreDNS pod (200, besteffort, cgroupfs driver,
+conntrack unused) and a podman container (300); `net` of each pid is a symlink to its
+namespace's directory, so processes of one namespace share the key file's inode. logs/ holds
+the kubelet's pod-log directories of the two pods. The real kernel: tests/test_kernel_pods.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+from conntrack_exporter.collectors.pods import PodsCollector, PodsOptions
+from conntrack_exporter.registry import NoDataError
+from tests.collectors import context, exposition
+from tests.metrics import parse_samples, value
+
+ROOT = Path(__file__).parent / "fixtures" / "procfs" / "pods"
+WEB = (("namespace", "team-a"), ("pod", "web-1"))
+DNS = (("namespace", "kube-system"), ("pod", "coredns-7db6d8ff4d-x2x9q"))
+PODMAN = (("cgroup", "/machine.slice/libpod-" + "d" * 64 + ".scope"),)
+
+
+def pods(**options: object) -> PodsCollector:
+    return PodsCollector(PodsOptions(pod_logs_path=str(ROOT / "logs"), **options), context(ROOT))
+
+
+def reported(samples: dict) -> set[tuple]:
+    """Whose namespaces are reported: the labels of socket_allocated but the host's."""
+    return {key for key in samples["socket_allocated"] if key}
+
+
+def scanned(collector: PodsCollector) -> dict:
+    collector.scan()
+    return parse_samples(exposition(collector))
+
+
+def test_every_namespace_but_the_exporters_own_is_reported_once():
+    samples = scanned(pods())
+    assert reported(samples) == {WEB, DNS, PODMAN}
+    assert value(samples, "conntrack_exporter_pod_namespaces") == 3
+    assert value(samples, "conntrack_exporter_pod_namespaces_skipped") == 0
+    # Conntrack where the namespace's stat file is not all zeros: the web pod only.
+    assert set(samples["conntrack_entries"]) == {WEB}
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({"include_namespaces": ("team-a",)}, {WEB}),
+        ({"exclude_namespaces": ("kube-system",)}, {WEB, PODMAN}),
+        ({"include_namespaces": ("team-a", "kube-system"), "exclude_namespaces": ("team-a",)},
+         {DNS}),
+    ],
+)  # fmt: skip
+def test_kubernetes_namespaces_included_and_excluded(options, expected):
+    assert reported(scanned(pods(**options))) == expected
+
+
+def test_past_max_namespaces_the_rest_is_counted_and_logged_once(caplog):
+    collector = pods(max_namespaces=1)
+    caplog.set_level(logging.WARNING)
+    first = scanned(collector)
+    second = scanned(collector)
+    for samples in (first, second):
+        assert reported(samples) == {WEB}  # the oldest: the lowest pid
+        assert value(samples, "conntrack_exporter_pod_namespaces_skipped") == 2
+    assert [r.getMessage() for r in caplog.records] == [
+        "pod discovery: 2 network namespaces past max_namespaces"
+    ]
+
+
+def test_before_the_first_discovery_there_is_no_data_but_the_error_counts():
+    collector = pods()
+    with pytest.raises(NoDataError, match="no pod discovery has finished yet"):
+        collector.collect()
+    samples = parse_samples(exposition(collector))
+    assert value(samples, "conntrack_exporter_collector_success", collector="pods") == 0
+    assert set(samples["conntrack_exporter_pod_discovery_errors_total"].values()) == {0}
+
+
+def test_an_unreadable_pod_log_directory_is_counted_and_pods_go_by_uid(tmp_path):
+    collector = PodsCollector(PodsOptions(pod_logs_path=str(tmp_path / "absent")), context(ROOT))
+    samples = scanned(collector)
+    assert (("pod_uid", "0f9b2c4e-5d6a-4e7b-8c9d-0a1b2c3d4e5f"),) in reported(samples)
+    assert value(samples, "conntrack_exporter_pod_discovery_errors_total", reason="pod_logs") == 0
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where a directory should be")
+    collector = PodsCollector(PodsOptions(pod_logs_path=str(blocked)), context(ROOT))
+    samples = scanned(collector)
+    assert value(samples, "conntrack_exporter_pod_discovery_errors_total", reason="pod_logs") == 1
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_close_closes_every_namespaces_files():
+    before = open_fds()
+    collector = pods()
+    scanned(collector)
+    assert open_fds() > before  # the namespaces' files, held open between scrapes
+    collector.close()
+    assert open_fds() == before
