@@ -37,6 +37,26 @@ METRIC_NAME = re.compile(r"(?<![\w:])(?:conntrack|socket)_[a-z_]+(?![\w:])")
 STRING_LITERAL = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'')
 COUNTER_WINDOW = re.compile(r"\b(?:rate|increase)\([^()\[]*\[(\d+[smh])\]")
 PROMTOOL_TIMEOUT = 120
+# Pods' network namespaces (the `pods` collector) report these under the host's names, with
+# `namespace` and `pod`, `pod_uid` or `cgroup`; the host's series carry none of those labels.
+REPORTED_BY_PODS = {
+    "conntrack_entries",
+    "socket_inuse",
+    "socket_allocated",
+    "socket_tcp_timewait",
+    "socket_listen_overflows_total",
+    "socket_listen_drops_total",
+    "socket_tcp_memory_pressures_total",
+    "socket_tcp_timewait_overflows_total",
+    "socket_udp_receive_buffer_errors_total",
+    "socket_udp_send_buffer_errors_total",
+    "socket_udp_in_errors_total",
+    "socket_udp_memory_errors_total",
+}
+POD_LABELS = ("pod", "pod_uid", "cgroup")
+HOST_MATCHERS = tuple(f'{label}=""' for label in POD_LABELS)
+POD_SERIES = re.compile(r'\b(?:pod|pod_uid|cgroup)="[^"]+"')
+RECORDING_NAME = re.compile(r"(?<![\w:])[a-z_]+:[a-z_]+:[a-z_]+(?![\w:])")
 
 
 def load_rules() -> list[dict]:
@@ -71,6 +91,30 @@ def exported_metrics() -> set[str]:
 
 def metrics_in(expr: str) -> set[str]:
     return set(METRIC_NAME.findall(STRING_LITERAL.sub('""', expr)))
+
+
+def reported_by_pods(name: str) -> bool:
+    return (
+        name in REPORTED_BY_PODS or re.fullmatch(r"conntrack_stat_[a-z_]+_total", name) is not None
+    )
+
+
+def selectors_of(expr: str, name: str) -> list[str]:
+    """The `{...}` of every selector of `name` in `expr` ("" where it has none)."""
+    pattern = rf"(?<![\w:]){re.escape(name)}(?![\w:])(\{{[^}}]*\}})?"
+    return [m.group(1) or "" for m in re.finditer(pattern, STRING_LITERAL.sub('""', expr))]
+
+
+def is_pod_rule(rule: dict) -> bool:
+    return rule.get("alert", "").startswith("Pod") or rule.get("record", "").startswith("pod:")
+
+
+def pod_metrics_read(rule: dict) -> set[str]:
+    """The metrics pods also report that a rule reads, itself or through a recording rule."""
+    recorded = {record["record"]: record["expr"] for record in rules_of("record")}
+    exprs = [rule["expr"]]
+    exprs += [recorded[name] for name in RECORDING_NAME.findall(rule["expr"]) if name in recorded]
+    return {name for expr in exprs for name in metrics_in(expr) if reported_by_pods(name)}
 
 
 def runbook_sections() -> list[str]:
@@ -172,6 +216,33 @@ def test_expressions_read_only_exported_metrics(kind):
         assert not unknown, f"{rule[kind]}: not exposed by the exporter: {sorted(unknown)}"
 
 
+def test_host_rules_select_the_hosts_series():
+    """Every host rule selects `{pod="", pod_uid="", cgroup=""}` on a metric pods also report,
+    so that it stays one series (one alert) per node."""
+    host_rules = [
+        rule for group in load_rules() for rule in group["rules"] if not is_pod_rule(rule)
+    ]
+    checked = 0
+    for rule in host_rules:
+        for name in metrics_in(rule["expr"]):
+            if not reported_by_pods(name):
+                continue
+            for matchers in selectors_of(rule["expr"], name):
+                missing = [m for m in HOST_MATCHERS if m not in matchers]
+                assert not missing, f"{rule.get('alert') or rule['record']}: {name}{matchers}"
+                checked += 1
+    assert checked >= 9  # the test found the selectors
+
+
+def test_selector_and_pod_metric_helpers():
+    expr = 'sum(increase(a_total{pod="", cgroup="}"}[5m])) / a_total / a_totals'
+    assert selectors_of(expr, "a_total") == ['{pod="", cgroup=""}', ""]
+    assert reported_by_pods("conntrack_stat_insert_failed_total")
+    assert reported_by_pods("socket_inuse")
+    assert not reported_by_pods("conntrack_entries_limit")
+    assert not reported_by_pods("conntrack_stat_total")
+
+
 def test_metric_name_extraction():
     expr = (
         'label_replace(time() - socket_ports_scan_timestamp_seconds, "collector", '
@@ -224,6 +295,29 @@ def test_every_alert_fires_and_stays_silent_in_some_test():
     }
     assert names <= silent, f"never tested silent: {sorted(names - silent)}"
     assert severities <= fired, f"never tested firing: {sorted(severities - fired)}"
+
+
+def test_host_alerts_are_tested_beside_pod_series():
+    """Every host alert on a metric pods also report has a promtool case with pod series beside
+    the host's where it stays silent, and one where it fires for the host alone."""
+    silent, fired = set(), set()
+    for path in RULE_TESTS:
+        for test in yaml.safe_load(path.read_text())["tests"]:
+            series = [item["series"] for item in test.get("input_series") or []]
+            if not any(POD_SERIES.search(s) for s in series):
+                continue
+            for case in test.get("alert_rule_test") or []:
+                expected = case.get("exp_alerts") or []
+                if not expected:
+                    silent.add(case["alertname"])
+                elif not any(set(POD_LABELS) & set(a["exp_labels"]) for a in expected):
+                    fired.add(case["alertname"])
+    host_alerts = {
+        rule["alert"] for rule in alerts() if not is_pod_rule(rule) and pod_metrics_read(rule)
+    }
+    assert len(host_alerts) >= 7, host_alerts
+    assert host_alerts <= silent, f"never silent beside pods: {sorted(host_alerts - silent)}"
+    assert host_alerts <= fired, f"never fired beside pods: {sorted(host_alerts - fired)}"
 
 
 def test_every_recording_rule_value_is_tested():
