@@ -64,6 +64,23 @@ RECORDING_RULES = {
     if "record" in rule
 }
 FILTERS = ('job=~"$job"', 'instance=~"$instance"', 'node=~"$node"')
+# Pods' network namespaces (the `pods` collector) report these under the host's names, with
+# `namespace` and `pod`, `pod_uid` or `cgroup`; the host's series have none of those labels.
+REPORTED_BY_PODS = {
+    "conntrack_entries",
+    "socket_inuse",
+    "socket_allocated",
+    "socket_tcp_timewait",
+    "socket_listen_overflows_total",
+    "socket_listen_drops_total",
+    "socket_tcp_memory_pressures_total",
+    "socket_tcp_timewait_overflows_total",
+    "socket_udp_receive_buffer_errors_total",
+    "socket_udp_send_buffer_errors_total",
+    "socket_udp_in_errors_total",
+    "socket_udp_memory_errors_total",
+}
+HOST_MATCHERS = ('pod=""', 'pod_uid=""', 'cgroup=""')
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
@@ -81,6 +98,12 @@ def golden_metric_names() -> set[str]:
             elif line and not line.startswith("#"):
                 names.add(re.split(r"[{ ]", line, maxsplit=1)[0])
     return names
+
+
+def reported_by_pods(name: str) -> bool:
+    return (
+        name in REPORTED_BY_PODS or re.fullmatch(r"conntrack_stat_[a-z_]+_total", name) is not None
+    )
 
 
 def metric_names(expr: str) -> list[str]:
@@ -289,6 +312,22 @@ def test_every_query_filters_on_job_instance_and_node(dashboard):
             for matchers in selectors(expr, name):
                 missing = [f for f in FILTERS if f not in matchers]
                 assert not missing, f"{title}: {name}{matchers} lacks {missing}"
+
+
+def test_host_panels_select_the_hosts_series(dashboard):
+    """A panel about the node reads the host's series of a metric pods also report: its sums
+    and rates do not include the pods."""
+    _, board = dashboard
+    checked = 0
+    for title, expr in generate.panel_queries(board):
+        for name in set(metric_names(expr)):
+            if not reported_by_pods(name):
+                continue
+            for matchers in selectors(expr, name):
+                missing = [m for m in HOST_MATCHERS if m not in matchers]
+                assert not missing, f"{title}: {name}{matchers} lacks {missing}"
+                checked += 1
+    assert checked
 
 
 def test_rates_use_the_rate_interval(dashboard):

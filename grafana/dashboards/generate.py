@@ -8,7 +8,9 @@ The dashboards are built with grafana-foundation-sdk (pinned in the `test` extra
 pyproject.toml) and written as deterministic JSON: sorted keys, 2-space indent, a final newline.
 
 Every query filters on the `job`, `instance` and `node` template variables and reads raw exporter
-metrics, so the dashboards work without the recording rules loaded. `panel_queries()` lists every
+metrics, so the dashboards work without the recording rules loaded. On a metric that pods'
+network namespaces also report (REPORTED_BY_PODS) a query reads the host's series only, unless
+it says otherwise. `panel_queries()` lists every
 query with its panel's title (the end-to-end test runs them against a real Prometheus); import
 this file by path, e.g. with importlib.util.spec_from_file_location.
 """
@@ -71,6 +73,27 @@ CORE_PANELS: dict[str, tuple[str, ...]] = {
 
 DATASOURCE = dashboard_models.DataSourceRef(type_val="prometheus", uid="${datasource}")
 SELECTOR = 'job=~"$job", instance=~"$instance", node=~"$node"'
+
+# The `pods` collector reports these for every pod's network namespace under the host's names,
+# with `namespace` and `pod`, or `pod_uid` (name unknown), or `cgroup` (outside Kubernetes). The
+# host's series carry none of those labels (an absent label matches "").
+REPORTED_BY_PODS = frozenset(
+    {
+        "conntrack_entries",
+        "socket_inuse",
+        "socket_allocated",
+        "socket_tcp_timewait",
+        "socket_listen_overflows_total",
+        "socket_listen_drops_total",
+        "socket_tcp_memory_pressures_total",
+        "socket_tcp_timewait_overflows_total",
+        "socket_udp_receive_buffer_errors_total",
+        "socket_udp_send_buffer_errors_total",
+        "socket_udp_in_errors_total",
+        "socket_udp_memory_errors_total",
+    }
+)
+HOST = 'pod="", pod_uid="", cgroup=""'
 GRID_WIDTH = 24
 
 # Thresholds of every "used over limit" ratio: warn at 75 %, critical at 90 %.
@@ -81,8 +104,18 @@ CRITICAL_RATIO = 0.9
 # --- PromQL helpers ------------------------------------------------------------------------------
 
 
+def reported_by_pods(metric: str) -> bool:
+    """Whether pods' network namespaces report `metric` too (every conntrack_stat_*_total)."""
+    return metric in REPORTED_BY_PODS or (
+        metric.startswith("conntrack_stat_") and metric.endswith("_total")
+    )
+
+
 def sel(metric: str, matchers: str = "") -> str:
-    """`metric{job=~"$job", instance=~"$instance", node=~"$node"[, matchers]}`."""
+    """`metric{job=~"$job", instance=~"$instance", node=~"$node"[, matchers]}`, and the host's
+    series only (HOST) when pods report the metric too."""
+    if reported_by_pods(metric):
+        matchers = f"{matchers}, {HOST}" if matchers else HOST
     extra = f", {matchers}" if matchers else ""
     return f"{metric}{{{SELECTOR}{extra}}}"
 
