@@ -82,6 +82,7 @@ REPORTED_BY_PODS = {
     "socket_listen_overflows_total",
     "socket_listen_drops_total",
     "socket_tcp_memory_pressures_total",
+    "socket_tcp_aborts_on_memory_total",
     "socket_tcp_timewait_overflows_total",
     "socket_udp_receive_buffer_errors_total",
     "socket_udp_send_buffer_errors_total",
@@ -350,6 +351,22 @@ def test_host_panels_select_the_hosts_series(dashboard):
                 assert not missing, f"{title}: {metric}{matchers} lacks {missing}"
                 checked += 1
     assert checked
+
+
+def test_pod_metric_lists_cover_the_pods_collector():
+    """Every metric the pods collector's golden files show with a pod label is in this test's
+    list and the generator's (whose sel() then reads the host's series of it)."""
+    pod_label = re.compile(r'[{,](?:pod|pod_uid|cgroup)="')
+    per_pod = set()
+    for path in GOLDEN_DIR.glob("*.prom"):
+        for line in path.read_text().splitlines():
+            if line and not line.startswith("#") and pod_label.search(line):
+                per_pod.add(re.split(r"[{ ]", line, maxsplit=1)[0])
+    if not per_pod:
+        pytest.skip("no golden file of the pods collector yet")
+    assert {name for name in per_pod if not reported_by_pods(name)} == set()
+    assert {name for name in per_pod if not generate.reported_by_pods(name)} == set()
+    assert {*REPORTED_BY_PODS} == set(generate.REPORTED_BY_PODS)
 
 
 def test_pod_panels_rank_pods_and_leave_the_host_out(dashboard):

@@ -99,6 +99,7 @@ REPORTED_BY_PODS = frozenset(
         "socket_listen_overflows_total",
         "socket_listen_drops_total",
         "socket_tcp_memory_pressures_total",
+        "socket_tcp_aborts_on_memory_total",
         "socket_tcp_timewait_overflows_total",
         "socket_udp_receive_buffer_errors_total",
         "socket_udp_send_buffer_errors_total",
