@@ -8,7 +8,9 @@ The dashboards are built with grafana-foundation-sdk (pinned in the `test` extra
 pyproject.toml) and written as deterministic JSON: sorted keys, 2-space indent, a final newline.
 
 Every query filters on the `job`, `instance` and `node` template variables and reads raw exporter
-metrics, so the dashboards work without the recording rules loaded. `panel_queries()` lists every
+metrics, so the dashboards work without the recording rules loaded. On a metric that pods'
+network namespaces also report (REPORTED_BY_PODS) a query reads the host's series only, unless
+it says otherwise. `panel_queries()` lists every
 query with its panel's title (the end-to-end test runs them against a real Prometheus); import
 this file by path, e.g. with importlib.util.spec_from_file_location.
 """
@@ -69,8 +71,47 @@ CORE_PANELS: dict[str, tuple[str, ...]] = {
     ),
 }
 
+# The panels about pods' network namespaces (the `pods` collector): the top pods by a metric, and
+# the collector's health. Empty when the collector is off or the node runs no pods.
+POD_PANELS: dict[str, tuple[str, ...]] = {
+    "conntrack.json": (),
+    "sockets.json": (
+        "Pods with the most listen queue overflows",
+        "Pods with the most UDP receive buffer errors",
+        "Pods with the most sockets in use",
+        "Pods with the most conntrack entries",
+        "Pod discovery",
+    ),
+}
+
 DATASOURCE = dashboard_models.DataSourceRef(type_val="prometheus", uid="${datasource}")
 SELECTOR = 'job=~"$job", instance=~"$instance", node=~"$node"'
+
+# The `pods` collector reports these for every pod's network namespace under the host's names,
+# with `namespace` and `pod`, or `pod_uid` (name unknown), or `cgroup` (outside Kubernetes). The
+# host's series carry none of those labels (an absent label matches "").
+REPORTED_BY_PODS = frozenset(
+    {
+        "conntrack_entries",
+        "socket_inuse",
+        "socket_allocated",
+        "socket_tcp_timewait",
+        "socket_listen_overflows_total",
+        "socket_listen_drops_total",
+        "socket_tcp_memory_pressures_total",
+        "socket_tcp_aborts_on_memory_total",
+        "socket_tcp_timewait_overflows_total",
+        "socket_udp_receive_buffer_errors_total",
+        "socket_udp_send_buffer_errors_total",
+        "socket_udp_in_errors_total",
+        "socket_udp_memory_errors_total",
+    }
+)
+HOST = 'pod="", pod_uid="", cgroup=""'
+# The labels that name a pod, and how a legend shows whichever it has.
+POD_LABELS = "namespace, pod, pod_uid, cgroup"
+POD_LEGEND = "{{namespace}} {{pod}}{{pod_uid}}{{cgroup}} ({{instance}})"
+TOP_PODS = 10
 GRID_WIDTH = 24
 
 # Thresholds of every "used over limit" ratio: warn at 75 %, critical at 90 %.
@@ -81,10 +122,41 @@ CRITICAL_RATIO = 0.9
 # --- PromQL helpers ------------------------------------------------------------------------------
 
 
-def sel(metric: str, matchers: str = "") -> str:
-    """`metric{job=~"$job", instance=~"$instance", node=~"$node"[, matchers]}`."""
+def reported_by_pods(metric: str) -> bool:
+    """Whether pods' network namespaces report `metric` too (every conntrack_stat_*_total)."""
+    return metric in REPORTED_BY_PODS or (
+        metric.startswith("conntrack_stat_") and metric.endswith("_total")
+    )
+
+
+def _selector(metric: str, matchers: str = "") -> str:
     extra = f", {matchers}" if matchers else ""
     return f"{metric}{{{SELECTOR}{extra}}}"
+
+
+def sel(metric: str, matchers: str = "") -> str:
+    """`metric{job=~"$job", instance=~"$instance", node=~"$node"[, matchers]}`, and the host's
+    series only (HOST) when pods report the metric too."""
+    if reported_by_pods(metric):
+        matchers = f"{matchers}, {HOST}" if matchers else HOST
+    return _selector(metric, matchers)
+
+
+def pods(metric: str) -> str:
+    """The pods' series of a metric pods report: every series but the host's."""
+    assert reported_by_pods(metric), metric
+    return f"{_selector(metric)} unless {sel(metric)}"
+
+
+def pods_rate(metric: str) -> str:
+    """rate() of the pods' series of a counter: every series but the host's."""
+    assert reported_by_pods(metric), metric
+    return f"{rate_of(_selector(metric))} unless {rate(metric)}"
+
+
+def top_pods(expr: str) -> str:
+    """The TOP_PODS pods with the largest values of `expr` summed per pod."""
+    return f"topk({TOP_PODS}, sum by (job, instance, node, {POD_LABELS}) ({expr}))"
 
 
 def over(used: str, limit: str, matchers: str = "") -> str:
@@ -92,9 +164,13 @@ def over(used: str, limit: str, matchers: str = "") -> str:
     return f"{sel(used, matchers)} / {sel(limit, matchers)}"
 
 
+def rate_of(selector: str) -> str:
+    return f"rate({selector}[$__rate_interval])"
+
+
 def rate(metric: str, matchers: str = "") -> str:
     """rate() of a counter over Grafana's $__rate_interval."""
-    return f"rate({sel(metric, matchers)}[$__rate_interval])"
+    return rate_of(sel(metric, matchers))
 
 
 def per_instance_rate(metric: str) -> str:
@@ -510,9 +586,8 @@ def conntrack_dashboard() -> dict[str, Any]:
             "Table utilisation",
             "conntrack_entries / conntrack_entries_limit per node. The dashed lines are 75 % and "
             "90 %; at 100 % the kernel drops packets of new connections. conntrack_entries "
-            "counts the exporter's network namespace, the limit is global. What to do: "
-            + RUNBOOKS
-            + ".",
+            "counts the node's own network namespace, the limit is global; pods' own tables "
+            "are in the Socket pools dashboard's Pods row. What to do: " + RUNBOOKS + ".",
             "percentunit",
             [Query(utilisation, "{{instance}}")],
             ratio=True,
@@ -762,7 +837,7 @@ def sockets_dashboard() -> dict[str, Any]:
         "no socket data",
     )
     layout.panel(pools, 16, 8)
-    layout.panel(collector_status(["socket", "socket_ports"]), 8, 8)
+    layout.panel(collector_status(["socket", "socket_ports", "pods"]), 8, 8)
 
     layout.row("Sockets and memory")
     layout.panel(
@@ -770,8 +845,8 @@ def sockets_dashboard() -> dict[str, Any]:
             "Sockets in use",
             "Sockets holding an address or port by family and protocol (socket_inuse) and "
             "sockets of every family allocated (socket_allocated), summed over the selected "
-            "nodes. Steady growth without more traffic points to a socket leak; every "
-            "socket holds memory and a file handle.",
+            "nodes' own network namespaces (pods: the Pods row). Steady growth without more "
+            "traffic points to a socket leak; every socket holds memory and a file handle.",
             "short",
             [
                 Query(
@@ -931,7 +1006,8 @@ def sockets_dashboard() -> dict[str, Any]:
             "(socket_listen_overflows_total) and connections dropped at a listener for any "
             "reason (socket_listen_drops_total), per second. Above 0 means a server accepts too "
             "slowly or its backlog (listen(), net.core.somaxconn) is too small: clients see "
-            "timeouts and retransmitted SYNs.",
+            "timeouts and retransmitted SYNs. The node's own network namespace; pods: the "
+            "Pods row.",
             "ops",
             [
                 Query(rate("socket_listen_overflows_total"), "{{instance}} overflows"),
@@ -947,7 +1023,8 @@ def sockets_dashboard() -> dict[str, Any]:
             "UDP datagrams per second, by family: dropped for a full receive buffer, not sent "
             "for a full send buffer, received but not delivered (in errors, which include the "
             "buffer and memory errors) and dropped because udp_mem ran out. Above 0 means "
-            "datagrams are lost: a reader too slow or rmem/wmem too small.",
+            "datagrams are lost: a reader too slow or rmem/wmem too small. The node's own "
+            "network namespace; pods: the Pods row.",
             "ops",
             [
                 Query(
@@ -965,6 +1042,107 @@ def sockets_dashboard() -> dict[str, Any]:
         12,
         8,
     )
+
+    layout.row("Pods")
+    pod_note = (
+        f" The {TOP_PODS} highest at each moment, over the selected nodes, named by namespace "
+        "and pod, by pod_uid when the exporter could not learn the name, or by cgroup for a "
+        "container outside Kubernetes. Empty when the pods collector is off."
+    )
+    layout.panel(
+        ts(
+            "Pods with the most listen queue overflows",
+            "Connections that completed the handshake while a listener's accept queue in the "
+            "pod was full, per second (socket_listen_overflows_total of the pod's network "
+            "namespace). Above 0 means a server in the pod accepts too slowly (overloaded, "
+            "CPU-throttled) or its backlog (listen(), the pod's net.core.somaxconn) is too "
+            "small: its clients see timeouts and retransmitted SYNs. " + RUNBOOKS + "." + pod_note,
+            "ops",
+            [Query(top_pods(pods_rate("socket_listen_overflows_total")), POD_LEGEND)],
+            no_value="no pod overflows",
+        ),
+        12,
+        8,
+    )
+    layout.panel(
+        ts(
+            "Pods with the most UDP receive buffer errors",
+            "UDP datagrams per second dropped because a socket's receive buffer in the pod was "
+            "full (socket_udp_receive_buffer_errors_total of the pod's network namespace, IPv4 "
+            "and IPv6 summed). Above 0 means the pod reads too slowly for its traffic or its "
+            "buffers (SO_RCVBUF, capped by the node's net.core.rmem_max) are too small. "
+            + RUNBOOKS
+            + "."
+            + pod_note,
+            "ops",
+            [Query(top_pods(pods_rate("socket_udp_receive_buffer_errors_total")), POD_LEGEND)],
+            no_value="no pod UDP drops",
+        ),
+        12,
+        8,
+    )
+    layout.panel(
+        ts(
+            "Pods with the most sockets in use",
+            "Sockets holding an address or port in the pod's network namespace, every family "
+            "and protocol summed (socket_inuse). Steady growth without more traffic points to "
+            "a socket leak in the pod; every socket holds memory and a file handle on the node."
+            + pod_note,
+            "short",
+            [Query(top_pods(pods("socket_inuse")), POD_LEGEND)],
+            no_value="no pod data",
+        ),
+        12,
+        8,
+    )
+    layout.panel(
+        ts(
+            "Pods with the most conntrack entries",
+            "Entries in the pod's own conntrack table (conntrack_entries of its network "
+            "namespace; only where a rule there uses conntrack, e.g. a service mesh's "
+            "redirection). Each namespace may fill up to the node's nf_conntrack_max on its own "
+            "(Conntrack table dashboard); at it the pod's new connections are dropped. "
+            + RUNBOOKS
+            + "."
+            + pod_note,
+            "short",
+            [Query(top_pods(pods("conntrack_entries")), POD_LEGEND)],
+            no_value="no pod conntrack tables",
+        ),
+        12,
+        8,
+    )
+    discovery = ts(
+        "Pod discovery",
+        "The pods collector: network namespaces it reports (conntrack_exporter_pod_namespaces) "
+        "and those past collectors.pods.max_namespaces it leaves out (skipped: the pod panels "
+        "above and the pod alerts cannot see them), how long its last discovery took and how "
+        "old it is (right axis), and failed discoveries per second by reason. Skipped above 0 "
+        "or errors above 0 mean the pod panels are incomplete. " + RUNBOOKS + ".",
+        "short",
+        [
+            Query(sel("conntrack_exporter_pod_namespaces"), "{{instance}} namespaces"),
+            Query(sel("conntrack_exporter_pod_namespaces_skipped"), "{{instance}} skipped"),
+            Query(
+                sel("conntrack_exporter_pod_discovery_duration_seconds"), "{{instance}} duration"
+            ),
+            Query(
+                f"time() - {sel('conntrack_exporter_pod_discovery_timestamp_seconds')}",
+                "{{instance}} age",
+            ),
+            Query(
+                rate("conntrack_exporter_pod_discovery_errors_total"),
+                "{{instance}} errors {{reason}}",
+            ),
+        ],
+        no_value="no pods collector",
+    )
+    discovery.override_by_query("C", _right_axis("s"))
+    discovery.override_by_query("D", _right_axis("s"))
+    discovery.override_by_query(
+        "E", [dashboard_models.DynamicConfigValue(id_val="unit", value="ops")]
+    )
+    layout.panel(discovery, 24, 8)
 
     layout.row("Exporter")
     scan = ts(
