@@ -58,6 +58,43 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
 {{/*
+The pods collector, as YAML: enabled (the flags and the hostPath mounts are rendered) and
+recursiveReadOnly (the mounts' value, empty for none). Off, whatever pods.enabled says, as root
+on a Kubernetes older than 1.31 (NOTES.txt says so).
+
+Its mounts are read-only; recursiveReadOnly makes them so beneath too (submounts of the host's
+/proc such as /proc/sys/fs/binfmt_misc, whose register file the root user may write without any
+capability). Kubernetes has the field from 1.30 and turns it on by default from 1.31. As root
+(the default mode) the host's /proc is mounted only there, with Enabled: a runtime that cannot
+do it fails the pod rather than mount it writable beneath. As user 65534 (unprivileged) no
+root-owned file is writable anyway: IfPossible, where the field exists.
+*/}}
+{{- define "conntrack-exporter.pods" -}}
+{{- $recursive := semverCompare ">=1.31-0" .Capabilities.KubeVersion.Version }}
+{{- if not .Values.pods.enabled }}
+enabled: false
+{{- else if .Values.unprivileged }}
+enabled: true
+recursiveReadOnly: {{ ternary "IfPossible" "" $recursive | quote }}
+{{- else if $recursive }}
+enabled: true
+recursiveReadOnly: Enabled
+{{- else }}
+enabled: false
+{{- end }}
+{{- end }}
+
+{{/* Where the host's /proc is mounted, and passed as --path.procfs. */}}
+{{- define "conntrack-exporter.hostProcDir" -}}
+/host/proc
+{{- end }}
+
+{{/* Where the kubelet's pod log directory is mounted: the pods collector's default. */}}
+{{- define "conntrack-exporter.podLogsDir" -}}
+/var/log/pods
+{{- end }}
+
+{{/*
 Where the volumes are mounted: side by side under /etc/conntrack-exporter, never one inside
 another (a mount point inside a read-only ConfigMap or Secret volume leans on the kubelet
 creating it).
