@@ -952,6 +952,7 @@ ENDPOINT_FIELDS = {
     "scrapeTimeout",
     "relabelings",
     "metricRelabelings",
+    "honorLabels",
 }
 RELABEL_FIELDS = {
     "sourceLabels",
@@ -967,6 +968,11 @@ NODE_RELABELING = {
     "targetLabel": "node",
     "action": "replace",
 }
+# The target labels prometheus-operator makes from the exporter's own pod and Service (v0.93.0,
+# pkg/prometheus/promcfg.go: generateServiceMonitorConfig, generatePodMonitorConfig), dropped
+# from the target: tests/test_chart_prometheus.py shows the effect in a real Prometheus.
+OPERATOR_TARGET_LABELS = {"namespace", "pod", "container", "service", "endpoint"}
+DROP_EXPORTER_LABELS = {"action": "labeldrop", "regex": "namespace|pod|container|service|endpoint"}
 
 
 @pytest.mark.parametrize(
@@ -998,7 +1004,8 @@ def test_monitor_structure(kind, endpoints):
     assert endpoint["port"] == "metrics"
     assert endpoint["path"] == "/metrics"
     assert endpoint["scheme"] == "http"
-    assert endpoint["relabelings"][0] == NODE_RELABELING
+    assert endpoint["honorLabels"] is True
+    assert endpoint["relabelings"][:2] == [NODE_RELABELING, DROP_EXPORTER_LABELS]
     for relabeling in endpoint["relabelings"] + endpoint.get("metricRelabelings", []):
         assert set(relabeling) <= RELABEL_FIELDS
     # The port name is one the container (and the Service) has.
@@ -1011,15 +1018,43 @@ def test_service_monitor_values():
     (endpoint,) = monitor["spec"]["endpoints"]
     assert endpoint["interval"] == "15s" and endpoint["scrapeTimeout"] == "10s"
     values = load_yaml(CHART / "ci" / "monitors-values.yaml")["serviceMonitor"]
-    # The node label first, then the user's relabelings.
-    assert endpoint["relabelings"] == [NODE_RELABELING, *values["relabelings"]]
+    # The node label, the exporter's own target labels dropped, then the user's relabelings.
+    assert endpoint["relabelings"] == [
+        NODE_RELABELING,
+        DROP_EXPORTER_LABELS,
+        *values["relabelings"],
+    ]
     assert endpoint["metricRelabelings"] == values["metricRelabelings"]
 
 
-def test_monitor_without_node_label_or_relabelings():
+def test_monitor_without_node_label_or_relabelings_still_drops_the_exporters_labels():
     objects = render("--set", "serviceMonitor.enabled=true,serviceMonitor.attachNodeLabel=false")
     (endpoint,) = only(objects, "ServiceMonitor")["spec"]["endpoints"]
-    assert "relabelings" not in endpoint and "metricRelabelings" not in endpoint
+    assert endpoint["relabelings"] == [DROP_EXPORTER_LABELS]
+    assert "metricRelabelings" not in endpoint
+
+
+@pytest.mark.parametrize("args", [[], ["--set", "pods.enabled=false"]], ids=["pods", "no-pods"])
+def test_monitors_honor_labels_and_drop_the_exporters_target_labels(args):
+    """Whatever else is set, and with the pods collector off too (the series' labels do not
+    depend on it): honorLabels, and a labeldrop on the target (relabelings, which run before
+    the scrape), never on the series (metricRelabelings: there a pod's own namespace and pod
+    would go too). Prometheus anchors the regex: it drops exactly the operator's five labels,
+    not node, instance, job, the labels the operator's sharding reads, nor a pod's pod_uid."""
+    objects = render(
+        "--values", str(CHART / "ci" / "monitors-values.yaml"), *kube_version(NEWEST), *args
+    )
+    for kind, endpoints in (("ServiceMonitor", "endpoints"), ("PodMonitor", "podMetricsEndpoints")):
+        (endpoint,) = only(objects, kind)["spec"][endpoints]
+        assert endpoint["honorLabels"] is True
+        drops = [r for r in endpoint["relabelings"] if r["action"] == "labeldrop"]
+        assert drops == [DROP_EXPORTER_LABELS], kind
+        for relabeling in endpoint.get("metricRelabelings", []):
+            assert relabeling["action"] not in ("labeldrop", "labelkeep"), kind
+    regex = re.compile(DROP_EXPORTER_LABELS["regex"])
+    candidates = OPERATOR_TARGET_LABELS | {"node", "instance", "job", "pod_uid", "cgroup"}
+    candidates |= {"__address__", "__tmp_hash", "__meta_kubernetes_pod_name", "podname", "pods"}
+    assert {name for name in candidates if regex.fullmatch(name)} == OPERATOR_TARGET_LABELS
 
 
 def test_service_monitor_needs_the_service():
@@ -1273,6 +1308,7 @@ def test_notes_say_https_and_credentials_when_on(tmp_path):
     assert "curl -s --cacert ca.crt -u USER https://NODE_IP:9371/metrics" in notes
     assert "curl -s --cacert ca.crt -u USER https://127.0.0.1:9371/metrics" in notes
     assert "The serviceMonitor scrapes over https." in notes
+    assert "honorLabels, with the exporter pod's own target labels" in notes
     # The ci file sets the monitor's tlsConfig and basicAuth: no advice about them.
     assert "set serviceMonitor.tlsConfig" not in notes
     assert "set serviceMonitor.basicAuth" not in notes

@@ -104,19 +104,32 @@ creating it).
 {{- end }}
 
 {{/*
-The relabelings of a ServiceMonitor endpoint or a PodMonitor podMetricsEndpoint: the node label
-first, then the user's. Argument: serviceMonitor or podMonitor values.
+The target labels prometheus-operator gives every target from the exporter's own pod and Service
+(namespace, pod, container, service, endpoint), which the monitors drop: with honorLabels a
+pod's series keep the namespace and pod they carry, and the host's series, which carry none,
+would otherwise get the exporter pod's.
+*/}}
+{{- define "conntrack-exporter.exporterTargetLabels" -}}
+namespace|pod|container|service|endpoint
+{{- end }}
+
+{{/*
+The relabelings of a ServiceMonitor endpoint or a PodMonitor podMetricsEndpoint (which run
+after the operator's own): the node label, the exporter's own target labels dropped, then the
+user's (the __meta_kubernetes_* labels are still there for them). A labeldrop here, on the
+target, not in metricRelabelings: there the exporter's labels would already have been merged
+into the series, and a pod's own namespace and pod would be dropped with them. Argument:
+serviceMonitor or podMonitor values.
 */}}
 {{- define "conntrack-exporter.relabelings" -}}
 {{- $relabelings := list }}
 {{- if .attachNodeLabel }}
 {{- $relabelings = append $relabelings (dict "sourceLabels" (list "__meta_kubernetes_pod_node_name") "targetLabel" "node" "action" "replace") }}
 {{- end }}
+{{- $relabelings = append $relabelings (dict "action" "labeldrop" "regex" (include "conntrack-exporter.exporterTargetLabels" .)) }}
 {{- $relabelings = concat $relabelings .relabelings }}
-{{- if $relabelings }}
 relabelings:
   {{- toYaml $relabelings | nindent 2 }}
-{{- end }}
 {{- with .metricRelabelings }}
 metricRelabelings:
   {{- toYaml . | nindent 2 }}
