@@ -8,6 +8,10 @@
   and must equal grafana/rules' (the chart's copy is generated, never edited);
 - the dashboards' ConfigMaps carry the sidecar's label and grafana/dashboards' JSON;
 - every security property of the DaemonSet, in both modes;
+- the pods collector's flags and read-only hostPath mounts (pods.enabled) in both modes, at
+  each Kubernetes version that changes them, and the container run by runc as the kubelet
+  would run it, to see what the mounts grant and refuse (root, runc);
+- the container's arguments through the exporter's own argument parser and loader;
 - TLS and basic authentication (webConfig, tls): the web configuration Secret, the read-only
   mounts, the flag, the probes and the monitors in every mode, and the rendered files loaded by
   the exporter's own loaders against real certificate files;
@@ -17,12 +21,13 @@
 - helm/sync_grafana.py --check passes, and fails on a stale copy;
 - the chart's README documents every value.
 
-Skips with a reason when helm or promtool is missing (`make test` installs both).
+Skips with a reason when helm, promtool or runc is missing (`make test` installs them).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import functools
 import importlib.util
@@ -32,7 +37,9 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Mapping
+import time
+import uuid
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path, PurePosixPath
 from types import ModuleType
@@ -936,6 +943,236 @@ def test_rendered_args_load_in_the_exporter(tmp_path, tls_files, args, pods):
         assert config.collectors["pods"].options.pod_logs_path == POD_LOGS
     else:
         assert config.path.procfs == "/proc"
+
+
+# -- what the pods' mounts grant, in a real container runtime ---------------------------------
+
+# Run inside the container: what the exporter's process can and cannot do through the mounts.
+# argv: the pid of a process on the node running as the container's user, with SECRET in its
+# environment; a log file under the pod log directory.
+MOUNT_PROBE = r"""
+import errno, json, os, signal, sys
+victim, log = int(sys.argv[1]), sys.argv[2]
+found = {}
+def attempt(name, action):
+    try:
+        found[name] = action()
+    except OSError as exc:
+        found[name] = errno.errorcode[exc.errno]
+def opened_for_writing(path):
+    os.close(os.open(path, os.O_WRONLY))  # opened, nothing written
+    return "writable"
+def pidfd_signal():
+    fd = os.open(f"/host/proc/{victim}", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        signal.pidfd_send_signal(fd, 0)
+        return "delivered"
+    finally:
+        os.close(fd)
+status = open("/host/proc/self/status").read()
+nspid = [line.split()[1:] for line in status.splitlines() if line.startswith("NSpid:")][0]
+found["self_is_me"] = nspid[-1] == str(os.getpid()) and os.readlink("/host/proc/self") == nspid[0]
+def key(path):
+    info = os.stat(path)
+    return info.st_dev, info.st_ino
+own, nodes = key("/host/proc/self/net/sockstat"), key("/host/proc/1/net/sockstat")
+found["own_netns_is_the_nodes"] = own == nodes
+found["net_is_self_net"] = os.readlink("/host/proc/net") == "self/net"
+attempt("victim_cgroup", lambda: bool(open(f"/host/proc/{victim}/cgroup").read()))
+attempt("victim_environ", lambda: "SECRET=" in open(f"/host/proc/{victim}/environ").read())
+attempt("kill", lambda: os.kill(victim, 0) or "delivered")
+attempt("pidfd_send_signal", pidfd_signal)
+attempt("binfmt_register", lambda: opened_for_writing("/host/proc/sys/fs/binfmt_misc/register"))
+attempt("sysctl", lambda: opened_for_writing("/host/proc/sys/net/core/somaxconn"))
+attempt("pod_log_dirs", lambda: sorted(os.listdir("/var/log/pods")))
+attempt("pod_log_file", lambda: bool(open(log.replace(sys.argv[3], "/var/log/pods")).read()))
+attempt("pod_log_dir_write", lambda: opened_for_writing(log.replace(sys.argv[3], "/var/log/pods")))
+print(json.dumps(found))
+"""
+# What the host's side of the container is made of: the node's Python, read-only.
+ROOTFS_BINDS = ("/usr", "/lib", "/lib64", "/bin", "/etc")
+
+
+def oci_config(objects: tuple[dict, ...], rootfs: Path, probe: Path, argv: list[str]) -> dict:
+    """The OCI runtime configuration of the exporter's container as the kubelet and
+    containerd make it from the rendered pod: its user, capabilities and no_new_privs, the
+    namespaces the pod does not share with the node, and each hostPath mount with the options
+    containerd's CRI gives runc for a read-only one (rbind, rprivate, ro; rro when
+    recursiveReadOnly resolves to on, as it does with runc 1.1 and later)."""
+    pod, exporter = pod_spec(objects), container(objects)
+    context = exporter["securityContext"]
+    assert context["capabilities"]["drop"] == ["ALL"]
+    capabilities = [f"CAP_{name}" for name in context["capabilities"].get("add", [])]
+    mounts = [
+        {"destination": "/proc", "type": "proc", "source": "proc"},
+        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid"]},
+        *(
+            {"destination": path, "type": "bind", "source": path, "options": ["rbind", "ro"]}
+            for path in ROOTFS_BINDS
+            if Path(path).exists()
+        ),
+        {
+            "destination": "/probe.py",
+            "type": "bind",
+            "source": str(probe),
+            "options": ["bind", "ro"],
+        },
+    ]
+    for mount in pods_part(objects)[1].values():
+        assert "readOnly" not in mount  # mounts() checked it is true
+        recursive = mount.get("recursiveReadOnly") in ("Enabled", "IfPossible")
+        mounts.append(
+            {
+                "destination": mount["mountPath"],
+                "type": "bind",
+                "source": mount["hostPath"]["path"],
+                "options": ["rbind", "rprivate", "ro", *(["rro"] if recursive else [])],
+            }
+        )
+    shared = {"pid": pod.get("hostPID", False), "network": pod["hostNetwork"]}
+    namespaces = ["mount", "ipc", "uts"] + [kind for kind, host in shared.items() if not host]
+    return {
+        "ociVersion": "1.0.2",
+        "process": {
+            "user": {"uid": context["runAsUser"], "gid": context.get("runAsGroup", 0)},
+            "args": ["/usr/bin/python3", "/probe.py", *argv],
+            "cwd": "/",
+            "env": ["PATH=/usr/bin:/bin"],
+            "noNewPrivileges": context["allowPrivilegeEscalation"] is False,
+            "capabilities": {kind: capabilities for kind in ("bounding", "effective", "permitted")},
+        },
+        "root": {"path": str(rootfs), "readonly": context["readOnlyRootFilesystem"]},
+        "hostname": "exporter",
+        "mounts": mounts,
+        "linux": {
+            "namespaces": [{"type": kind} for kind in namespaces],
+            # containerd's defaults for the container's own /proc: not for /host/proc.
+            "maskedPaths": ["/proc/kcore", "/proc/keys", "/proc/timer_list"],
+            "readonlyPaths": ["/proc/sys", "/proc/sysrq-trigger"],
+        },
+    }
+
+
+@contextlib.contextmanager
+def node_process(user: int) -> Iterator[int]:
+    """A process on the node (this machine's pid namespace) running as `user`, with a secret
+    in its environment."""
+    cmd = ["env", "SECRET=hunter2", "sleep", "300"]
+    if user:
+        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *cmd]
+    process = subprocess.Popen(cmd)
+    try:
+        # Until setpriv and env have exec'd sleep: its environment is the one with the secret.
+        cmdline, deadline = Path(f"/proc/{process.pid}/cmdline"), time.monotonic() + 10
+        while not cmdline.read_bytes().startswith(b"sleep\0"):
+            assert time.monotonic() < deadline, "the node's process did not start"
+            time.sleep(0.01)
+        yield process.pid
+    finally:
+        process.kill()
+        process.wait()
+
+
+def run_in_runc(objects: tuple[dict, ...], tmp_path: Path, victim: int, log: Path) -> dict:
+    """The probe in the exporter's container as runc runs it, in a mount namespace of its own
+    where binfmt_misc is mounted beneath /proc, as on most systemd nodes (the kernel's one
+    instance: mounting it changes nothing, and only there)."""
+    rootfs, probe = tmp_path / "rootfs", tmp_path / "probe.py"
+    rootfs.mkdir(mode=0o755)
+    rootfs.chmod(0o755)
+    probe.write_text(MOUNT_PROBE)
+    probe.chmod(0o644)
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    argv = [str(victim), str(log), pods_part(objects)[1]["pod-logs"]["hostPath"]["path"]]
+    (bundle / "config.json").write_text(json.dumps(oci_config(objects, rootfs, probe, argv)))
+    script = (
+        "mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc && "
+        f'exec runc --root "{tmp_path / "runc"}" run --bundle "{bundle}" '
+        f"ct-{uuid.uuid4().hex[:12]}"
+    )
+    result = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads(result.stdout)
+
+
+def runc_unavailable_reason() -> str | None:
+    if shutil.which("runc") is None or shutil.which("unshare") is None:
+        return "needs runc and unshare (make test installs runc)"
+    if "binfmt_misc" not in Path("/proc/filesystems").read_text():
+        return "needs binfmt_misc in the kernel"
+    return None
+
+
+# (name, values, a change to the rendered pod, what the exporter's process sees). The chart's
+# two modes, and what each would see without recursiveReadOnly or with hostPID.
+MOUNT_CASES = [
+    ("root", [], None),
+    ("root-without-recursive-read-only", [], "no-recursive"),
+    ("root-with-host-pid", [], "host-pid"),
+    ("unprivileged", ["--set", "unprivileged=true"], None),
+    ("unprivileged-with-host-pid", ["--set", "unprivileged=true"], "host-pid"),
+]
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize(
+    ("values", "change"), [case[1:] for case in MOUNT_CASES], ids=[c[0] for c in MOUNT_CASES]
+)
+def test_the_pods_mounts_grant_what_the_readme_says(tmp_path, values, change):
+    """The chart's container, run by runc as the kubelet would: /host/proc/self is the
+    exporter (a procfs resolves it in the node's pid namespace, where the container's process
+    has a pid too) in the node's network namespace; every process's cgroup is readable; no
+    node process can be signalled, by pid or through a /host/proc/<pid> directory (hostPID
+    could, as the same user); nothing beneath the mounts is writable, binfmt_misc's register
+    included (it would be to root without recursiveReadOnly, which is why the chart mounts
+    /proc into the root exporter only with it). The grants the README states: as 65534 the
+    environment of the node's processes of that user; as root the pods' log files."""
+    reason = runc_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    logs = tmp_path / "pod-logs"
+    log = logs / "team-a_web-1_0c8f0b0e" / "app" / "0.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("a pod's log line\n")
+    log.chmod(0o640)  # as the runtime writes them: root's
+    for directory in (logs, log.parent.parent, log.parent):
+        directory.chmod(0o755)
+    objects = copy.deepcopy(
+        render(*values, *kube_version(NEWEST), "--set", f"pods.podLogsDir={logs}")
+    )
+    root = "unprivileged=true" not in values
+    pod = pod_spec(objects)
+    if change == "host-pid":
+        pod["hostPID"] = True
+    if change == "no-recursive":
+        for mount in container(objects)["volumeMounts"]:
+            mount.pop("recursiveReadOnly", None)
+    with node_process(0 if root else 65534) as victim:
+        found = run_in_runc(objects, tmp_path, victim, log)
+    host_pid = change == "host-pid"
+    assert found == {
+        "self_is_me": True,
+        "own_netns_is_the_nodes": True,
+        "net_is_self_net": True,
+        "victim_cgroup": True,
+        # Root with NET_ADMIN alone: not a process holding more capabilities.
+        "victim_environ": "EACCES" if root else True,
+        "kill": "delivered" if host_pid else "ESRCH",
+        "pidfd_send_signal": "delivered" if host_pid else "EINVAL",
+        "binfmt_register": ("writable" if change == "no-recursive" else "EROFS")
+        if root
+        else "EACCES",
+        "sysctl": "EROFS" if root else "EACCES",
+        "pod_log_dirs": ["team-a_web-1_0c8f0b0e"],
+        "pod_log_file": True if root else "EACCES",
+        "pod_log_dir_write": "EROFS" if root else "EACCES",
+    }
 
 
 # -- prometheus-operator objects (not in Kubernetes' schemas: checked by structure) -----------
