@@ -8,6 +8,10 @@
   and must equal grafana/rules' (the chart's copy is generated, never edited);
 - the dashboards' ConfigMaps carry the sidecar's label and grafana/dashboards' JSON;
 - every security property of the DaemonSet, in both modes;
+- the pods collector's flags and read-only hostPath mounts (pods.enabled) in both modes, at
+  each Kubernetes version that changes them, and the container run by runc as the kubelet
+  would run it, to see what the mounts grant and refuse (root, runc);
+- the container's arguments through the exporter's own argument parser and loader;
 - TLS and basic authentication (webConfig, tls): the web configuration Secret, the read-only
   mounts, the flag, the probes and the monitors in every mode, and the rendered files loaded by
   the exporter's own loaders against real certificate files;
@@ -17,12 +21,13 @@
 - helm/sync_grafana.py --check passes, and fails on a stale copy;
 - the chart's README documents every value.
 
-Skips with a reason when helm or promtool is missing (`make test` installs both).
+Skips with a reason when helm, promtool or runc is missing (`make test` installs them).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import functools
 import importlib.util
@@ -32,7 +37,9 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Mapping
+import time
+import uuid
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path, PurePosixPath
 from types import ModuleType
@@ -43,7 +50,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from conntrack_exporter import __version__, webconfig
+from conntrack_exporter import __version__, cli, webconfig
 from conntrack_exporter.collectors import COLLECTORS
 from conntrack_exporter.config import (
     ABSOLUTE_PATH,
@@ -112,6 +119,12 @@ def render(*args: str) -> tuple[dict, ...]:
 
 def render_ci(name: str, *args: str) -> tuple[dict, ...]:
     return render("--values", str(CHART / "ci" / name), *args)
+
+
+def kube_version(version: str) -> tuple[str, str]:
+    """helm template's arguments to render for Kubernetes `version` ("1.37"): without them it
+    assumes its own default (v1.25.0 for helm 3.10)."""
+    return ("--kube-version", f"{version}.0")
 
 
 def only(objects: tuple[dict, ...], kind: str) -> dict:
@@ -255,7 +268,11 @@ def test_renders_the_expected_objects(values):
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 @pytest.mark.parametrize("values", CI_NAMES)
 def test_core_objects_validate_against_kubernetes_schemas(values, version):
-    objects = [obj for obj in render_ci(values) if obj["kind"] in CORE_KINDS]
+    """What the chart renders for a Kubernetes version (its capabilities: the pods' mounts
+    differ) against that version's schemas."""
+    objects = [
+        obj for obj in render_ci(values, *kube_version(version)) if obj["kind"] in CORE_KINDS
+    ]
     assert objects
     for obj in objects:
         try:
@@ -448,12 +465,14 @@ def pod_spec(objects: tuple[dict, ...]) -> dict:
 
 
 def mounts(objects: tuple[dict, ...]) -> dict[str, dict]:
-    """The container's mounts by volume name, each with its volume's source."""
-    volumes = {volume.pop("name"): volume for volume in copy.deepcopy(pod_spec(objects)["volumes"])}
+    """The container's mounts by volume name, each with its volume's source (none: {})."""
+    spec_volumes = copy.deepcopy(pod_spec(objects).get("volumes", []))
+    volumes = {volume.pop("name"): volume for volume in spec_volumes}
     found = {}
-    for mount in container(objects)["volumeMounts"]:
+    for mount in container(objects).get("volumeMounts", []):
         assert mount["readOnly"] is True, mount
-        found[mount["name"]] = {"mountPath": mount["mountPath"], **volumes.pop(mount["name"])}
+        options = {key: value for key, value in mount.items() if key not in ("name", "readOnly")}
+        found[mount["name"]] = {**options, **volumes.pop(mount["name"])}
     assert not volumes, f"volumes without a mount: {volumes}"
     return found
 
@@ -587,7 +606,7 @@ def test_no_web_config_flag_or_secret_without_a_web_config(args):
     assert not any(arg.startswith("--web.config.file") for arg in container(objects)["args"])
     assert not of_kind(objects, "Secret")
     volumes = pod_spec(objects).get("volumes", [])
-    assert {volume["name"] for volume in volumes} <= {"config"}
+    assert {volume["name"] for volume in volumes} <= {"config", *POD_VOLUMES}
     annotations = only(objects, "DaemonSet")["spec"]["template"]["metadata"]["annotations"]
     assert "checksum/web-config" not in annotations
 
@@ -757,6 +776,405 @@ def test_contradictory_web_config_values_fail(args, message):
     assert message in result.stderr, result.stderr
 
 
+# -- per-pod metrics: pods --------------------------------------------------------------------
+
+HOST_PROC, POD_LOGS = "/host/proc", "/var/log/pods"
+PODS_FLAGS = [f"--path.procfs={HOST_PROC}", "--collector.pods"]
+POD_VOLUMES = ("host-proc", "pod-logs")
+# The Kubernetes versions the chart tells apart for the pods' mounts: before recursiveReadOnly,
+# the field there but off by default (1.30), and on (1.31 and later).
+OLD_KUBERNETES, RRO_ALPHA, RRO_ON, NEWEST = "1.25", "1.30", "1.31", KUBERNETES_VERSIONS[-1]
+ROOT_CONTEXT = {
+    **COMMON_SECURITY,
+    "runAsNonRoot": False,
+    "runAsUser": 0,
+    "capabilities": {"drop": ["ALL"], "add": ["NET_ADMIN"]},
+}
+UNPRIVILEGED_CONTEXT = {
+    **COMMON_SECURITY,
+    "runAsNonRoot": True,
+    "runAsUser": 65534,
+    "runAsGroup": 65534,
+    "capabilities": {"drop": ["ALL"]},
+}
+
+
+def pods_mounts(recursive: str | None, pod_logs_dir: str = POD_LOGS) -> dict[str, dict]:
+    """The two hostPath mounts of the pods collector, as mounts() gives them."""
+    extra = {"recursiveReadOnly": recursive} if recursive else {}
+    return {
+        "host-proc": {
+            "mountPath": HOST_PROC,
+            **extra,
+            "hostPath": {"path": "/proc", "type": "Directory"},
+        },
+        "pod-logs": {
+            "mountPath": POD_LOGS,
+            **extra,
+            "hostPath": {"path": pod_logs_dir, "type": "Directory"},
+        },
+    }
+
+
+def pods_part(objects: tuple[dict, ...]) -> tuple[list[str], dict[str, dict]]:
+    """The container's pods flags and the pods' mounts (empty when off)."""
+    flags = [arg for arg in container(objects)["args"] if arg in PODS_FLAGS]
+    found = {name: mount for name, mount in mounts(objects).items() if name in POD_VOLUMES}
+    return flags, found
+
+
+# (mode, Kubernetes version, recursiveReadOnly of the mounts; None: pods off)
+PODS_MODES = [
+    ("root", OLD_KUBERNETES, None),
+    ("root", "1.28", None),
+    ("root", RRO_ALPHA, None),
+    ("root", RRO_ON, "Enabled"),
+    ("root", NEWEST, "Enabled"),
+    ("unprivileged", OLD_KUBERNETES, ""),
+    ("unprivileged", "1.28", ""),
+    ("unprivileged", RRO_ALPHA, ""),
+    ("unprivileged", RRO_ON, "IfPossible"),
+    ("unprivileged", NEWEST, "IfPossible"),
+]
+
+
+@pytest.mark.parametrize(
+    ("mode", "version", "recursive"), PODS_MODES, ids=[f"{m}-{v}" for m, v, _ in PODS_MODES]
+)
+def test_pods_flags_and_read_only_mounts_per_mode_and_version(mode, version, recursive):
+    """pods.enabled (the default): the host's /proc at /host/proc, passed as --path.procfs,
+    and the kubelet's pod log directory where the collector looks, both hostPath and
+    read-only; no hostPID and no new capability. As root only where the mounts are read-only
+    beneath too (recursiveReadOnly, on by default from 1.31): a plain read-only bind of /proc
+    leaves its submounts (binfmt_misc's register) writable to root."""
+    args = ["--set", "unprivileged=true"] if mode == "unprivileged" else []
+    objects = render(*args, *kube_version(version))
+    flags, found = pods_part(objects)
+    pod = pod_spec(objects)
+    if recursive is None:
+        assert flags == [] and found == {}
+        assert "volumes" not in pod
+    else:
+        assert flags == PODS_FLAGS
+        assert found == pods_mounts(recursive)
+        for volume in pod["volumes"]:
+            assert volume["hostPath"]["path"] in ("/proc", POD_LOGS)
+    assert not pod.get("hostPID") and not pod.get("hostIPC")
+    # The same security context as without the collector: nothing added for it.
+    context = container(objects)["securityContext"]
+    assert context == (ROOT_CONTEXT if mode == "root" else UNPRIVILEGED_CONTEXT)
+    off = render(*args, *kube_version(version), "--set", "pods.enabled=false")
+    assert pods_part(off) == ([], {}) and "volumes" not in pod_spec(off)
+    assert container(off)["securityContext"] == context
+
+
+def test_pods_flags_come_before_extra_args_and_beside_the_other_volumes():
+    """A flag of extraArgs still wins (argparse: the last one), and the pods' mounts sit
+    beside the chart's others, none inside another."""
+    objects = render(
+        "--values",
+        str(CHART / "ci" / WEB_CI),
+        *kube_version(NEWEST),
+        "--set",
+        "extraArgs={--log.level=debug}",
+    )
+    args = container(objects)["args"]
+    assert args[-3:] == [*PODS_FLAGS, "--log.level=debug"]
+    found = mounts(objects)
+    assert set(found) == {"config", "web-config", "tls", *POD_VOLUMES}
+    paths = [PurePosixPath(mount["mountPath"]) for mount in found.values()]
+    for path in paths:
+        assert not any(path != other and path.is_relative_to(other) for other in paths), paths
+
+
+def test_pod_logs_dir_moves_the_host_side_only():
+    """The kubelet's podLogsDir elsewhere on the node: mounted where the collector looks by
+    default, so the exporter needs no configuration file for it."""
+    objects = render("--set", "unprivileged=true,pods.podLogsDir=/data/kubelet/pod-logs")
+    assert pods_part(objects) == (PODS_FLAGS, pods_mounts("", "/data/kubelet/pod-logs"))
+    assert not of_kind(objects, "ConfigMap")
+    assert not any(arg.startswith("--config.file") for arg in container(objects)["args"])
+
+
+def pods_case(name: str, args: list[str], pods: bool) -> Any:
+    # Until the collector lands the exporter refuses --collector.pods: remove this marker then
+    # (strict: it fails as soon as the collector is there and the case passes).
+    marks = [PODS_PENDING] if pods else []
+    return pytest.param(args, pods, id=name, marks=marks)
+
+
+PODS_PENDING = pytest.mark.xfail(
+    "pods" not in COLLECTORS, reason="collector pods not on main yet", strict=True
+)
+ARGS_CASES = [
+    pods_case("root-old-kubernetes", [], False),
+    pods_case("root", list(kube_version(NEWEST)), True),
+    pods_case("unprivileged", ["--values", str(CHART / "ci" / "unprivileged-values.yaml")], True),
+    pods_case("pods-off", ["--set", "unprivileged=true,pods.enabled=false"], False),
+    pods_case(
+        "config-and-web-security",
+        ["--values", str(CHART / "ci" / WEB_CI), *kube_version(NEWEST)],
+        True,
+    ),
+]
+
+
+@pytest.mark.parametrize(("args", "pods"), ARGS_CASES)
+def test_rendered_args_load_in_the_exporter(tmp_path, tls_files, args, pods):
+    """The container's arguments, with the files mounted where they point, go through what
+    the exporter does at start-up (its argument parser, then the configuration loader with
+    the collector table): the chart never passes a flag the exporter refuses."""
+    objects = render(*args)
+    root = mount_volumes(objects, tmp_path / "etc-conntrack-exporter", tls_files)
+    argv = [
+        arg.replace("/etc/conntrack-exporter/", f"{root}/") for arg in container(objects)["args"]
+    ]
+    parser = cli.build_parser()
+    try:
+        parsed = parser.parse_args(argv)
+    except SystemExit:
+        pytest.fail(f"the exporter's argument parser refuses {argv}")
+    config = load_config(parsed.config_file, cli._flag_values(parsed, parser), COLLECTORS)
+    assert config.web.listen_address == ":9371"
+    assert ("pods" in config.enabled_collectors) == pods
+    if pods:
+        assert config.path.procfs == HOST_PROC
+        # The collector's default is where the chart mounts the pod log directory.
+        assert config.collectors["pods"].options.pod_logs_path == POD_LOGS
+    else:
+        assert config.path.procfs == "/proc"
+
+
+# -- what the pods' mounts grant, in a real container runtime ---------------------------------
+
+# Run inside the container: what the exporter's process can and cannot do through the mounts.
+# argv: the pid of a process on the node running as the container's user, with SECRET in its
+# environment; a log file under the pod log directory.
+MOUNT_PROBE = r"""
+import errno, json, os, signal, sys
+victim, log = int(sys.argv[1]), sys.argv[2]
+found = {}
+def attempt(name, action):
+    try:
+        found[name] = action()
+    except OSError as exc:
+        found[name] = errno.errorcode[exc.errno]
+def opened_for_writing(path):
+    os.close(os.open(path, os.O_WRONLY))  # opened, nothing written
+    return "writable"
+def pidfd_signal():
+    fd = os.open(f"/host/proc/{victim}", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        signal.pidfd_send_signal(fd, 0)
+        return "delivered"
+    finally:
+        os.close(fd)
+status = open("/host/proc/self/status").read()
+nspid = [line.split()[1:] for line in status.splitlines() if line.startswith("NSpid:")][0]
+found["self_is_me"] = nspid[-1] == str(os.getpid()) and os.readlink("/host/proc/self") == nspid[0]
+def key(path):
+    info = os.stat(path)
+    return info.st_dev, info.st_ino
+own, nodes = key("/host/proc/self/net/sockstat"), key("/host/proc/1/net/sockstat")
+found["own_netns_is_the_nodes"] = own == nodes
+found["net_is_self_net"] = os.readlink("/host/proc/net") == "self/net"
+attempt("victim_cgroup", lambda: bool(open(f"/host/proc/{victim}/cgroup").read()))
+attempt("victim_environ", lambda: "SECRET=" in open(f"/host/proc/{victim}/environ").read())
+attempt("kill", lambda: os.kill(victim, 0) or "delivered")
+attempt("pidfd_send_signal", pidfd_signal)
+attempt("binfmt_register", lambda: opened_for_writing("/host/proc/sys/fs/binfmt_misc/register"))
+attempt("sysctl", lambda: opened_for_writing("/host/proc/sys/net/core/somaxconn"))
+attempt("pod_log_dirs", lambda: sorted(os.listdir("/var/log/pods")))
+attempt("pod_log_file", lambda: bool(open(log.replace(sys.argv[3], "/var/log/pods")).read()))
+attempt("pod_log_dir_write", lambda: opened_for_writing(log.replace(sys.argv[3], "/var/log/pods")))
+print(json.dumps(found))
+"""
+# What the host's side of the container is made of: the node's Python, read-only.
+ROOTFS_BINDS = ("/usr", "/lib", "/lib64", "/bin", "/etc")
+
+
+def oci_config(objects: tuple[dict, ...], rootfs: Path, probe: Path, argv: list[str]) -> dict:
+    """The OCI runtime configuration of the exporter's container as the kubelet and
+    containerd make it from the rendered pod: its user, capabilities and no_new_privs, the
+    namespaces the pod does not share with the node, and each hostPath mount with the options
+    containerd's CRI gives runc for a read-only one (rbind, rprivate, ro; rro when
+    recursiveReadOnly resolves to on, as it does with runc 1.1 and later)."""
+    pod, exporter = pod_spec(objects), container(objects)
+    context = exporter["securityContext"]
+    assert context["capabilities"]["drop"] == ["ALL"]
+    capabilities = [f"CAP_{name}" for name in context["capabilities"].get("add", [])]
+    mounts = [
+        {"destination": "/proc", "type": "proc", "source": "proc"},
+        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid"]},
+        *(
+            {"destination": path, "type": "bind", "source": path, "options": ["rbind", "ro"]}
+            for path in ROOTFS_BINDS
+            if Path(path).exists()
+        ),
+        {
+            "destination": "/probe.py",
+            "type": "bind",
+            "source": str(probe),
+            "options": ["bind", "ro"],
+        },
+    ]
+    for mount in pods_part(objects)[1].values():
+        assert "readOnly" not in mount  # mounts() checked it is true
+        recursive = mount.get("recursiveReadOnly") in ("Enabled", "IfPossible")
+        mounts.append(
+            {
+                "destination": mount["mountPath"],
+                "type": "bind",
+                "source": mount["hostPath"]["path"],
+                "options": ["rbind", "rprivate", "ro", *(["rro"] if recursive else [])],
+            }
+        )
+    shared = {"pid": pod.get("hostPID", False), "network": pod["hostNetwork"]}
+    namespaces = ["mount", "ipc", "uts"] + [kind for kind, host in shared.items() if not host]
+    return {
+        "ociVersion": "1.0.2",
+        "process": {
+            "user": {"uid": context["runAsUser"], "gid": context.get("runAsGroup", 0)},
+            "args": ["/usr/bin/python3", "/probe.py", *argv],
+            "cwd": "/",
+            "env": ["PATH=/usr/bin:/bin"],
+            "noNewPrivileges": context["allowPrivilegeEscalation"] is False,
+            "capabilities": {kind: capabilities for kind in ("bounding", "effective", "permitted")},
+        },
+        "root": {"path": str(rootfs), "readonly": context["readOnlyRootFilesystem"]},
+        "hostname": "exporter",
+        "mounts": mounts,
+        "linux": {
+            "namespaces": [{"type": kind} for kind in namespaces],
+            # containerd's defaults for the container's own /proc: not for /host/proc.
+            "maskedPaths": ["/proc/kcore", "/proc/keys", "/proc/timer_list"],
+            "readonlyPaths": ["/proc/sys", "/proc/sysrq-trigger"],
+        },
+    }
+
+
+@contextlib.contextmanager
+def node_process(user: int) -> Iterator[int]:
+    """A process on the node (this machine's pid namespace) running as `user`, with a secret
+    in its environment."""
+    cmd = ["env", "SECRET=hunter2", "sleep", "300"]
+    if user:
+        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *cmd]
+    process = subprocess.Popen(cmd)
+    try:
+        # Until setpriv and env have exec'd sleep: its environment is the one with the secret.
+        cmdline, deadline = Path(f"/proc/{process.pid}/cmdline"), time.monotonic() + 10
+        while not cmdline.read_bytes().startswith(b"sleep\0"):
+            assert time.monotonic() < deadline, "the node's process did not start"
+            time.sleep(0.01)
+        yield process.pid
+    finally:
+        process.kill()
+        process.wait()
+
+
+def run_in_runc(objects: tuple[dict, ...], tmp_path: Path, victim: int, log: Path) -> dict:
+    """The probe in the exporter's container as runc runs it, in a mount namespace of its own
+    where binfmt_misc is mounted beneath /proc, as on most systemd nodes (the kernel's one
+    instance: mounting it changes nothing, and only there)."""
+    rootfs, probe = tmp_path / "rootfs", tmp_path / "probe.py"
+    rootfs.mkdir(mode=0o755)
+    rootfs.chmod(0o755)
+    probe.write_text(MOUNT_PROBE)
+    probe.chmod(0o644)
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    argv = [str(victim), str(log), pods_part(objects)[1]["pod-logs"]["hostPath"]["path"]]
+    (bundle / "config.json").write_text(json.dumps(oci_config(objects, rootfs, probe, argv)))
+    script = (
+        "mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc && "
+        f'exec runc --root "{tmp_path / "runc"}" run --bundle "{bundle}" '
+        f"ct-{uuid.uuid4().hex[:12]}"
+    )
+    result = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads(result.stdout)
+
+
+def runc_unavailable_reason() -> str | None:
+    if shutil.which("runc") is None or shutil.which("unshare") is None:
+        return "needs runc and unshare (make test installs runc)"
+    if "binfmt_misc" not in Path("/proc/filesystems").read_text():
+        return "needs binfmt_misc in the kernel"
+    return None
+
+
+# (name, values, a change to the rendered pod, what the exporter's process sees). The chart's
+# two modes, and what each would see without recursiveReadOnly or with hostPID.
+MOUNT_CASES = [
+    ("root", [], None),
+    ("root-without-recursive-read-only", [], "no-recursive"),
+    ("root-with-host-pid", [], "host-pid"),
+    ("unprivileged", ["--set", "unprivileged=true"], None),
+    ("unprivileged-with-host-pid", ["--set", "unprivileged=true"], "host-pid"),
+]
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize(
+    ("values", "change"), [case[1:] for case in MOUNT_CASES], ids=[c[0] for c in MOUNT_CASES]
+)
+def test_the_pods_mounts_grant_what_the_readme_says(tmp_path, values, change):
+    """The chart's container, run by runc as the kubelet would: /host/proc/self is the
+    exporter (a procfs resolves it in the node's pid namespace, where the container's process
+    has a pid too) in the node's network namespace; every process's cgroup is readable; no
+    node process can be signalled, by pid or through a /host/proc/<pid> directory (hostPID
+    could, as the same user); nothing beneath the mounts is writable, binfmt_misc's register
+    included (it would be to root without recursiveReadOnly, which is why the chart mounts
+    /proc into the root exporter only with it). The grants the README states: as 65534 the
+    environment of the node's processes of that user; as root the pods' log files."""
+    reason = runc_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    logs = tmp_path / "pod-logs"
+    log = logs / "team-a_web-1_0c8f0b0e" / "app" / "0.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("a pod's log line\n")
+    log.chmod(0o640)  # as the runtime writes them: root's
+    for directory in (logs, log.parent.parent, log.parent):
+        directory.chmod(0o755)
+    objects = copy.deepcopy(
+        render(*values, *kube_version(NEWEST), "--set", f"pods.podLogsDir={logs}")
+    )
+    root = "unprivileged=true" not in values
+    pod = pod_spec(objects)
+    if change == "host-pid":
+        pod["hostPID"] = True
+    if change == "no-recursive":
+        for mount in container(objects)["volumeMounts"]:
+            mount.pop("recursiveReadOnly", None)
+    with node_process(0 if root else 65534) as victim:
+        found = run_in_runc(objects, tmp_path, victim, log)
+    host_pid = change == "host-pid"
+    assert found == {
+        "self_is_me": True,
+        "own_netns_is_the_nodes": True,
+        "net_is_self_net": True,
+        "victim_cgroup": True,
+        # Root with NET_ADMIN alone: not a process holding more capabilities.
+        "victim_environ": "EACCES" if root else True,
+        "kill": "delivered" if host_pid else "ESRCH",
+        "pidfd_send_signal": "delivered" if host_pid else "EINVAL",
+        "binfmt_register": ("writable" if change == "no-recursive" else "EROFS")
+        if root
+        else "EACCES",
+        "sysctl": "EROFS" if root else "EACCES",
+        "pod_log_dirs": ["team-a_web-1_0c8f0b0e"],
+        "pod_log_file": True if root else "EACCES",
+        "pod_log_dir_write": "EROFS" if root else "EACCES",
+    }
+
+
 # -- prometheus-operator objects (not in Kubernetes' schemas: checked by structure) -----------
 
 # The fields of prometheus-operator's monitoring.coreos.com/v1 Endpoint / PodMetricsEndpoint and
@@ -771,6 +1189,7 @@ ENDPOINT_FIELDS = {
     "scrapeTimeout",
     "relabelings",
     "metricRelabelings",
+    "honorLabels",
 }
 RELABEL_FIELDS = {
     "sourceLabels",
@@ -786,6 +1205,11 @@ NODE_RELABELING = {
     "targetLabel": "node",
     "action": "replace",
 }
+# The target labels prometheus-operator makes from the exporter's own pod and Service (v0.93.0,
+# pkg/prometheus/promcfg.go: generateServiceMonitorConfig, generatePodMonitorConfig), dropped
+# from the target: tests/test_chart_prometheus.py shows the effect in a real Prometheus.
+OPERATOR_TARGET_LABELS = {"namespace", "pod", "container", "service", "endpoint"}
+DROP_EXPORTER_LABELS = {"action": "labeldrop", "regex": "namespace|pod|container|service|endpoint"}
 
 
 @pytest.mark.parametrize(
@@ -817,7 +1241,8 @@ def test_monitor_structure(kind, endpoints):
     assert endpoint["port"] == "metrics"
     assert endpoint["path"] == "/metrics"
     assert endpoint["scheme"] == "http"
-    assert endpoint["relabelings"][0] == NODE_RELABELING
+    assert endpoint["honorLabels"] is True
+    assert endpoint["relabelings"][:2] == [NODE_RELABELING, DROP_EXPORTER_LABELS]
     for relabeling in endpoint["relabelings"] + endpoint.get("metricRelabelings", []):
         assert set(relabeling) <= RELABEL_FIELDS
     # The port name is one the container (and the Service) has.
@@ -830,15 +1255,43 @@ def test_service_monitor_values():
     (endpoint,) = monitor["spec"]["endpoints"]
     assert endpoint["interval"] == "15s" and endpoint["scrapeTimeout"] == "10s"
     values = load_yaml(CHART / "ci" / "monitors-values.yaml")["serviceMonitor"]
-    # The node label first, then the user's relabelings.
-    assert endpoint["relabelings"] == [NODE_RELABELING, *values["relabelings"]]
+    # The node label, the exporter's own target labels dropped, then the user's relabelings.
+    assert endpoint["relabelings"] == [
+        NODE_RELABELING,
+        DROP_EXPORTER_LABELS,
+        *values["relabelings"],
+    ]
     assert endpoint["metricRelabelings"] == values["metricRelabelings"]
 
 
-def test_monitor_without_node_label_or_relabelings():
+def test_monitor_without_node_label_or_relabelings_still_drops_the_exporters_labels():
     objects = render("--set", "serviceMonitor.enabled=true,serviceMonitor.attachNodeLabel=false")
     (endpoint,) = only(objects, "ServiceMonitor")["spec"]["endpoints"]
-    assert "relabelings" not in endpoint and "metricRelabelings" not in endpoint
+    assert endpoint["relabelings"] == [DROP_EXPORTER_LABELS]
+    assert "metricRelabelings" not in endpoint
+
+
+@pytest.mark.parametrize("args", [[], ["--set", "pods.enabled=false"]], ids=["pods", "no-pods"])
+def test_monitors_honor_labels_and_drop_the_exporters_target_labels(args):
+    """Whatever else is set, and with the pods collector off too (the series' labels do not
+    depend on it): honorLabels, and a labeldrop on the target (relabelings, which run before
+    the scrape), never on the series (metricRelabelings: there a pod's own namespace and pod
+    would go too). Prometheus anchors the regex: it drops exactly the operator's five labels,
+    not node, instance, job, the labels the operator's sharding reads, nor a pod's pod_uid."""
+    objects = render(
+        "--values", str(CHART / "ci" / "monitors-values.yaml"), *kube_version(NEWEST), *args
+    )
+    for kind, endpoints in (("ServiceMonitor", "endpoints"), ("PodMonitor", "podMetricsEndpoints")):
+        (endpoint,) = only(objects, kind)["spec"][endpoints]
+        assert endpoint["honorLabels"] is True
+        drops = [r for r in endpoint["relabelings"] if r["action"] == "labeldrop"]
+        assert drops == [DROP_EXPORTER_LABELS], kind
+        for relabeling in endpoint.get("metricRelabelings", []):
+            assert relabeling["action"] not in ("labeldrop", "labelkeep"), kind
+    regex = re.compile(DROP_EXPORTER_LABELS["regex"])
+    candidates = OPERATOR_TARGET_LABELS | {"node", "instance", "job", "pod_uid", "cgroup"}
+    candidates |= {"__address__", "__tmp_hash", "__meta_kubernetes_pod_name", "podname", "pods"}
+    assert {name for name in candidates if regex.fullmatch(name)} == OPERATOR_TARGET_LABELS
 
 
 def test_service_monitor_needs_the_service():
@@ -1066,6 +1519,24 @@ def test_notes_say_how_to_reach_the_metrics_and_which_mode(tmp_path):
     assert "http://NODE_IP:9999/metrics" in unprivileged
 
 
+def test_notes_say_whether_pods_are_collected_and_why_not(tmp_path):
+    on = render_notes(tmp_path / "a", *kube_version(NEWEST))
+    assert "Pods: on (--collector.pods), needing no capability and no hostPID" in on
+    assert "Both mounts are recursiveReadOnly: Enabled" in on
+    assert "A container runtime without recursive read-only mounts" in on
+    unprivileged = render_notes(
+        tmp_path / "b", "--set", "unprivileged=true,pods.podLogsDir=/data/pod-logs"
+    )
+    assert "Pods: on (--collector.pods)" in unprivileged
+    assert "and /data/pod-logs at /var/log/pods." in unprivileged
+    assert "recursiveReadOnly" not in unprivileged  # helm's default, 1.25: no such field
+    old = render_notes(tmp_path / "c", *kube_version(RRO_ALPHA))
+    assert "Pods: off, although pods.enabled is true: Kubernetes v1.30.0 does not" in old
+    assert "For per-pod metrics set\n  unprivileged=true" in old
+    off = render_notes(tmp_path / "d", "--set", "pods.enabled=false")
+    assert "Pods: off (pods.enabled=false)." in off
+
+
 def test_notes_say_https_and_credentials_when_on(tmp_path):
     notes = render_notes(tmp_path / "a", "--values", str(CHART / "ci" / WEB_CI))
     assert f"Web security ({WEB_DIR}/web-config.yml, from Secret {WEB_SECRET})" in notes
@@ -1074,6 +1545,7 @@ def test_notes_say_https_and_credentials_when_on(tmp_path):
     assert "curl -s --cacert ca.crt -u USER https://NODE_IP:9371/metrics" in notes
     assert "curl -s --cacert ca.crt -u USER https://127.0.0.1:9371/metrics" in notes
     assert "The serviceMonitor scrapes over https." in notes
+    assert "honorLabels, with the exporter pod's own target labels" in notes
     # The ci file sets the monitor's tlsConfig and basicAuth: no advice about them.
     assert "set serviceMonitor.tlsConfig" not in notes
     assert "set serviceMonitor.basicAuth" not in notes
@@ -1138,6 +1610,11 @@ SCHEMA_REFUSALS = [
     (["--set-string", "webConfig.basicAuth=yes"], "webConfig.basicAuth: Invalid type"),
     (["--set", "serviceMonitor.scheme=ftp"], "serviceMonitor.scheme must be one of"),
     (["--set-json", "podMonitor.tlsConfig=[1]"], "podMonitor.tlsConfig: Invalid type"),
+    (["--set-string", "pods.enabled=yes"], "pods.enabled: Invalid type"),
+    (["--set", "pods.enabld=false"], "Additional property enabld"),
+    (["--set", "pods.podLogsDir=var/log/pods"], "pods.podLogsDir: Does not match pattern"),
+    # Not the node's whole file system.
+    (["--set", "pods.podLogsDir=/"], "pods.podLogsDir: Does not match pattern"),
 ]
 
 
@@ -1638,10 +2115,13 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def mount_volumes(objects: tuple[dict, ...], root: Path, tls_files: Path) -> Path:
     """Write each volume's files where the container mounts them, /etc/conntrack-exporter
     becoming `root`, as the kubelet would; returns `root`. Paths inside the files are
-    rewritten the same way."""
+    rewritten the same way. The node's own directories (hostPath: the pods collector's) are
+    left where they are."""
     prefix = "/etc/conntrack-exporter"
     secrets = {obj["metadata"]["name"]: obj["data"] for obj in of_kind(objects, "Secret")}
     for volume in mounts(objects).values():
+        if "hostPath" in volume:
+            continue
         assert volume["mountPath"].startswith(prefix + "/")
         target = root / volume["mountPath"].removeprefix(prefix + "/")
         target.mkdir(parents=True)

@@ -58,6 +58,43 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
 {{/*
+The pods collector, as YAML: enabled (the flags and the hostPath mounts are rendered) and
+recursiveReadOnly (the mounts' value, empty for none). Off, whatever pods.enabled says, as root
+on a Kubernetes older than 1.31 (NOTES.txt says so).
+
+Its mounts are read-only; recursiveReadOnly makes them so beneath too (submounts of the host's
+/proc such as /proc/sys/fs/binfmt_misc, whose register file the root user may write without any
+capability). Kubernetes has the field from 1.30 and turns it on by default from 1.31. As root
+(the default mode) the host's /proc is mounted only there, with Enabled: a runtime that cannot
+do it fails the pod rather than mount it writable beneath. As user 65534 (unprivileged) no
+root-owned file is writable anyway: IfPossible, where the field exists.
+*/}}
+{{- define "conntrack-exporter.pods" -}}
+{{- $recursive := semverCompare ">=1.31-0" .Capabilities.KubeVersion.Version }}
+{{- if not .Values.pods.enabled }}
+enabled: false
+{{- else if .Values.unprivileged }}
+enabled: true
+recursiveReadOnly: {{ ternary "IfPossible" "" $recursive | quote }}
+{{- else if $recursive }}
+enabled: true
+recursiveReadOnly: Enabled
+{{- else }}
+enabled: false
+{{- end }}
+{{- end }}
+
+{{/* Where the host's /proc is mounted, and passed as --path.procfs. */}}
+{{- define "conntrack-exporter.hostProcDir" -}}
+/host/proc
+{{- end }}
+
+{{/* Where the kubelet's pod log directory is mounted: the pods collector's default. */}}
+{{- define "conntrack-exporter.podLogsDir" -}}
+/var/log/pods
+{{- end }}
+
+{{/*
 Where the volumes are mounted: side by side under /etc/conntrack-exporter, never one inside
 another (a mount point inside a read-only ConfigMap or Secret volume leans on the kubelet
 creating it).
@@ -67,19 +104,32 @@ creating it).
 {{- end }}
 
 {{/*
-The relabelings of a ServiceMonitor endpoint or a PodMonitor podMetricsEndpoint: the node label
-first, then the user's. Argument: serviceMonitor or podMonitor values.
+The target labels prometheus-operator gives every target from the exporter's own pod and Service
+(namespace, pod, container, service, endpoint), which the monitors drop: with honorLabels a
+pod's series keep the namespace and pod they carry, and the host's series, which carry none,
+would otherwise get the exporter pod's.
+*/}}
+{{- define "conntrack-exporter.exporterTargetLabels" -}}
+namespace|pod|container|service|endpoint
+{{- end }}
+
+{{/*
+The relabelings of a ServiceMonitor endpoint or a PodMonitor podMetricsEndpoint (which run
+after the operator's own): the node label, the exporter's own target labels dropped, then the
+user's (the __meta_kubernetes_* labels are still there for them). A labeldrop here, on the
+target, not in metricRelabelings: there the exporter's labels would already have been merged
+into the series, and a pod's own namespace and pod would be dropped with them. Argument:
+serviceMonitor or podMonitor values.
 */}}
 {{- define "conntrack-exporter.relabelings" -}}
 {{- $relabelings := list }}
 {{- if .attachNodeLabel }}
 {{- $relabelings = append $relabelings (dict "sourceLabels" (list "__meta_kubernetes_pod_node_name") "targetLabel" "node" "action" "replace") }}
 {{- end }}
+{{- $relabelings = append $relabelings (dict "action" "labeldrop" "regex" (include "conntrack-exporter.exporterTargetLabels" .)) }}
 {{- $relabelings = concat $relabelings .relabelings }}
-{{- if $relabelings }}
 relabelings:
   {{- toYaml $relabelings | nindent 2 }}
-{{- end }}
 {{- with .metricRelabelings }}
 metricRelabelings:
   {{- toYaml . | nindent 2 }}
