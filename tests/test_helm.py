@@ -897,15 +897,9 @@ def test_pod_logs_dir_moves_the_host_side_only():
 
 
 def pods_case(name: str, args: list[str], pods: bool) -> Any:
-    # Until the collector lands the exporter refuses --collector.pods: remove this marker then
-    # (strict: it fails as soon as the collector is there and the case passes).
-    marks = [PODS_PENDING] if pods else []
-    return pytest.param(args, pods, id=name, marks=marks)
+    return pytest.param(args, pods, id=name)
 
 
-PODS_PENDING = pytest.mark.xfail(
-    "pods" not in COLLECTORS, reason="collector pods not on main yet", strict=True
-)
 ARGS_CASES = [
     pods_case("root-old-kubernetes", [], False),
     pods_case("root", list(kube_version(NEWEST)), True),
