@@ -72,34 +72,10 @@ RECORDING_RULES = {
     if "record" in rule
 }
 FILTERS = ('job=~"$job"', 'instance=~"$instance"', 'node=~"$node"')
-# Pods' network namespaces (the `pods` collector) report these under the host's names, with
-# `namespace` and `pod`, `pod_uid` or `cgroup`; the host's series have none of those labels.
-REPORTED_BY_PODS = {
-    "conntrack_entries",
-    "socket_inuse",
-    "socket_allocated",
-    "socket_tcp_timewait",
-    "socket_listen_overflows_total",
-    "socket_listen_drops_total",
-    "socket_tcp_memory_pressures_total",
-    "socket_tcp_aborts_on_memory_total",
-    "socket_tcp_timewait_overflows_total",
-    "socket_udp_receive_buffer_errors_total",
-    "socket_udp_send_buffer_errors_total",
-    "socket_udp_in_errors_total",
-    "socket_udp_memory_errors_total",
-}
 HOST_MATCHERS = ('pod=""', 'pod_uid=""', 'cgroup=""')
 POD_LABELS = ("namespace", "pod", "pod_uid", "cgroup")
 # The pods collector's health metrics as issue 12 names them, until its golden file exists
 # (written concurrently): read only while no golden file has a conntrack_exporter_pod_* name.
-POD_COLLECTOR_HEALTH = {
-    "conntrack_exporter_pod_namespaces",
-    "conntrack_exporter_pod_namespaces_skipped",
-    "conntrack_exporter_pod_discovery_duration_seconds",
-    "conntrack_exporter_pod_discovery_timestamp_seconds",
-    "conntrack_exporter_pod_discovery_errors_total",
-}
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
@@ -116,15 +92,7 @@ def golden_metric_names() -> set[str]:
                 names.add(line.split()[2])
             elif line and not line.startswith("#"):
                 names.add(re.split(r"[{ ]", line, maxsplit=1)[0])
-    if not any(name.startswith("conntrack_exporter_pod_") for name in names):
-        names |= POD_COLLECTOR_HEALTH
     return names
-
-
-def reported_by_pods(name: str) -> bool:
-    return (
-        name in REPORTED_BY_PODS or re.fullmatch(r"conntrack_stat_[a-z_]+_total", name) is not None
-    )
 
 
 def metric_names(expr: str) -> list[str]:
@@ -344,7 +312,7 @@ def test_host_panels_select_the_hosts_series(dashboard):
         if title in generate.POD_PANELS[name]:
             continue
         for metric in set(metric_names(expr)):
-            if not reported_by_pods(metric):
+            if not generate.reported_by_pods(metric):
                 continue
             for matchers in selectors(expr, metric):
                 missing = [m for m in HOST_MATCHERS if m not in matchers]
@@ -364,9 +332,7 @@ def test_pod_metric_lists_cover_the_pods_collector():
                 per_pod.add(re.split(r"[{ ]", line, maxsplit=1)[0])
     if not per_pod:
         pytest.skip("no golden file of the pods collector yet")
-    assert {name for name in per_pod if not reported_by_pods(name)} == set()
     assert {name for name in per_pod if not generate.reported_by_pods(name)} == set()
-    assert {*REPORTED_BY_PODS} == set(generate.REPORTED_BY_PODS)
 
 
 def test_pod_panels_rank_pods_and_leave_the_host_out(dashboard):
@@ -380,7 +346,7 @@ def test_pod_panels_rank_pods_and_leave_the_host_out(dashboard):
         if title not in generate.POD_PANELS[name]:
             continue
         for metric in set(metric_names(expr)):
-            if not reported_by_pods(metric):
+            if not generate.reported_by_pods(metric):
                 continue
             found = selectors(expr, metric)
             assert len(found) == 2 and " unless " in expr, (title, expr)

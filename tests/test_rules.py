@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.dashboards import generate
+
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "grafana" / "rules" / "conntrack-exporter.rules.yml"
 RUNBOOKS = ROOT / "grafana" / "runbooks.md"
@@ -19,13 +21,6 @@ RULE_TESTS = sorted((ROOT / "tests" / "rules").glob("*.yml"))
 GOLDEN = sorted((ROOT / "tests" / "golden").glob("*.prom"))
 # The pods collector's health metrics as issue 12 names them, until its golden file exists
 # (written concurrently): read only while no golden file has a conntrack_exporter_pod_* sample.
-POD_COLLECTOR_HEALTH = {
-    "conntrack_exporter_pod_namespaces",
-    "conntrack_exporter_pod_namespaces_skipped",
-    "conntrack_exporter_pod_discovery_duration_seconds",
-    "conntrack_exporter_pod_discovery_timestamp_seconds",
-    "conntrack_exporter_pod_discovery_errors_total",
-}
 
 RUNBOOK_BASE = (
     "https://github.com/conntrack-exporter/conntrack-exporter/blob/main/grafana/runbooks.md#"
@@ -52,23 +47,6 @@ METRIC_NAME = re.compile(r"(?<![\w:])(?:conntrack|socket)_[a-z_]+(?![\w:])")
 STRING_LITERAL = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'')
 COUNTER_WINDOW = re.compile(r"\b(?:rate|increase)\([^()\[]*\[(\d+[smh])\]")
 PROMTOOL_TIMEOUT = 120
-# Pods' network namespaces (the `pods` collector) report these under the host's names, with
-# `namespace` and `pod`, `pod_uid` or `cgroup`; the host's series carry none of those labels.
-REPORTED_BY_PODS = {
-    "conntrack_entries",
-    "socket_inuse",
-    "socket_allocated",
-    "socket_tcp_timewait",
-    "socket_listen_overflows_total",
-    "socket_listen_drops_total",
-    "socket_tcp_memory_pressures_total",
-    "socket_tcp_aborts_on_memory_total",
-    "socket_tcp_timewait_overflows_total",
-    "socket_udp_receive_buffer_errors_total",
-    "socket_udp_send_buffer_errors_total",
-    "socket_udp_in_errors_total",
-    "socket_udp_memory_errors_total",
-}
 POD_LABELS = ("pod", "pod_uid", "cgroup")
 HOST_MATCHERS = tuple(f'{label}=""' for label in POD_LABELS)
 POD_SERIES = re.compile(r'\b(?:pod|pod_uid|cgroup)="[^"]+"')
@@ -102,19 +80,11 @@ def exported_metrics() -> set[str]:
         for line in path.read_text().splitlines():
             if line and not line.startswith("#"):
                 names.add(re.split(r"[{ ]", line, maxsplit=1)[0])
-    if not any(name.startswith("conntrack_exporter_pod_") for name in names):
-        names |= POD_COLLECTOR_HEALTH
     return names
 
 
 def metrics_in(expr: str) -> set[str]:
     return set(METRIC_NAME.findall(STRING_LITERAL.sub('""', expr)))
-
-
-def reported_by_pods(name: str) -> bool:
-    return (
-        name in REPORTED_BY_PODS or re.fullmatch(r"conntrack_stat_[a-z_]+_total", name) is not None
-    )
 
 
 def selectors_of(expr: str, name: str) -> list[str]:
@@ -132,7 +102,7 @@ def pod_metrics_read(rule: dict) -> set[str]:
     recorded = {record["record"]: record["expr"] for record in rules_of("record")}
     exprs = [rule["expr"]]
     exprs += [recorded[name] for name in RECORDING_NAME.findall(rule["expr"]) if name in recorded]
-    return {name for expr in exprs for name in metrics_in(expr) if reported_by_pods(name)}
+    return {name for expr in exprs for name in metrics_in(expr) if generate.reported_by_pods(name)}
 
 
 def runbook_sections() -> list[str]:
@@ -249,7 +219,7 @@ def test_host_rules_select_the_hosts_series():
     checked = 0
     for rule in host_rules:
         for name in metrics_in(rule["expr"]):
-            if not reported_by_pods(name):
+            if not generate.reported_by_pods(name):
                 continue
             for matchers in selectors_of(rule["expr"], name):
                 missing = [m for m in HOST_MATCHERS if m not in matchers]
@@ -268,7 +238,7 @@ def test_pod_rules_leave_the_hosts_series_out():
         name = rule.get("alert") or rule["record"]
         expr = " ".join(rule["expr"].split())
         for metric in metrics_in(expr):
-            if not reported_by_pods(metric):
+            if not generate.reported_by_pods(metric):
                 continue
             bare = re.search(rf"(\w+\()?{metric}(\[\w+\])?\)? unless", expr)
             assert bare, f"{name}: {metric} without `unless` the host's series"
@@ -287,16 +257,16 @@ def test_pod_metric_list_covers_the_pods_collector():
                 per_pod.add(re.split(r"[{ ]", line, maxsplit=1)[0])
     if not per_pod:
         pytest.skip("no golden file of the pods collector yet")
-    assert {name for name in per_pod if not reported_by_pods(name)} == set()
+    assert {name for name in per_pod if not generate.reported_by_pods(name)} == set()
 
 
 def test_selector_and_pod_metric_helpers():
     expr = 'sum(increase(a_total{pod="", cgroup="}"}[5m])) / a_total / a_totals'
     assert selectors_of(expr, "a_total") == ['{pod="", cgroup=""}', ""]
-    assert reported_by_pods("conntrack_stat_insert_failed_total")
-    assert reported_by_pods("socket_inuse")
-    assert not reported_by_pods("conntrack_entries_limit")
-    assert not reported_by_pods("conntrack_stat_total")
+    assert generate.reported_by_pods("conntrack_stat_insert_failed_total")
+    assert generate.reported_by_pods("socket_inuse")
+    assert not generate.reported_by_pods("conntrack_entries_limit")
+    assert not generate.reported_by_pods("conntrack_stat_total")
 
 
 def test_metric_name_extraction():

@@ -17,6 +17,7 @@ this file by path, e.g. with importlib.util.spec_from_file_location.
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -124,8 +125,9 @@ CRITICAL_RATIO = 0.9
 
 def reported_by_pods(metric: str) -> bool:
     """Whether pods' network namespaces report `metric` too (every conntrack_stat_*_total)."""
-    return metric in REPORTED_BY_PODS or (
-        metric.startswith("conntrack_stat_") and metric.endswith("_total")
+    return (
+        metric in REPORTED_BY_PODS
+        or re.fullmatch(r"conntrack_stat_[a-z_]+_total", metric) is not None
     )
 
 
