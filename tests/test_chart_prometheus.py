@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import re
-import subprocess
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,10 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from conntrack_exporter import __version__
-from tests.test_e2e_prometheus import PROMETHEUS, PROMETHEUS_PORT, Prometheus
+from tests.test_e2e_prometheus import PROMETHEUS, Prometheus
 from tests.test_helm import (
     DROP_EXPORTER_LABELS,
     FULLNAME,
@@ -376,32 +374,8 @@ def serving(netns, ports: list[int]) -> Iterator[None]:
         pool.shutdown()
 
 
-class ChartPrometheus(Prometheus):
-    """test_e2e_prometheus' Prometheus (its API from inside the namespace, readiness, waits and
-    close) with scrape configurations of our own and no rules."""
-
-    def __init__(self, netns, workdir: Path, scrape_configs: list[dict]) -> None:
-        config_file = workdir / "prometheus.yml"
-        config_file.write_text(
-            yaml.safe_dump({"global": {"scrape_interval": "1s"}, "scrape_configs": scrape_configs})
-        )
-        self.process = subprocess.Popen(
-            [
-                *("ip", "netns", "exec", netns.name, PROMETHEUS),
-                f"--config.file={config_file}",
-                f"--storage.tsdb.path={workdir / 'data'}",
-                f"--web.listen-address=127.0.0.1:{PROMETHEUS_PORT}",
-                "--log.level=warn",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self._pool = netns.thread_pool()
-
-
 @pytest.fixture
-def prometheus(netns, tmp_path) -> Iterator[ChartPrometheus]:
+def prometheus(netns, tmp_path) -> Iterator[Prometheus]:
     """Prometheus scraping the exposition through the chart's monitors and the variants."""
     if not Path(PROMETHEUS).exists():
         pytest.skip(f"needs {PROMETHEUS} (make test installs the prometheus package)")
@@ -436,7 +410,8 @@ def prometheus(netns, tmp_path) -> Iterator[ChartPrometheus]:
         config["job_name"] = f"{config['job_name']}/{job}"
         config["scrape_interval"] = config["scrape_timeout"] = "1s"
     with serving(netns, list(JOBS.values())):
-        server = ChartPrometheus(netns, tmp_path, list(configs.values()))
+        config = {"global": {"scrape_interval": "1s"}, "scrape_configs": list(configs.values())}
+        server = Prometheus(netns, tmp_path, config)
         try:
             server.wait_until("Prometheus to be ready", server.is_ready)
             server.wait_until(

@@ -73,25 +73,27 @@ def substitute(expr: str) -> str:
     return expr
 
 
-class Prometheus:
-    """A real Prometheus in the namespace, and its HTTP API seen from inside it."""
+def exporter_config(rules: Path) -> dict:
+    """Prometheus' configuration: the exporter scraped and the rules evaluated every second."""
+    return {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(rules)],
+        "scrape_configs": [
+            {
+                "job_name": "conntrack-exporter",
+                "static_configs": [
+                    {"targets": [f"127.0.0.1:{EXPORTER_PORT}"], "labels": {"node": "e2e-node"}}
+                ],
+            }
+        ],
+    }
 
-    def __init__(self, netns, workdir: Path, rules: Path) -> None:
-        config = {
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "rule_files": [str(rules)],
-            "scrape_configs": [
-                {
-                    "job_name": "conntrack-exporter",
-                    "static_configs": [
-                        {
-                            "targets": [f"127.0.0.1:{EXPORTER_PORT}"],
-                            "labels": {"node": "e2e-node"},
-                        }
-                    ],
-                }
-            ],
-        }
+
+class Prometheus:
+    """A real Prometheus in the namespace with the configuration given, and its HTTP API
+    seen from inside the namespace."""
+
+    def __init__(self, netns, workdir: Path, config: dict) -> None:
         config_file = workdir / "prometheus.yml"
         config_file.write_text(yaml.safe_dump(config))
         self.process = subprocess.Popen(
@@ -193,7 +195,7 @@ def stack(netns, tmp_path) -> Iterator[tuple]:
             if "for" in rule:
                 rule["for"] = "0s"
     rules.write_text(yaml.safe_dump({"groups": groups}))
-    prometheus = Prometheus(netns, tmp_path, rules)
+    prometheus = Prometheus(netns, tmp_path, exporter_config(rules))
     try:
         netns.udp_flows(50)
         holder = netns.hold_tcp_connections(HELD_CONNECTIONS)
