@@ -7,13 +7,14 @@ really destroyed (the kernel deletes the host end with it).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import textwrap
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -49,8 +50,9 @@ class Pod:
         )
 
     def stop(self) -> None:
-        self.process.kill()
-        self.process.wait(timeout=10)
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
 
 
 @pytest.fixture
@@ -157,18 +159,31 @@ def test_the_files_read_the_namespaces_own_counters(pods):
     assert host_after == host_before
 
 
-def own_fds_into(pid: int) -> list[str]:
+def fds_into(pid: int, holder: int | str = "self") -> list[str]:
+    """What process `holder` has open of process `pid`'s /proc files."""
     links = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            links.append(os.readlink(f"/proc/self/fd/{fd}"))
-        except FileNotFoundError:
-            continue
+    for fd in os.listdir(f"/proc/{holder}/fd"):
+        with contextlib.suppress(FileNotFoundError):  # an fd closed while we look
+            links.append(os.readlink(f"/proc/{holder}/fd/{fd}"))
     return [link for link in links if link.startswith(f"/proc/{pid}/")]
 
 
-def link_exists(name: str) -> bool:
-    return Path(f"/sys/class/net/{name}").exists()
+@contextlib.contextmanager
+def namespace_witness(pid: int) -> Iterator[Callable[[], bool]]:
+    """A veth pair with one end in `pid`'s network namespace; yields whether the host's end
+    is there, which is whether that namespace still exists (the kernel deletes the pair with
+    it)."""
+    host_end = f"vh{uuid.uuid4().hex[:10]}"
+    subprocess.run(
+        ["ip", "link", "add", host_end, "type", "veth", "peer", "name", "eth0", "netns", str(pid)],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    try:
+        yield Path(f"/sys/class/net/{host_end}").exists
+    finally:
+        subprocess.run(["ip", "link", "del", host_end], capture_output=True, timeout=30)
 
 
 def test_a_gone_pods_namespace_is_dropped_and_really_freed(pods):
@@ -177,35 +192,26 @@ def test_a_gone_pods_namespace_is_dropped_and_really_freed(pods):
     the namespace (the host end stays); the next pass closes them and the kernel destroys
     the namespace (the host end goes)."""
     gone = pods[0]
-    host_end = f"vh{uuid.uuid4().hex[:10]}"
-    subprocess.run(
-        ["ip", "link", "add", host_end, "type", "veth", "peer", "name", "eth0", "netns",
-         str(gone.pid)],
-        check=True, capture_output=True, timeout=30,
-    )  # fmt: skip
     table = NamespaceTable(PROC)
-    try:
+    with namespace_witness(gone.pid) as namespace_exists, contextlib.closing(table):
         own = namespace_key(PROC, "self")
         table.update(discover(PROC, exclude=own))
-        assert gone.key in table.files and own_fds_into(gone.pid)
+        assert gone.key in table.files and fds_into(gone.pid)
         gone.stop()
         time.sleep(1)  # namespace clean-up is asynchronous: give it time to go, wrongly
-        assert link_exists(host_end), "the namespace went while our fds held it"
+        assert namespace_exists(), "the namespace went while our fds held it"
         assert table.files[gone.key].read("net/sockstat")  # still reads the dead namespace
 
         namespaces = discover(PROC, exclude=own)
         assert gone.key not in {namespace.key for namespace in namespaces}
         table.update(namespaces)
         assert gone.key not in table.files
-        assert own_fds_into(gone.pid) == []
+        assert fds_into(gone.pid) == []
         assert {pods[1].key, pods[2].key} <= table.files.keys()
         deadline = time.monotonic() + 20
-        while link_exists(host_end):
+        while namespace_exists():
             assert time.monotonic() < deadline, "the namespace was not freed"
             time.sleep(0.1)
-    finally:
-        table.close()
-        subprocess.run(["ip", "link", "del", host_end], capture_output=True, timeout=30)
 
 
 def test_files_are_not_kept_through_a_pid_of_another_namespace(pods):
@@ -221,4 +227,4 @@ def test_files_are_not_kept_through_a_pid_of_another_namespace(pods):
         assert files.read("net/sockstat")  # through the namespace's next pid
     finally:
         files.close()
-    assert own_fds_into(elsewhere) == [] and own_fds_into(pods[0].pid) == []
+    assert fds_into(elsewhere) == [] and fds_into(pods[0].pid) == []

@@ -18,22 +18,19 @@ import sys
 import textwrap
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from conntrack_exporter.netns import namespace_key
-from conntrack_exporter.procfs import ProcFS
 from tests.metrics import parse_samples
-from tests.test_kernel_netns import OVERFLOW, link_exists
+from tests.test_kernel_netns import OVERFLOW, Pod, fds_into, namespace_witness
 from tests.test_reload import Exporter
 
 pytestmark = pytest.mark.kernel
 CGROUP2 = Path("/sys/fs/cgroup/unified")
 NOBODY = "65534"
-PROC = ProcFS("/proc")
 
 UDP_FLOOD = """
 import socket
@@ -62,14 +59,8 @@ class SimulatedPod:
 
     def start(self, pod_logs: Path, made: list[Path]) -> None:
         """Start the pod; the cgroup directories it makes are added to `made`."""
-        self.process = subprocess.Popen(["unshare", "-n", "sleep", "600"])
-        self.pid = self.process.pid
-        deadline = time.monotonic() + 10
-        while namespace_key(PROC, self.pid) == namespace_key(PROC, "self"):
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        self.key = namespace_key(PROC, self.pid)
-        self.run("ip", "link", "set", "lo", "up")
+        self.netns = Pod()
+        self.pid = self.netns.pid
         scope = CGROUP2
         for part in self.cgroup_parts():
             scope = scope / part
@@ -91,22 +82,14 @@ class SimulatedPod:
         return ["kubepods", "burstable", f"pod{self.uid}", self.container]
 
     def run(self, *cmd: str) -> str:
-        return subprocess.run(
-            ["nsenter", "-t", str(self.pid), "-n", *cmd],
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        ).stdout
+        return self.netns.run(*cmd).stdout
 
     def nstat(self, counter: str) -> int:
         fields = self.run("nstat", "-asz", counter).split()
         return int(fields[fields.index(counter) + 1])
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=10)
+        self.netns.stop()
 
     def labels(self) -> dict[str, str]:
         return {"namespace": self.namespace, "pod": self.name}
@@ -258,42 +241,37 @@ def reported(samples: dict, pod: SimulatedPod) -> bool:
     return any(("pod", pod.name) in key for key in samples.get("socket_allocated", {}))
 
 
-def exporter_fds_into(pid: int, exporter_pid: int) -> list[str]:
-    links = []
-    for fd in os.listdir(f"/proc/{exporter_pid}/fd"):
-        with contextlib.suppress(FileNotFoundError):
-            links.append(os.readlink(f"/proc/{exporter_pid}/fd/{fd}"))
-    return [link for link in links if link.startswith(f"/proc/{pid}/")]
-
-
 def test_a_gone_pod_disappears_and_its_namespace_is_freed(node, scratch):
     pods, pod_logs = node
     gone = pods[2]
-    host_end = f"vh{uuid.uuid4().hex[:10]}"
-    subprocess.run(
-        ["ip", "link", "add", host_end, "type", "veth", "peer", "name", "eth0", "netns",
-         str(gone.pid)],
-        check=True, capture_output=True, timeout=30,
-    )  # fmt: skip
-    running = Exporter(config(scratch, pod_logs, interval=0.5), user=NOBODY)
-    try:
-        deadline = time.monotonic() + 20
-        while not reported(running.scrape(), gone):
-            assert time.monotonic() < deadline, "the pod never appeared"
-            time.sleep(0.2)
-        assert exporter_fds_into(gone.pid, running.process.pid)
-        gone_pid = gone.pid
-        gone.stop()
-        while reported(running.scrape(), gone):
-            assert time.monotonic() < deadline, "the gone pod's series stayed"
-            time.sleep(0.2)
-        assert exporter_fds_into(gone_pid, running.process.pid) == []
-        while link_exists(host_end):
-            assert time.monotonic() < deadline, "the gone pod's namespace was not freed"
-            time.sleep(0.1)
-        assert reported(running.scrape(), pods[0])
-    finally:
-        running.process.send_signal(signal.SIGTERM)
-        running.process.wait(timeout=10)
-        subprocess.run(["ip", "link", "del", host_end], capture_output=True, timeout=30)
+    with namespace_witness(gone.pid) as namespace_exists:
+        running = Exporter(config(scratch, pod_logs, interval=0.5), user=NOBODY)
+        try:
+            served_until_gone(running, pods, namespace_exists)
+        finally:
+            running.process.send_signal(signal.SIGTERM)
+            running.process.wait(timeout=10)
     assert running.process.returncode == 0
+
+
+def served_until_gone(
+    running: Exporter, pods: list[SimulatedPod], namespace_exists: Callable[[], bool]
+) -> None:
+    """The last pod appears; once its process is gone, its series go, the exporter holds no
+    fd into it, and its namespace is destroyed; the other pods stay."""
+    gone = pods[2]
+    deadline = time.monotonic() + 20
+    while not reported(running.scrape(), gone):
+        assert time.monotonic() < deadline, "the pod never appeared"
+        time.sleep(0.2)
+    assert fds_into(gone.pid, running.process.pid)
+    gone_pid = gone.pid
+    gone.stop()
+    while reported(running.scrape(), gone):
+        assert time.monotonic() < deadline, "the gone pod's series stayed"
+        time.sleep(0.2)
+    assert fds_into(gone_pid, running.process.pid) == []
+    while namespace_exists():
+        assert time.monotonic() < deadline, "the gone pod's namespace was not freed"
+        time.sleep(0.1)
+    assert reported(running.scrape(), pods[0])
