@@ -133,13 +133,18 @@ class NamespaceFiles:
         fd = self._fds.get(name)
         if fd is None:
             return None
-        chunks = []
-        offset = 0
-        while chunk := os.pread(fd, READ_CHUNK_BYTES, offset):
-            chunks.append(chunk)
-            offset += len(chunk)
+        # One pread takes any of these files whole (the largest, netstat, is ~4 KB): a short
+        # read is the end. Only a longer file costs the reads up to an empty one.
+        data = os.pread(fd, READ_CHUNK_BYTES, 0)
+        if len(data) == READ_CHUNK_BYTES:
+            chunks = [data]
+            offset = len(data)
+            while chunk := os.pread(fd, READ_CHUNK_BYTES, offset):
+                chunks.append(chunk)
+                offset += len(chunk)
+            data = b"".join(chunks)
         try:
-            return b"".join(chunks).decode("ascii")
+            return data.decode("ascii")
         except UnicodeDecodeError:
             raise ValueError(f"{name} of namespace {self.key}: not ASCII text") from None
 
