@@ -108,6 +108,9 @@ class PodsCollector:
         self._discovery: Discovery | None = None
         self._errors = dict.fromkeys(ERROR_REASONS, 0)
         self._logged: set[str] = set()
+        # The last conntrack stat file found all zeros: every namespace that never used
+        # conntrack has the very same text, parsed once instead of at every read.
+        self._idle_conntrack: str | None = None
 
     @property
     def interval(self) -> float:
@@ -246,11 +249,12 @@ class PodsCollector:
     ) -> list[tuple[Family, list[Sample]]]:
         """The namespace's own conntrack table, where anything in it uses conntrack (the file
         is all zeros otherwise, and absent without CONFIG_NF_CONNTRACK_PROCFS)."""
-        if text is None:
+        if text is None or text == self._idle_conntrack:
             return []
         entries = parse_nf_conntrack_entries(text)
         rows = parse_nf_conntrack_stat(text)
         if not entries and not any(any(row.values()) for row in rows):
+            self._idle_conntrack = text
             return []
         counters = self._counters.setdefault(_counter_key(target), WrappingCounters())
         with counters.lock:
