@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import ClassVar, NamedTuple
@@ -33,6 +34,7 @@ from conntrack_exporter.collectors.socket import (
     INUSE,
     TIMEWAIT,
     Family,
+    NamespaceLabels,
     counter_samples,
     inuse_samples,
 )
@@ -58,6 +60,15 @@ from conntrack_exporter.registry import Collected, CollectorContext, NoDataError
 log = logging.getLogger(__name__)
 
 ERROR_REASONS = ("procfs", "pod_logs", "parse")
+# NamespaceFiles.read_all()'s order, as _namespace_samples unpacks it.
+assert NAMESPACE_FILES == (
+    "net/sockstat",
+    "net/sockstat6",
+    "net/netstat",
+    "net/snmp",
+    "net/snmp6",
+    "net/stat/nf_conntrack",
+)
 
 
 @dataclass(frozen=True)
@@ -79,6 +90,9 @@ class Target(NamedTuple):
 
     namespace: Namespace
     labels: dict[str, str]
+    # The same, merged with each socket sample's own labels: made when the namespace is
+    # first reported, kept from pass to pass while its labels stay the same.
+    sample_labels: NamespaceLabels
 
 
 class Discovery(NamedTuple):
@@ -127,11 +141,18 @@ class PodsCollector:
             self._count("procfs", f"cannot list the namespaces in {self._procfs.root}: {exc}")
             return
         names = self._pod_names()
-        targets = [
-            Target(namespace, labels)
-            for namespace in namespaces
-            if (labels := self._labels(namespace, names)) is not None
-        ]
+        last = self._discovery
+        previous = {t.namespace.key: t for t in last.targets} if last is not None else {}
+        targets = []
+        for namespace in namespaces:
+            labels = self._labels(namespace, names)
+            if labels is None:
+                continue
+            known = previous.get(namespace.key)
+            if known is not None and known.labels == labels:
+                targets.append(Target(namespace, known.labels, known.sample_labels))
+            else:
+                targets.append(Target(namespace, labels, NamespaceLabels(labels)))
         bound = self._options.max_namespaces
         skipped = max(0, len(targets) - bound) if bound else 0
         if skipped:
@@ -208,7 +229,7 @@ class PodsCollector:
             discovery = self._discovery
             if discovery is None:
                 raise NoDataError("no pod discovery has finished yet", [self._errors_family()])
-            samples: dict[Family, list[Sample]] = {}
+            samples: defaultdict[Family, list[Sample]] = defaultdict(list)
             for target in discovery.targets:
                 files = self._table.files.get(target.namespace.key)
                 if files is not None:
@@ -217,32 +238,30 @@ class PodsCollector:
         return Collected("procfs", [*metrics, *self._health_families(discovery)])
 
     def _namespace_samples(
-        self, target: Target, files: NamespaceFiles, out: dict[Family, list[Sample]]
+        self, target: Target, files: NamespaceFiles, out: defaultdict[Family, list[Sample]]
     ) -> None:
         labels = target.labels
         try:
-            texts = {name: files.read(name) for name in NAMESPACE_FILES}
-            sockstat = parse_sockstat(texts["net/sockstat"] or "", "sockstat")
-            text6 = texts["net/sockstat6"]
+            text, text6, netstat, snmp, snmp6, conntrack_text = files.read_all()
+            sockstat = parse_sockstat(text or "", "sockstat")
             sockstat6 = None if text6 is None else parse_sockstat(text6, "sockstat6")
             counters = counter_samples(
-                (texts["net/netstat"], "netstat"),
-                (texts["net/snmp"], "snmp"),
-                (texts["net/snmp6"], "snmp6"),
-                labels,
+                (netstat, "netstat"), (snmp, "snmp"), (snmp6, "snmp6"), target.sample_labels
             )
-            conntrack = self._conntrack_samples(target, texts["net/stat/nf_conntrack"])
+            conntrack = self._conntrack_samples(target, conntrack_text)
         except ValueError as exc:  # this namespace's files; the others are served
             self._errors["parse"] += 1
             self._count_once("parse", f"{labels}: {exc}")
             return
-        out.setdefault(INUSE, []).extend(inuse_samples(sockstat, sockstat6, labels))
+        out[INUSE].extend(inuse_samples(sockstat, sockstat6, target.sample_labels))
         for family, line, key in ((ALLOCATED, "sockets", "used"), (TIMEWAIT, "TCP", "tw")):
             value = sockstat.get(line, {}).get(key)
             if value is not None:
-                out.setdefault(family, []).append(family.sample(labels, value))
-        for family, values in [*counters, *conntrack]:
-            out.setdefault(family, []).extend(values)
+                out[family].append(family.sample(labels, value))
+        for family, values in counters:
+            out[family].extend(values)
+        for family, values in conntrack:
+            out[family].extend(values)
 
     def _conntrack_samples(
         self, target: Target, text: str | None
