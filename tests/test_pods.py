@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from conntrack_exporter.collectors.pods import PodsCollector, PodsOptions
+from conntrack_exporter.procfs import ProcFS
 from conntrack_exporter.registry import NoDataError
 from tests.collectors import context, exposition
 from tests.metrics import parse_samples, value
@@ -143,3 +144,29 @@ def test_a_namespace_that_starts_using_conntrack_is_reported_at_the_next_scrape(
     assert value(samples, "conntrack_entries", **dict(DNS)) == 0x11111111
     stat.write_text(idle)
     assert set(parse_samples(exposition(collector))["conntrack_entries"]) == {WEB}
+
+
+def test_a_namespaces_pod_is_read_again_only_when_its_first_process_changes(tmp_path, monkeypatch):
+    root = tmp_path / "procfs"
+    shutil.copytree(ROOT, root, symlinks=True)
+    collector = PodsCollector(PodsOptions(pod_logs_path=str(root / "logs")), context(root))
+    reads: list[str] = []
+    read_text = ProcFS.read_text
+
+    def counted(self: ProcFS, relative: str) -> str:
+        reads.append(relative)
+        return read_text(self, relative)
+
+    monkeypatch.setattr(ProcFS, "read_text", counted)
+    collector.scan()
+    assert sorted(reads) == ["100/cgroup", "200/cgroup", "300/cgroup"]
+    reads.clear()
+    collector.scan()
+    # The pods' namespaces are known by their first process; the podman container, which
+    # names no pod, is looked at again at every pass.
+    assert reads == ["300/cgroup"]
+    shutil.rmtree(root / "100")  # the web pod's first process exits: 101 is its first now
+    reads.clear()
+    samples = scanned(collector)
+    assert sorted(reads) == ["101/cgroup", "300/cgroup"]
+    assert reported(samples) == {WEB, DNS, PODMAN}

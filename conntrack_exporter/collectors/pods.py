@@ -46,10 +46,18 @@ from conntrack_exporter.netns import (
     Namespace,
     NamespaceFiles,
     NamespaceTable,
+    NetnsKey,
     discover,
 )
 from conntrack_exporter.netns import namespace_key as key_of
-from conntrack_exporter.pod_identity import Cgroup, Pod, PodName, identify, read_pod_log_dirs
+from conntrack_exporter.pod_identity import (
+    Cgroup,
+    Pod,
+    PodName,
+    identify,
+    list_pod_log_dirs,
+    parse_pod_log_dirs,
+)
 from conntrack_exporter.procfs import (
     parse_nf_conntrack_entries,
     parse_nf_conntrack_stat,
@@ -125,6 +133,11 @@ class PodsCollector:
         # The last conntrack stat file found all zeros: every namespace that never used
         # conntrack has the very same text, parsed once instead of at every read.
         self._idle_conntrack: str | None = None
+        # Discovery's own, between passes: the pod of each namespace held open, by its key
+        # and its first process, whose cgroup named the pod (its cgroup file is not read
+        # again while both stay); the pod-log directories' names and what they name.
+        self._pod_of: dict[tuple[NetnsKey, int], Pod] = {}
+        self._log_dirs: tuple[list[str], dict[str, PodName]] = ([], {})
 
     @property
     def interval(self) -> float:
@@ -144,8 +157,18 @@ class PodsCollector:
         last = self._discovery
         previous = {t.namespace.key: t for t in last.targets} if last is not None else {}
         targets = []
+        pod_of: dict[tuple[NetnsKey, int], Pod] = {}
         for namespace in namespaces:
-            labels = self._labels(namespace, names)
+            first = (namespace.key, namespace.pids[0])
+            pod = self._pod_of.get(first)
+            if pod is not None:
+                identity: Pod | Cgroup | None = pod
+                pod_of[first] = pod
+            else:
+                identity, by_first = self._identity(namespace)
+                if by_first and isinstance(identity, Pod):
+                    pod_of[first] = identity
+            labels = self._labels(identity, names)
             if labels is None:
                 continue
             known = previous.get(namespace.key)
@@ -160,20 +183,28 @@ class PodsCollector:
         kept = targets[: len(targets) - skipped]
         with self._lock:
             self._table.update(target.namespace for target in kept)
-            opened = [target for target in kept if target.namespace.key in self._table.files]
+            files = self._table.files
+            opened = [target for target in kept if target.namespace.key in files]
             self._forget_counters(opened)
             self._discovery = Discovery(opened, skipped, time.monotonic() - started, time.time())
+            # Only namespaces our fds hold: their keys cannot name another namespace meanwhile.
+            self._pod_of = {first: pod for first, pod in pod_of.items() if first[0] in files}
 
     def _pod_names(self) -> dict[str, PodName]:
         try:
-            return read_pod_log_dirs(self._options.pod_logs_path)
+            listing = list_pod_log_dirs(self._options.pod_logs_path)
         except OSError as exc:
             self._count("pod_logs", f"cannot read {self._options.pod_logs_path}: {exc}")
             return {}
+        # Parsed again only when the directory lists other names than at the last pass.
+        if listing != self._log_dirs[0]:
+            self._log_dirs = (listing, parse_pod_log_dirs(listing))
+        return self._log_dirs[1]
 
-    def _labels(self, namespace: Namespace, names: dict[str, PodName]) -> dict[str, str] | None:
-        """Whose the namespace is, as labels; None when the options leave it out."""
-        identity = self._identity(namespace)
+    def _labels(
+        self, identity: Pod | Cgroup | None, names: dict[str, PodName]
+    ) -> dict[str, str] | None:
+        """Whose a namespace is, as labels; None when the options leave it out."""
         if isinstance(identity, Pod):
             name = names.get(identity.uid)
             if name is None:
@@ -184,8 +215,9 @@ class PodsCollector:
             labels = {"cgroup": identity.path if identity is not None else "/"}
         return labels if self._wanted(labels.get("namespace")) else None
 
-    def _identity(self, namespace: Namespace) -> Pod | Cgroup | None:
-        """The pod of the first process that names one; else the first process's cgroup."""
+    def _identity(self, namespace: Namespace) -> tuple[Pod | Cgroup | None, bool]:
+        """The pod of the first process that names one; else the first process's cgroup.
+        And whether that is the namespace's first process's own."""
         first: Pod | Cgroup | None = None
         for pid in namespace.pids:
             try:
@@ -197,9 +229,9 @@ class PodsCollector:
                 self._count("parse", str(exc))
                 continue
             if isinstance(identity, Pod):
-                return identity
+                return identity, pid == namespace.pids[0]
             first = first or identity
-        return first
+        return first, False
 
     def _wanted(self, kubernetes_namespace: str | None) -> bool:
         include, exclude = self._options.include_namespaces, self._options.exclude_namespaces
@@ -208,7 +240,9 @@ class PodsCollector:
         return kubernetes_namespace not in exclude
 
     def _forget_counters(self, targets: Iterable[Target]) -> None:
-        live = {_counter_key(target) for target in targets}
+        # The keys of namespaces with conntrack counters only: most have none.
+        counted = {key[0] for key in self._counters}
+        live = {_counter_key(target) for target in targets if target.namespace.key in counted}
         for key in [key for key in self._counters if key not in live]:
             del self._counters[key]
 
