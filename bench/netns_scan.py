@@ -453,6 +453,7 @@ def measure_main(args: argparse.Namespace) -> dict:
         "rss_after_exporter_kib": common.status_kib("VmRSS"),
         "hwm_after_exporter_kib": common.status_kib("VmHWM"),
         "uid": os.getuid(),
+        "package": str(Path(sys.modules["conntrack_exporter"].__file__ or "?").parent),
     }
     if args.cprofile:
         out["profile"] = _profile(collector.collect, PROFILE_SCRAPES)
@@ -554,6 +555,7 @@ def report(args: argparse.Namespace, info: dict, results: dict[int, dict]) -> No
         f"size: {args.scans} discovery passes and {args.scrapes} scrapes, each beside its floor "
         f"in turn, then {args.exporter_scrapes} whole-exporter scrapes",
         "built in: " + ", ".join(f"{s}: {info['build_seconds'][s]:.1f} s" for s in sizes),
+        f"the collector measured: {rs[0]['package']}",
         "",
         _row("pods (namespaces made)", [str(s) for s in sizes]),
         _row("namespaces the collector reads", [str(r["namespaces"]) for r in rs]),
