@@ -19,15 +19,23 @@ time.thread_time() of its one thread around each call (getrusage(RUSAGE_THREAD) 
 user/sys split):
 
 - discovery: PodsCollector.scan(), the first pass (which opens every namespace's six files),
-  then --scans more, what each interval costs; per pass and per 1000 processes on the node;
-- scrape: PodsCollector.collect(), per scrape and per namespace;
-- the kernel floor: one os.pread at offset 0 of each of the six files of every namespace on
-  the collector's own open fds, the bytes thrown away: what reading them costs at the least.
-  collect() and the floor alternate, --scrapes calls each per round, for --rounds rounds;
+  then --scans more, what each interval costs; per pass and per 1000 processes on the node.
+  Its floor, measured beside it: the listing of /proc and a stat of each process's
+  net/sockstat (the namespace's key), nothing kept;
+- scrape: PodsCollector.collect(), --scrapes times, per scrape and per namespace. Its floor,
+  the kernel's: one os.pread at offset 0 of each of the six files of every namespace on the
+  collector's own open fds, the bytes thrown away: what reading them costs at the least;
+- each call of ours and one of its floor's alternate (in turn which goes first), so that the
+  machine's ups and downs fall on both alike;
 - RSS: VmRSS before the collector is made, VmRSS and VmHWM (the high-water mark reset first)
   after the discovery passes and the scrapes: the target's growth is the peak's;
 - the whole exporter's scrape: generate_latest over an ExporterCollector that holds the
   collector (the text format, what a Prometheus text/plain scrape encodes), per scrape.
+
+The pods are idle but for the conntrack flows made at the start: their files' numbers are
+mostly zeros, which changes what the kernel and the parsers do little (the same lines, the
+same number of fields), and nothing is cached by a file's text but an all-zero conntrack
+file, which every namespace without conntrack has.
 
 The node is undone in `finally`, on Ctrl-C and SIGTERM too: every process killed and reaped,
 the cgroups removed deepest first once empty, the pod-log directory removed; the last line
@@ -80,6 +88,7 @@ FLOWS = (
 BATCH = 50  # pods started together (each step waits for the whole batch)
 SETUP_TIMEOUT = 30.0
 PROFILE_ROWS = 15
+PROFILE_SCRAPES = 20
 READ_BYTES = 65536  # procfs.READ_CHUNK_BYTES: one pread takes any of the six files whole
 # Issue 12's targets, at 250 namespaces.
 TARGET_SIZE = 250
@@ -303,27 +312,25 @@ def _processes() -> int:
 
 
 class Timings:
-    """Per-call CPU (thread_time) of one thing measured, and its rounds' user and sys."""
+    """Per-call CPU (thread_time) of one thing measured, and its calls' user and sys."""
 
     def __init__(self) -> None:
         self.calls: list[float] = []
         self.user = 0.0
         self.sys = 0.0
 
-    def run(self, fn, times: int) -> None:
-        clock = time.thread_time
-        calls = self.calls
+    def call(self, fn) -> float:
         user0, sys0 = _thread_usage()
-        for _ in range(times):
-            started = clock()
-            fn()
-            calls.append(clock() - started)
+        started = time.thread_time()
+        fn()
+        spent = time.thread_time() - started
         user1, sys1 = _thread_usage()
+        self.calls.append(spent)
         self.user += user1 - user0
         self.sys += sys1 - sys0
+        return spent
 
     def result(self) -> dict:
-        total = sum(self.calls)
         return {
             "median": statistics.median(self.calls),
             "min": min(self.calls),
@@ -331,8 +338,22 @@ class Timings:
             "calls": len(self.calls),
             # The split of the whole CPU time between user and kernel, from getrusage.
             "sys_share": self.sys / (self.user + self.sys) if self.user + self.sys else 0.0,
-            "total": total,
         }
+
+
+def alternate(ours: Timings, fn, floor: Timings, floor_fn, times: int) -> list[float]:
+    """`times` calls of each, one of ours then one of the floor's (in turn which goes first),
+    so that the machine's ups and downs fall on both alike; the ratio of each pair."""
+    ratios = []
+    for i in range(times):
+        if i % 2:
+            spent_floor = floor.call(floor_fn)
+            spent = ours.call(fn)
+        else:
+            spent = ours.call(fn)
+            spent_floor = floor.call(floor_fn)
+        ratios.append(spent / spent_floor)
+    return ratios
 
 
 def measure_main(args: argparse.Namespace) -> dict:
@@ -360,10 +381,7 @@ def measure_main(args: argparse.Namespace) -> dict:
     )
     processes = [_processes()]
     first = Timings()
-    first.run(collector.scan, 1)
-    scans = Timings()
-    scans.run(collector.scan, args.scans)
-    processes.append(_processes())
+    first.call(collector.scan)
 
     discovery = collector._discovery
     assert discovery is not None
@@ -372,12 +390,28 @@ def measure_main(args: argparse.Namespace) -> dict:
     files = collector._table.files
     # The floor reads the very fds the collector reads, of the namespaces it reports.
     fd_groups = [list(files[t.namespace.key]._fds.values()) for t in targets]
-    pread = os.pread
+    pread, stat = os.pread, os.stat
+    proc = os.open("/proc", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
     def floor() -> None:
         for fds in fd_groups:
             for fd in fds:
                 pread(fd, READ_BYTES, 0)
+
+    def discovery_floor() -> None:
+        # What finding every process's namespace costs at the least: the listing of /proc
+        # and the stat of each process's net/sockstat, its namespace's key, nothing kept.
+        with os.scandir(proc) as entries:
+            for entry in entries:
+                name = entry.name
+                if name.isdigit():
+                    with contextlib.suppress(OSError):
+                        stat(name + "/" + KEY_FILE, dir_fd=proc)
+
+    scans, scans_floor = Timings(), Timings()
+    scan_ratios = alternate(scans, collector.scan, scans_floor, discovery_floor, args.scans)
+    processes.append(_processes())
+    os.close(proc)
 
     samples = 0
     conntrack_namespaces = set()
@@ -387,17 +421,15 @@ def measure_main(args: argparse.Namespace) -> dict:
             conntrack_namespaces.update(tuple(sorted(s.labels.items())) for s in metric.samples)
 
     scrape, kernel = Timings(), Timings()
-    jobs = [("scrape", scrape, collector.collect), ("floor", kernel, floor)]
-    for i in range(args.rounds):
-        for _name, timings, fn in common.rotated(jobs, i):
-            timings.run(fn, args.scrapes)
+    scrape_ratios = alternate(scrape, collector.collect, kernel, floor, args.scrapes)
     rss_after = common.status_kib("VmRSS")
     hwm_after = common.status_kib("VmHWM")
 
     exporter = ExporterCollector(CollectorSet([collector]))
     body = generate_latest(exporter)
     whole = Timings()
-    whole.run(lambda: generate_latest(exporter), args.exporter_scrapes)
+    for _ in range(args.exporter_scrapes):
+        whole.call(lambda: generate_latest(exporter))
     out = {
         "namespaces": len(targets),
         "named": named,
@@ -406,8 +438,11 @@ def measure_main(args: argparse.Namespace) -> dict:
         "processes": statistics.mean(processes),
         "first_scan": first.result(),
         "scan": scans.result(),
+        "scan_floor": scans_floor.result(),
+        "scan_ratio": statistics.median(scan_ratios),
         "scrape": scrape.result(),
         "floor": kernel.result(),
+        "scrape_ratio": statistics.median(scrape_ratios),
         "exporter": whole.result(),
         "samples": samples,
         "body_bytes": len(body),
@@ -418,9 +453,10 @@ def measure_main(args: argparse.Namespace) -> dict:
         "rss_after_exporter_kib": common.status_kib("VmRSS"),
         "hwm_after_exporter_kib": common.status_kib("VmHWM"),
         "uid": os.getuid(),
+        "package": str(Path(sys.modules["conntrack_exporter"].__file__ or "?").parent),
     }
     if args.cprofile:
-        out["profile"] = _profile(collector.collect, args.scrapes)
+        out["profile"] = _profile(collector.collect, PROFILE_SCRAPES)
     collector.close()
     return out
 
@@ -462,7 +498,7 @@ def measure(node: Node, args: argparse.Namespace, profile: bool) -> dict:
         "measure",
         "--pod-logs",
         str(node.pod_logs),
-        *("--scans", str(args.scans), "--rounds", str(args.rounds)),
+        *("--scans", str(args.scans)),
         *("--scrapes", str(args.scrapes), "--exporter-scrapes", str(args.exporter_scrapes)),
     ]
     if profile:
@@ -495,8 +531,8 @@ def per_namespace(r: dict, what: str, stat: str = "median") -> float:
     return r[what][stat] / r["namespaces"]
 
 
-def per_1000(r: dict, stat: str = "median") -> float:
-    return r["scan"][stat] / r["processes"] * 1000
+def per_1000(r: dict, what: str = "scan") -> float:
+    return r[what]["median"] / r["processes"] * 1000
 
 
 def ratio(r: dict) -> float:
@@ -516,9 +552,10 @@ def report(args: argparse.Namespace, info: dict, results: dict[int, dict]) -> No
         f"{info['load_after']}",
         f"a simulated node: {args.per_namespace} processes a namespace, conntrack in use in "
         f"every {args.conntrack_every}th; measured as uid {rs[0]['uid']}, one fresh process per "
-        f"size: {args.scans} discovery passes, {args.rounds} rounds of {args.scrapes} scrapes "
-        f"and {args.scrapes} floor reads, {args.exporter_scrapes} whole-exporter scrapes",
+        f"size: {args.scans} discovery passes and {args.scrapes} scrapes, each beside its floor "
+        f"in turn, then {args.exporter_scrapes} whole-exporter scrapes",
         "built in: " + ", ".join(f"{s}: {info['build_seconds'][s]:.1f} s" for s in sizes),
+        f"the collector measured: {rs[0]['package']}",
         "",
         _row("pods (namespaces made)", [str(s) for s in sizes]),
         _row("namespaces the collector reads", [str(r["namespaces"]) for r in rs]),
@@ -536,6 +573,16 @@ def report(args: argparse.Namespace, info: dict, results: dict[int, dict]) -> No
         ),
         _row("  per 1000 processes", [_ms(per_1000(r)) for r in rs]),
         _row("  kernel's share (sys)", [f"{r['scan']['sys_share']:.0%}" for r in rs]),
+        _row(
+            "discovery floor: scandir, a stat a process",
+            [_ms(r["scan_floor"]["median"]) for r in rs],
+        ),
+        _row("  per 1000 processes", [_ms(per_1000(r, "scan_floor")) for r in rs]),
+        _row("  kernel's share (sys)", [f"{r['scan_floor']['sys_share']:.0%}" for r in rs]),
+        _row(
+            "ratio discovery / floor (medians)",
+            [f"{r['scan']['median'] / r['scan_floor']['median']:.2f}" for r in rs],
+        ),
         "",
         _row("scrape: collect() CPU (median)", [_ms(r["scrape"]["median"]) for r in rs]),
         _row(
@@ -550,6 +597,7 @@ def report(args: argparse.Namespace, info: dict, results: dict[int, dict]) -> No
         _row("  per namespace", [_us(per_namespace(r, "floor")) for r in rs]),
         _row("  kernel's share (sys)", [f"{r['floor']['sys_share']:.0%}" for r in rs]),
         _row("ratio collect / floor (medians)", [f"{ratio(r):.2f}" for r in rs]),
+        _row("  median of the pairs' ratios", [f"{r['scrape_ratio']:.2f}" for r in rs]),
         _row(
             "  ratio of minima",
             [f"{r['scrape']['min'] / r['floor']['min']:.2f}" for r in rs],
@@ -602,7 +650,8 @@ def report(args: argparse.Namespace, info: dict, results: dict[int, dict]) -> No
             f"{_us(per_namespace(target, 'floor'))} a namespace): "
             f"{verdict[ratio(target) <= TARGET_RATIO]}",
             f"  discovery <= {TARGET_DISCOVERY_MS_PER_1000:g} ms per 1000 processes: "
-            f"{per_1000(target) * 1e3:.2f} ms: "
+            f"{per_1000(target) * 1e3:.2f} ms (its floor, a stat a process: "
+            f"{per_1000(target, 'scan_floor') * 1e3:.2f} ms): "
             f"{verdict[per_1000(target) * 1e3 <= TARGET_DISCOVERY_MS_PER_1000]}",
             f"  RSS growth <= 5 MB: peak {growth_kib(target) * 1024 / 1e6:.2f} MB: "
             f"{verdict[growth_kib(target) * 1024 <= TARGET_RSS_BYTES]}",
@@ -638,9 +687,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--conntrack-every", type=int, default=5, help="every Nth namespace uses conntrack (5)"
     )
-    parser.add_argument("--scans", type=int, default=30, help="discovery passes measured (30)")
-    parser.add_argument("--rounds", type=int, default=5, help="rounds of scrapes and floors (5)")
-    parser.add_argument("--scrapes", type=int, default=20, help="collect() calls a round (20)")
+    parser.add_argument(
+        "--scans", type=int, default=40, help="discovery passes measured, and floors (40)"
+    )
+    parser.add_argument(
+        "--scrapes", type=int, default=100, help="collect() calls measured, and floors (100)"
+    )
     parser.add_argument(
         "--exporter-scrapes", type=int, default=10, help="whole-exporter scrapes (10)"
     )
@@ -719,10 +771,11 @@ def main() -> int:
         kubepods = kubepods_anywhere()
         processes = len(node.processes) if node is not None else 0
         cgroups = len(node.cgroups) if node is not None else 0
+        found = f"{len(kubepods)}, " + ", ".join(kubepods[:3]) if kubepods else "nothing"
         common.log(
             f"cleanup: {processes} processes killed and reaped, {cgroups} cgroup directories "
             f"removed, pod logs removed; left: {left + remaining or 'nothing'}; "
-            f"find /sys/fs/cgroup -name '*kubepods*': {kubepods or 'nothing'}"
+            f"find /sys/fs/cgroup -name '*kubepods*': {found}"
         )
     if interrupted:
         common.log("interrupted; the node was undone")

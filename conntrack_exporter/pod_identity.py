@@ -233,16 +233,20 @@ def parse_pod_log_dirs(names: Iterable[str]) -> dict[str, PodName]:
 
 
 def read_pod_log_dirs(root: str = "/var/log/pods") -> dict[str, PodName]:
-    """parse_pod_log_dirs over the directories in `root`.
+    """parse_pod_log_dirs over the directories in `root` (list_pod_log_dirs)."""
+    return parse_pod_log_dirs(list_pod_log_dirs(root))
 
-    A missing root is {}: the exporter may run outside Kubernetes, or on a node whose
+
+def list_pod_log_dirs(root: str = "/var/log/pods") -> list[str]:
+    """The names of the directories in `root`, in the order the directory lists them.
+
+    A missing root is []: the exporter may run outside Kubernetes, or on a node whose
     kubelet logs elsewhere. Any other OSError (permission denied) is the caller's to report.
     Entries are not followed through symlinks: the kubelet makes real directories, and
     os.scandir then answers from the directory listing alone, without a stat per entry.
     """
     try:
         with os.scandir(root) as entries:
-            names = [entry.name for entry in entries if entry.is_dir(follow_symlinks=False)]
+            return [entry.name for entry in entries if entry.is_dir(follow_symlinks=False)]
     except FileNotFoundError:
-        return {}
-    return parse_pod_log_dirs(names)
+        return []

@@ -131,29 +131,39 @@ def parse_nf_conntrack_stat(text: str) -> list[dict[str, int]]:
     lines = text.splitlines()
     if not lines:
         raise ValueError("nf_conntrack stat file is empty")
-    header = lines[0].split()
-    if not header or any(not name.replace("_", "").isalnum() for name in header):
-        raise ValueError(f"nf_conntrack stat header is not a list of names: {lines[0]!r}")
+    cached = _nf_conntrack_headers.get(lines[0])
+    if cached is None:
+        header = lines[0].split()
+        if not header or any(not name.replace("_", "").isalnum() for name in header):
+            raise ValueError(f"nf_conntrack stat header is not a list of names: {lines[0]!r}")
+        columns = [
+            (NF_CONNTRACK_STAT_ALIASES.get(name, name), position)
+            for position, name in enumerate(header)
+            if name not in NF_CONNTRACK_STAT_GAUGES
+        ]
+        cached = (len(header), columns)
+        if len(_nf_conntrack_headers) >= 64:  # only a fuzzer sees that many headers
+            _nf_conntrack_headers.clear()
+        _nf_conntrack_headers[lines[0]] = cached
+    width, columns = cached
     rows = []
     for number, line in enumerate(lines[1:], start=2):
         fields = line.split()
-        if len(fields) != len(header):
+        if len(fields) != width:
             raise ValueError(
-                f"nf_conntrack stat line {number} has {len(fields)} fields, "
-                f"the header {len(header)}"
+                f"nf_conntrack stat line {number} has {len(fields)} fields, the header {width}"
             )
         # int(x, 16) alone would also take "-1", "0x10" and "1_0": none is a kernel counter.
-        if not all(HEX_DIGITS.issuperset(field) for field in fields):
+        if not HEX_DIGITS.issuperset("".join(fields)):
             raise ValueError(f"nf_conntrack stat line {number} is not hexadecimal: {line!r}")
-        values = [int(field, 16) for field in fields]
-        rows.append(
-            {
-                NF_CONNTRACK_STAT_ALIASES.get(name, name): value
-                for name, value in zip(header, values, strict=True)
-                if name not in NF_CONNTRACK_STAT_GAUGES
-            }
-        )
+        rows.append({name: int(fields[position], 16) for name, position in columns})
     return rows
+
+
+# header line -> (its width, its per-CPU counters as (name, position)). Every read has the
+# same header (a pods scrape reads a file a namespace): it is checked and mapped once. A dict
+# item is replaced atomically, so threads may share this.
+_nf_conntrack_headers: dict[str, tuple[int, list[tuple[str, int]]]] = {}
 
 
 def parse_nf_conntrack_entries(text: str) -> int:
@@ -228,10 +238,12 @@ def parse_sockstat(text: str, source: str = "sockstat") -> dict[str, dict[str, i
         # A name and at least one pair: an even count means a key without its value.
         if len(fields) < 3 or len(fields) % 2 == 0 or not fields[0].endswith(":"):
             raise ValueError(f"{source}: not a 'NAME: key value ...' line: {line!r}")
+        # Keys and values taken in turn from one iterator, by zip, map and dict in C: a pods
+        # scrape parses two of these files a namespace.
+        values = iter(fields)
+        name = next(values)
         try:
-            pools[fields[0][:-1]] = {
-                key: int(value) for key, value in zip(fields[1::2], fields[2::2], strict=True)
-            }
+            pools[name[:-1]] = dict(zip(values, map(int, values)))  # noqa: B905 (an even count)
         except ValueError:
             raise ValueError(f"{source}: a value is not an integer: {line!r}") from None
     return pools

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
 from conntrack_exporter.collectors.pods import PodsCollector, PodsOptions
+from conntrack_exporter.procfs import ProcFS
 from conntrack_exporter.registry import NoDataError
 from tests.collectors import context, exposition
 from tests.metrics import parse_samples, value
@@ -107,3 +109,64 @@ def test_close_closes_every_namespaces_files():
     assert open_fds() > before  # the namespaces' files, held open between scrapes
     collector.close()
     assert open_fds() == before
+
+
+def test_a_pods_name_found_later_labels_every_series_from_the_next_pass(tmp_path):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    collector = PodsCollector(PodsOptions(pod_logs_path=str(logs)), context(ROOT))
+    web_uid = (("pod_uid", "0f9b2c4e-5d6a-4e7b-8c9d-0a1b2c3d4e5f"),)
+    assert web_uid in reported(scanned(collector))
+    shutil.copytree(ROOT / "logs", logs, dirs_exist_ok=True)
+    samples = scanned(collector)
+    assert reported(samples) == {WEB, DNS, PODMAN}
+    # The samples with labels of their own too (socket_inuse's family and protocol, the UDP
+    # counters' family) carry the new names, and nothing carries the uid any more.
+    for name in ("socket_inuse", "socket_udp_in_errors_total"):
+        web = [dict(key) for key in samples[name] if set(WEB) <= set(key)]
+        assert web and all("family" in labels for labels in web), name
+    assert not [key for series in samples.values() for key in series if "pod_uid" in dict(key)]
+
+
+def test_a_namespace_that_starts_using_conntrack_is_reported_at_the_next_scrape(tmp_path):
+    # A copy of the tree, so that the DNS pod's all-zero stat file can change under its fd.
+    root = tmp_path / "procfs"
+    shutil.copytree(ROOT, root, symlinks=True)
+    collector = PodsCollector(PodsOptions(pod_logs_path=str(root / "logs")), context(root))
+    stat = root / "netns" / "dns" / "stat" / "nf_conntrack"
+    idle = stat.read_text()
+    assert set(scanned(collector)["conntrack_entries"]) == {WEB}
+    assert set(parse_samples(exposition(collector))["conntrack_entries"]) == {WEB}
+    lines = idle.splitlines()
+    stat.write_text("\n".join([lines[0], *(line.replace("0", "1", 8) for line in lines[1:])]))
+    samples = parse_samples(exposition(collector))
+    assert set(samples["conntrack_entries"]) == {WEB, DNS}
+    assert value(samples, "conntrack_entries", **dict(DNS)) == 0x11111111
+    stat.write_text(idle)
+    assert set(parse_samples(exposition(collector))["conntrack_entries"]) == {WEB}
+
+
+def test_a_namespaces_pod_is_read_again_only_when_its_first_process_changes(tmp_path, monkeypatch):
+    root = tmp_path / "procfs"
+    shutil.copytree(ROOT, root, symlinks=True)
+    collector = PodsCollector(PodsOptions(pod_logs_path=str(root / "logs")), context(root))
+    reads: list[str] = []
+    read_text = ProcFS.read_text
+
+    def counted(self: ProcFS, relative: str) -> str:
+        reads.append(relative)
+        return read_text(self, relative)
+
+    monkeypatch.setattr(ProcFS, "read_text", counted)
+    collector.scan()
+    assert sorted(reads) == ["100/cgroup", "200/cgroup", "300/cgroup"]
+    reads.clear()
+    collector.scan()
+    # The pods' namespaces are known by their first process; the podman container, which
+    # names no pod, is looked at again at every pass.
+    assert reads == ["300/cgroup"]
+    shutil.rmtree(root / "100")  # the web pod's first process exits: 101 is its first now
+    reads.clear()
+    samples = scanned(collector)
+    assert sorted(reads) == ["101/cgroup", "300/cgroup"]
+    assert reported(samples) == {WEB, DNS, PODMAN}

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import ClassVar, NamedTuple
@@ -33,6 +34,7 @@ from conntrack_exporter.collectors.socket import (
     INUSE,
     TIMEWAIT,
     Family,
+    NamespaceLabels,
     counter_samples,
     inuse_samples,
 )
@@ -44,10 +46,18 @@ from conntrack_exporter.netns import (
     Namespace,
     NamespaceFiles,
     NamespaceTable,
+    NetnsKey,
     discover,
 )
 from conntrack_exporter.netns import namespace_key as key_of
-from conntrack_exporter.pod_identity import Cgroup, Pod, PodName, identify, read_pod_log_dirs
+from conntrack_exporter.pod_identity import (
+    Cgroup,
+    Pod,
+    PodName,
+    identify,
+    list_pod_log_dirs,
+    parse_pod_log_dirs,
+)
 from conntrack_exporter.procfs import (
     parse_nf_conntrack_entries,
     parse_nf_conntrack_stat,
@@ -58,6 +68,15 @@ from conntrack_exporter.registry import Collected, CollectorContext, NoDataError
 log = logging.getLogger(__name__)
 
 ERROR_REASONS = ("procfs", "pod_logs", "parse")
+# NamespaceFiles.read_all()'s order, as _namespace_samples unpacks it.
+assert NAMESPACE_FILES == (
+    "net/sockstat",
+    "net/sockstat6",
+    "net/netstat",
+    "net/snmp",
+    "net/snmp6",
+    "net/stat/nf_conntrack",
+)
 
 
 @dataclass(frozen=True)
@@ -79,6 +98,9 @@ class Target(NamedTuple):
 
     namespace: Namespace
     labels: dict[str, str]
+    # The same, merged with each socket sample's own labels: made when the namespace is
+    # first reported, kept from pass to pass while its labels stay the same.
+    sample_labels: NamespaceLabels
 
 
 class Discovery(NamedTuple):
@@ -108,6 +130,14 @@ class PodsCollector:
         self._discovery: Discovery | None = None
         self._errors = dict.fromkeys(ERROR_REASONS, 0)
         self._logged: set[str] = set()
+        # The last conntrack stat file found all zeros: every namespace that never used
+        # conntrack has the very same text, parsed once instead of at every read.
+        self._idle_conntrack: str | None = None
+        # Discovery's own, between passes: the pod of each namespace held open, by its key
+        # and its first process, whose cgroup named the pod (its cgroup file is not read
+        # again while both stay); the pod-log directories' names and what they name.
+        self._pod_of: dict[tuple[NetnsKey, int], Pod] = {}
+        self._log_dirs: tuple[list[str], dict[str, PodName]] = ([], {})
 
     @property
     def interval(self) -> float:
@@ -124,11 +154,28 @@ class PodsCollector:
             self._count("procfs", f"cannot list the namespaces in {self._procfs.root}: {exc}")
             return
         names = self._pod_names()
-        targets = [
-            Target(namespace, labels)
-            for namespace in namespaces
-            if (labels := self._labels(namespace, names)) is not None
-        ]
+        last = self._discovery
+        previous = {t.namespace.key: t for t in last.targets} if last is not None else {}
+        targets = []
+        pod_of: dict[tuple[NetnsKey, int], Pod] = {}
+        for namespace in namespaces:
+            first = (namespace.key, namespace.pids[0])
+            pod = self._pod_of.get(first)
+            if pod is not None:
+                identity: Pod | Cgroup | None = pod
+                pod_of[first] = pod
+            else:
+                identity, by_first = self._identity(namespace)
+                if by_first and isinstance(identity, Pod):
+                    pod_of[first] = identity
+            labels = self._labels(identity, names)
+            if labels is None:
+                continue
+            known = previous.get(namespace.key)
+            if known is not None and known.labels == labels:
+                targets.append(Target(namespace, known.labels, known.sample_labels))
+            else:
+                targets.append(Target(namespace, labels, NamespaceLabels(labels)))
         bound = self._options.max_namespaces
         skipped = max(0, len(targets) - bound) if bound else 0
         if skipped:
@@ -136,20 +183,28 @@ class PodsCollector:
         kept = targets[: len(targets) - skipped]
         with self._lock:
             self._table.update(target.namespace for target in kept)
-            opened = [target for target in kept if target.namespace.key in self._table.files]
+            files = self._table.files
+            opened = [target for target in kept if target.namespace.key in files]
             self._forget_counters(opened)
             self._discovery = Discovery(opened, skipped, time.monotonic() - started, time.time())
+            # Only namespaces our fds hold: their keys cannot name another namespace meanwhile.
+            self._pod_of = {first: pod for first, pod in pod_of.items() if first[0] in files}
 
     def _pod_names(self) -> dict[str, PodName]:
         try:
-            return read_pod_log_dirs(self._options.pod_logs_path)
+            listing = list_pod_log_dirs(self._options.pod_logs_path)
         except OSError as exc:
             self._count("pod_logs", f"cannot read {self._options.pod_logs_path}: {exc}")
             return {}
+        # Parsed again only when the directory lists other names than at the last pass.
+        if listing != self._log_dirs[0]:
+            self._log_dirs = (listing, parse_pod_log_dirs(listing))
+        return self._log_dirs[1]
 
-    def _labels(self, namespace: Namespace, names: dict[str, PodName]) -> dict[str, str] | None:
-        """Whose the namespace is, as labels; None when the options leave it out."""
-        identity = self._identity(namespace)
+    def _labels(
+        self, identity: Pod | Cgroup | None, names: dict[str, PodName]
+    ) -> dict[str, str] | None:
+        """Whose a namespace is, as labels; None when the options leave it out."""
         if isinstance(identity, Pod):
             name = names.get(identity.uid)
             if name is None:
@@ -160,8 +215,9 @@ class PodsCollector:
             labels = {"cgroup": identity.path if identity is not None else "/"}
         return labels if self._wanted(labels.get("namespace")) else None
 
-    def _identity(self, namespace: Namespace) -> Pod | Cgroup | None:
-        """The pod of the first process that names one; else the first process's cgroup."""
+    def _identity(self, namespace: Namespace) -> tuple[Pod | Cgroup | None, bool]:
+        """The pod of the first process that names one; else the first process's cgroup.
+        And whether that is the namespace's first process's own."""
         first: Pod | Cgroup | None = None
         for pid in namespace.pids:
             try:
@@ -173,9 +229,9 @@ class PodsCollector:
                 self._count("parse", str(exc))
                 continue
             if isinstance(identity, Pod):
-                return identity
+                return identity, pid == namespace.pids[0]
             first = first or identity
-        return first
+        return first, False
 
     def _wanted(self, kubernetes_namespace: str | None) -> bool:
         include, exclude = self._options.include_namespaces, self._options.exclude_namespaces
@@ -184,7 +240,9 @@ class PodsCollector:
         return kubernetes_namespace not in exclude
 
     def _forget_counters(self, targets: Iterable[Target]) -> None:
-        live = {_counter_key(target) for target in targets}
+        # The keys of namespaces with conntrack counters only: most have none.
+        counted = {key[0] for key in self._counters}
+        live = {_counter_key(target) for target in targets if target.namespace.key in counted}
         for key in [key for key in self._counters if key not in live]:
             del self._counters[key]
 
@@ -205,7 +263,7 @@ class PodsCollector:
             discovery = self._discovery
             if discovery is None:
                 raise NoDataError("no pod discovery has finished yet", [self._errors_family()])
-            samples: dict[Family, list[Sample]] = {}
+            samples: defaultdict[Family, list[Sample]] = defaultdict(list)
             for target in discovery.targets:
                 files = self._table.files.get(target.namespace.key)
                 if files is not None:
@@ -214,43 +272,42 @@ class PodsCollector:
         return Collected("procfs", [*metrics, *self._health_families(discovery)])
 
     def _namespace_samples(
-        self, target: Target, files: NamespaceFiles, out: dict[Family, list[Sample]]
+        self, target: Target, files: NamespaceFiles, out: defaultdict[Family, list[Sample]]
     ) -> None:
         labels = target.labels
         try:
-            texts = {name: files.read(name) for name in NAMESPACE_FILES}
-            sockstat = parse_sockstat(texts["net/sockstat"] or "", "sockstat")
-            text6 = texts["net/sockstat6"]
+            text, text6, netstat, snmp, snmp6, conntrack_text = files.read_all()
+            sockstat = parse_sockstat(text or "", "sockstat")
             sockstat6 = None if text6 is None else parse_sockstat(text6, "sockstat6")
             counters = counter_samples(
-                (texts["net/netstat"], "netstat"),
-                (texts["net/snmp"], "snmp"),
-                (texts["net/snmp6"], "snmp6"),
-                labels,
+                (netstat, "netstat"), (snmp, "snmp"), (snmp6, "snmp6"), target.sample_labels
             )
-            conntrack = self._conntrack_samples(target, texts["net/stat/nf_conntrack"])
+            conntrack = self._conntrack_samples(target, conntrack_text)
         except ValueError as exc:  # this namespace's files; the others are served
             self._errors["parse"] += 1
             self._count_once("parse", f"{labels}: {exc}")
             return
-        out.setdefault(INUSE, []).extend(inuse_samples(sockstat, sockstat6, labels))
+        out[INUSE].extend(inuse_samples(sockstat, sockstat6, target.sample_labels))
         for family, line, key in ((ALLOCATED, "sockets", "used"), (TIMEWAIT, "TCP", "tw")):
             value = sockstat.get(line, {}).get(key)
             if value is not None:
-                out.setdefault(family, []).append(family.sample(labels, value))
-        for family, values in [*counters, *conntrack]:
-            out.setdefault(family, []).extend(values)
+                out[family].append(family.sample(labels, value))
+        for family, values in counters:
+            out[family].extend(values)
+        for family, values in conntrack:
+            out[family].extend(values)
 
     def _conntrack_samples(
         self, target: Target, text: str | None
     ) -> list[tuple[Family, list[Sample]]]:
         """The namespace's own conntrack table, where anything in it uses conntrack (the file
         is all zeros otherwise, and absent without CONFIG_NF_CONNTRACK_PROCFS)."""
-        if text is None:
+        if text is None or text == self._idle_conntrack:
             return []
         entries = parse_nf_conntrack_entries(text)
         rows = parse_nf_conntrack_stat(text)
         if not entries and not any(any(row.values()) for row in rows):
+            self._idle_conntrack = text
             return []
         counters = self._counters.setdefault(_counter_key(target), WrappingCounters())
         with counters.lock:

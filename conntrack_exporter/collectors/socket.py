@@ -72,10 +72,16 @@ class Family:
         return metric
 
     def sample(self, labels: dict[str, str], value: float) -> Sample:
-        return Sample(self.sample_name, labels, value)
+        # Sample(name, labels, value), made by tuple.__new__: the named tuple's own __new__
+        # is Python code that fills in the defaults, the dearer half of a sample's cost.
+        return _new_tuple(Sample, (self.sample_name, labels, value, *_SAMPLE_DEFAULTS))
 
 
 _new_metric = Metric.__new__
+_new_tuple = tuple.__new__
+# The fields after name, labels and value (timestamp, exemplar, ...: as many as this
+# prometheus_client has), at their defaults.
+_SAMPLE_DEFAULTS = tuple(Sample._field_defaults[name] for name in Sample._fields[3:])
 NO_LABELS: dict[str, str] = {}
 
 
@@ -210,6 +216,11 @@ UDP_COUNTERS = {
     ),
 }
 UDP6_COLUMNS = ["Udp6" + column for column in UDP_COUNTERS]
+# (snmp's column, snmp6's, family), in exposition order.
+_UDP_COLUMNS = [
+    (column, column6, family)
+    for (column, family), column6 in zip(UDP_COUNTERS.items(), UDP6_COLUMNS, strict=True)
+]
 IPV4 = {"family": "ipv4"}
 IPV6 = {"family": "ipv6"}
 FILE_HANDLES = _gauge(
@@ -285,7 +296,7 @@ class SocketCollector:
         sockstat = parse_sockstat(self._sockstat.read_text(), self._sockstat.path)
         text6 = _read_optional(self._sockstat6)
         sockstat6 = None if text6 is None else parse_sockstat(text6, self._sockstat6.path)
-        _add(out, INUSE, inuse_samples(sockstat, sockstat6, NO_LABELS))
+        _add(out, INUSE, inuse_samples(sockstat, sockstat6, HOST_LABELS))
 
         _add_value(out, ALLOCATED, sockstat.get("sockets", {}).get("used"))
         tcp = sockstat.get("TCP", {})
@@ -319,7 +330,7 @@ class SocketCollector:
             (_read_optional(file), file.path) for file in (self._netstat, self._snmp, self._snmp6)
         ]
         netstat, snmp, snmp6 = texts
-        for family, samples in counter_samples(netstat, snmp, snmp6, NO_LABELS):
+        for family, samples in counter_samples(netstat, snmp, snmp6, HOST_LABELS):
             _add(out, family, samples)
 
     def _file_families(self, out: list[Metric]) -> None:
@@ -352,22 +363,43 @@ class SocketCollector:
 
 
 # The parts of a network namespace's sockstat, netstat, snmp and snmp6 that are its own, as
-# samples labelled `labels` besides their own: the host's (no labels) here, each pod's in
-# collectors/pods.py. The rest of those files is host-wide.
+# samples labelled with the namespace's labels besides their own: the host's (no labels)
+# here, each pod's in collectors/pods.py. The rest of those files is host-wide.
+
+
+class NamespaceLabels:
+    """The labels of one namespace's samples: `labels` on each (a pod's; none for the host's),
+    merged with each sample's own (address family, protocol) once, not at every scrape. The
+    samples of every scrape share these dicts: nothing downstream writes to a sample."""
+
+    __slots__ = ("inuse", "ipv4", "ipv6", "labels")
+
+    def __init__(self, labels: dict[str, str]) -> None:
+        self.labels = labels
+        # socket_inuse's pools, (sockstat line, labels): IPv4's, then IPv6's.
+        self.inuse = tuple(
+            [(line, _labelled(labels, pool)) for family, line, pool in INUSE_POOLS if family == f]
+            for f in ("ipv4", "ipv6")
+        )
+        self.ipv4 = _labelled(labels, IPV4)
+        self.ipv6 = _labelled(labels, IPV6)
 
 
 def inuse_samples(
     sockstat: dict[str, dict[str, int]],
     sockstat6: dict[str, dict[str, int]] | None,
-    labels: dict[str, str],
+    labels: NamespaceLabels,
 ) -> list[Sample]:
     """socket_inuse's samples from parsed sockstat and sockstat6 (None: no IPv6)."""
-    by_family = {"ipv4": sockstat, "ipv6": sockstat6 or {}}
     samples = []
-    for family, line, pool in INUSE_POOLS:
-        value = by_family[family].get(line, {}).get("inuse")
-        if value is not None:
-            samples.append(INUSE.sample(_labelled(labels, pool), value))
+    ipv4, ipv6 = labels.inuse
+    for pools, parsed in ((ipv4, sockstat), (ipv6, sockstat6)):
+        if not parsed:
+            continue
+        for line, pool_labels in pools:
+            counts = parsed.get(line)
+            if counts is not None and (value := counts.get("inuse")) is not None:
+                samples.append(INUSE.sample(pool_labels, value))
     return samples
 
 
@@ -375,27 +407,28 @@ Text = tuple[str | None, str]  # a file's text (None: absent on this kernel) and
 
 
 def counter_samples(
-    netstat: Text, snmp: Text, snmp6: Text, labels: dict[str, str]
+    netstat: Text, snmp: Text, snmp6: Text, labels: NamespaceLabels
 ) -> list[tuple[Family, list[Sample]]]:
     """The counters that say a pool ran out (listen queues, TCP memory, TIME_WAIT, UDP
     buffers), each family with its samples, in exposition order; a counter this kernel lacks
     has none."""
     out: list[tuple[Family, list[Sample]]] = []
     text, source = netstat
-    tcpext = {} if text is None else parse_snmp_table(text, "TcpExt", TCPEXT_COUNTERS, source)
+    tcpext = None if text is None else parse_snmp_table(text, "TcpExt", TCPEXT_COUNTERS, source)
+    own = labels.labels
     for column, family in TCPEXT_COUNTERS.items():
-        value = (tcpext or {}).get(column)
-        out.append((family, [] if value is None else [family.sample(labels, value)]))
+        value = None if tcpext is None else tcpext.get(column)
+        out.append((family, [] if value is None else [family.sample(own, value)]))
     text, source = snmp
     udp = {} if text is None else parse_snmp_table(text, "Udp", UDP_COUNTERS, source) or {}
     text, source = snmp6
     udp6 = {} if text is None else parse_snmp6_values(text, UDP6_COLUMNS, source)
-    for column, family in UDP_COUNTERS.items():
+    for column, column6, family in _UDP_COLUMNS:
         samples = []
         if column in udp:
-            samples.append(family.sample(_labelled(labels, IPV4), udp[column]))
-        if "Udp6" + column in udp6:
-            samples.append(family.sample(_labelled(labels, IPV6), udp6["Udp6" + column]))
+            samples.append(family.sample(labels.ipv4, udp[column]))
+        if column6 in udp6:
+            samples.append(family.sample(labels.ipv6, udp6[column6]))
         out.append((family, samples))
     return out
 
@@ -403,6 +436,9 @@ def counter_samples(
 def _labelled(labels: dict[str, str], own: dict[str, str]) -> dict[str, str]:
     # The host's samples share their label dicts between scrapes: no copy without labels.
     return {**labels, **own} if labels else own
+
+
+HOST_LABELS = NamespaceLabels(NO_LABELS)
 
 
 def _read_optional(file: ProcFile) -> str | None:
