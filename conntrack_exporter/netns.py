@@ -35,6 +35,18 @@ NAMESPACE_FILES = (
 _GONE = (errno.ENOENT, errno.ESRCH, errno.EINVAL)
 
 
+class NamespaceTexts(NamedTuple):
+    """A namespace's files' texts (None: absent on this kernel), field by field the files
+    of NAMESPACE_FILES."""
+
+    sockstat: str | None
+    sockstat6: str | None
+    netstat: str | None
+    snmp: str | None
+    snmp6: str | None
+    nf_conntrack: str | None
+
+
 class NetnsKey(NamedTuple):
     dev: int
     ino: int
@@ -133,13 +145,14 @@ class NamespaceFiles:
         fd = self._fds.get(name)
         return None if fd is None else self._read(fd, name)
 
-    def read_all(self) -> list[str | None]:
-        """Every file's text now, in NAMESPACE_FILES' order: read() of each, in one call."""
+    def read_all(self) -> NamespaceTexts:
+        """Every file's text now: read() of each, in one call."""
         fds = self._fds
-        return [
+        texts = [
             None if (fd := fds.get(name)) is None else self._read(fd, name)
             for name in NAMESPACE_FILES
         ]
+        return NamespaceTexts(*texts)
 
     def _read(self, fd: int, name: str) -> str:
         # One pread takes any of these files whole (the largest, netstat, is ~4 KB): a short

@@ -42,7 +42,6 @@ from conntrack_exporter.config import ABSOLUTE_PATH, NON_NEGATIVE, SECONDS
 from conntrack_exporter.counters import WrappingCounters
 from conntrack_exporter.netlink.ctnetlink import CpuStats
 from conntrack_exporter.netns import (
-    NAMESPACE_FILES,
     Namespace,
     NamespaceFiles,
     NamespaceTable,
@@ -68,15 +67,6 @@ from conntrack_exporter.registry import Collected, CollectorContext, NoDataError
 log = logging.getLogger(__name__)
 
 ERROR_REASONS = ("procfs", "pod_logs", "parse")
-# NamespaceFiles.read_all()'s order, as _namespace_samples unpacks it.
-assert NAMESPACE_FILES == (
-    "net/sockstat",
-    "net/sockstat6",
-    "net/netstat",
-    "net/snmp",
-    "net/snmp6",
-    "net/stat/nf_conntrack",
-)
 
 
 @dataclass(frozen=True)
@@ -276,13 +266,17 @@ class PodsCollector:
     ) -> None:
         labels = target.labels
         try:
-            text, text6, netstat, snmp, snmp6, conntrack_text = files.read_all()
-            sockstat = parse_sockstat(text or "", "sockstat")
+            texts = files.read_all()
+            sockstat = parse_sockstat(texts.sockstat or "", "sockstat")
+            text6 = texts.sockstat6
             sockstat6 = None if text6 is None else parse_sockstat(text6, "sockstat6")
             counters = counter_samples(
-                (netstat, "netstat"), (snmp, "snmp"), (snmp6, "snmp6"), target.sample_labels
+                (texts.netstat, "netstat"),
+                (texts.snmp, "snmp"),
+                (texts.snmp6, "snmp6"),
+                target.sample_labels,
             )
-            conntrack = self._conntrack_samples(target, conntrack_text)
+            conntrack = self._conntrack_samples(target, texts.nf_conntrack)
         except ValueError as exc:  # this namespace's files; the others are served
             self._errors["parse"] += 1
             self._count_once("parse", f"{labels}: {exc}")
