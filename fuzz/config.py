@@ -7,6 +7,7 @@ configuration (config.load_config) and the web configuration (webconfig.load_web
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import tempfile
@@ -56,6 +57,7 @@ def test_one_input(data: bytes) -> None:
         descriptor, name = tempfile.mkstemp(prefix="cte-fuzz-", suffix=".yml")
         os.close(descriptor)
         _file = Path(name)
+        atexit.register(_file.unlink, missing_ok=True)  # leave no file behind the process
     _file.write_text(text, encoding="utf-8")
     for load in LOADERS:
         with contextlib.suppress(ConfigError):
