@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import resource
 import signal
 import sys
 import threading
@@ -180,6 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return EXIT_USAGE
     setup_logging(config.log.level, config.log.format)
+    _raise_open_files_limit()
     lasting = Lasting()
     collectors = build_collectors(config, lasting)
     if args.once:
@@ -191,6 +193,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     running = Running(config, ExporterCollector(collectors), security, lasting)
     return running.serve(lambda: _load(args.config_file, flags))
+
+
+def _raise_open_files_limit() -> None:
+    """The soft limit on open files up to the hard one, as Go does for node_exporter: the pods
+    collector holds an fd per counter file of every network namespace, and a soft limit of
+    1024 (systemd's default) would stop it near 150 pods."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (OSError, ValueError) as exc:  # an unlimited hard limit is above fs.nr_open
+        log.debug("open files limit stays at %d (hard limit %d): %s", soft, hard, exc)
+    else:
+        log.debug("open files limit raised from %d to %d", soft, hard)
 
 
 def _load(file: str | None, flags: dict[str, Any]) -> tuple[Config, WebSecuritySource]:

@@ -780,6 +780,7 @@ def test_contradictory_web_config_values_fail(args, message):
 
 HOST_PROC, POD_LOGS = "/host/proc", "/var/log/pods"
 PODS_FLAGS = [f"--path.procfs={HOST_PROC}", "--collector.pods"]
+PODS_OFF_FLAGS = ["--no-collector.pods"]
 POD_VOLUMES = ("host-proc", "pod-logs")
 # The Kubernetes versions the chart tells apart for the pods' mounts: before recursiveReadOnly,
 # the field there but off by default (1.30), and on (1.31 and later).
@@ -817,8 +818,8 @@ def pods_mounts(recursive: str | None, pod_logs_dir: str = POD_LOGS) -> dict[str
 
 
 def pods_part(objects: tuple[dict, ...]) -> tuple[list[str], dict[str, dict]]:
-    """The container's pods flags and the pods' mounts (empty when off)."""
-    flags = [arg for arg in container(objects)["args"] if arg in PODS_FLAGS]
+    """The container's pods flags and the pods' mounts (none when off)."""
+    flags = [arg for arg in container(objects)["args"] if arg in PODS_FLAGS + PODS_OFF_FLAGS]
     found = {name: mount for name, mount in mounts(objects).items() if name in POD_VOLUMES}
     return flags, found
 
@@ -852,7 +853,7 @@ def test_pods_flags_and_read_only_mounts_per_mode_and_version(mode, version, rec
     flags, found = pods_part(objects)
     pod = pod_spec(objects)
     if recursive is None:
-        assert flags == [] and found == {}
+        assert flags == PODS_OFF_FLAGS and found == {}
         assert "volumes" not in pod
     else:
         assert flags == PODS_FLAGS
@@ -864,7 +865,7 @@ def test_pods_flags_and_read_only_mounts_per_mode_and_version(mode, version, rec
     context = container(objects)["securityContext"]
     assert context == (ROOT_CONTEXT if mode == "root" else UNPRIVILEGED_CONTEXT)
     off = render(*args, *kube_version(version), "--set", "pods.enabled=false")
-    assert pods_part(off) == ([], {}) and "volumes" not in pod_spec(off)
+    assert pods_part(off) == (PODS_OFF_FLAGS, {}) and "volumes" not in pod_spec(off)
     assert container(off)["securityContext"] == context
 
 

@@ -7,6 +7,7 @@ Every value is checked against what conntrack-tools (`conntrack -C`, `conntrack 
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -268,3 +269,24 @@ def test_taken_listen_address_exits_1(netns):
         blocker.communicate(timeout=5)
     assert second.returncode == 1
     assert "cannot listen" in second.stderr and "Address already in use" in second.stderr
+
+
+def test_open_files_soft_limit_is_raised_to_the_hard_one(netns):
+    """Started with systemd's soft limit below its hard one, the exporter raises it, as Go
+    programs do: the pods collector holds fds on every pod's counter files."""
+    port = free_port()
+    netns.untrack_tcp_port(port)
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", netns.name, "prlimit", "--nofile=512:8192"]
+        + [sys.executable, "-m", "conntrack_exporter", "--web.listen-address", f"127.0.0.1:{port}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_listening(netns, port, proc)
+        limits = Path(f"/proc/{proc.pid}/limits").read_text()
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=5)
+    assert re.search(r"^Max open files\s+8192\s+8192\s", limits, re.MULTILINE), limits
