@@ -31,6 +31,8 @@ NAMESPACE_FILES = (
     "net/snmp6",
     "net/stat/nf_conntrack",
 )
+# A namespace's own addresses (pod_addresses.py): read at discovery, not at scrapes.
+ADDRESS_FILES = ("net/fib_trie", "net/if_inet6")
 # A process that exits while we look, or a kernel thread's (it has no net/ of its own).
 _GONE = (errno.ENOENT, errno.ESRCH, errno.EINVAL)
 
@@ -102,7 +104,7 @@ def discover(procfs: ProcFS, exclude: NetnsKey | None = None) -> list[Namespace]
 
 
 class NamespaceFiles:
-    """The counters' files of one namespace, held open on fds that pin it.
+    """The counters' and addresses' files of one namespace, held open on fds that pin it.
 
     Opened through one of its processes, all at once, and checked: the key file's fd must
     have the namespace's key, or the pid named another namespace by then (it exited and was
@@ -131,7 +133,7 @@ class NamespaceFiles:
         raise FileNotFoundError(errno.ENOENT, "no process of the namespace is left", self.key)
 
     def _open_through(self, procfs: ProcFS, pid: int) -> None:
-        for name in NAMESPACE_FILES:
+        for name in NAMESPACE_FILES + ADDRESS_FILES:
             try:
                 self._fds[name] = os.open(procfs.path(f"{pid}/{name}"), os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:

@@ -38,6 +38,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from conntrack_exporter import __version__
 from conntrack_exporter.netlink.ctnetlink import ConntrackStatsReader, ConntrackTableReader
 from conntrack_exporter.netlink.inet_diag import SockDiagReader
+from conntrack_exporter.pod_addresses import PodAddressBook
 from conntrack_exporter.procfs import ProcFS
 from conntrack_exporter.scanner import BackgroundJob, Scanner
 
@@ -99,11 +100,14 @@ class Lasting:
 
 @dataclass(frozen=True)
 class CollectorContext:
-    """All a collector may reach the kernel through, and the state it keeps across reloads."""
+    """All a collector may reach the kernel through, the state it keeps across reloads, and
+    what one configuration's collectors share: the pods' addresses, which the pods collector
+    finds and the conntrack_table collector names pods by."""
 
     procfs: ProcFS
     readers: Readers
     lasting: Lasting = field(default_factory=Lasting)
+    pod_addresses: PodAddressBook = field(default_factory=PodAddressBook)
 
 
 class Collector(Protocol):

@@ -16,6 +16,7 @@ from prometheus_client.exposition import generate_latest
 from conntrack_exporter.netlink.core import BudgetSpent, iter_messages
 from conntrack_exporter.netlink.cttable import TableTally
 from conntrack_exporter.netlink.socket import DumpBounds, DumpResult, open_netlink
+from conntrack_exporter.pod_addresses import PodAddressBook
 from conntrack_exporter.procfs import ProcFS
 from conntrack_exporter.registry import (
     Collector,
@@ -31,15 +32,19 @@ def context(
     root: str | Path = "/proc",
     timeout: float = 1.0,
     lasting: Lasting | None = None,
+    pod_addresses: PodAddressBook | None = None,
     **readers: Callable[[], object],
 ) -> CollectorContext:
     """The context of a collector over the procfs at `root`, with the real netlink readers
     but for those given (conntrack_stats=, conntrack_table=, sock_diag= factories). A reload
-    hands the new collectors the `lasting` state of the old ones; by default it is new."""
+    hands the new collectors the `lasting` state of the old ones; by default it is new. Two
+    collectors given the same `pod_addresses` share the pods' addresses, as one
+    configuration's do."""
     return CollectorContext(
         ProcFS(str(root)),
         dataclasses.replace(Readers.netlink(timeout), **readers),
         lasting or Lasting(),
+        pod_addresses or PodAddressBook(),
     )
 
 

@@ -184,3 +184,47 @@ def test_golden_table_exposition_from_a_captured_dump(case, tmp_path):
         got = pattern.sub(replacement, got)
     assert_golden(case, got)
     assert f"conntrack_table_scan_entries {float(CAPTURED_ENTRIES)}" in got
+
+
+def test_golden_table_names_the_pods_on_this_node(tmp_path):
+    """The pods collector over its fixture tree, whose pods' namespaces hold addresses of
+    the captured dump (web-1 10.71.1.2; coredns 10.71.1.3 and fd00:71:1::3; the podman
+    container, not a pod, 10.72.0.4), then the table collector over the dump, the two
+    sharing one configuration's pod addresses: each pod's entries, and its labels on the
+    top-K and SNAT families."""
+    from conntrack_exporter.collectors.conntrack_table import (
+        ConntrackTableCollector,
+        ConntrackTableOptions,
+    )
+    from conntrack_exporter.collectors.pods import PodsCollector, PodsOptions
+    from conntrack_exporter.pod_addresses import PodAddressBook
+    from tests.collectors import CAPTURED_ENTRIES, ReplayedTable, context, exposition
+
+    count = tmp_path / "sys" / "net" / "netfilter" / "nf_conntrack_count"
+    count.parent.mkdir(parents=True)
+    count.write_text(f"{CAPTURED_ENTRIES}\n")
+    book = PodAddressBook()
+    root = PROCFS / "pods"
+    pods = PodsCollector(
+        PodsOptions(pod_logs_path=str(root / "logs")), context(root, pod_addresses=book)
+    )
+    reader = ReplayedTable()
+    table = ConntrackTableCollector(
+        ConntrackTableOptions(top_k=3),
+        context(tmp_path, pod_addresses=book, conntrack_table=lambda: reader),
+    )
+    try:
+        pods.scan()
+        table.scan()
+    finally:
+        pods.close()
+    got = exposition(table)
+    for pattern, replacement in [*MASKS, *TABLE_MASKS]:
+        got = pattern.sub(replacement, got)
+    assert_golden("conntrack_table_pods", got)
+    web = 'namespace="team-a",pod="web-1"'
+    assert f'conntrack_table_top_source_entries{{address="10.71.1.2",{web}}} 55.0' in got
+    assert 'conntrack_table_top_source_entries{address="127.0.0.1"} 156.0' in got
+    # Two pods, two directions each; the podman container is no pod, though it has an address.
+    assert got.count("conntrack_table_pod_entries{") == 4
+    assert f'conntrack_table_pod_entries{{direction="outbound",{web}}} 55.0' in got

@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import ClassVar, NamedTuple
 
@@ -42,6 +42,7 @@ from conntrack_exporter.config import ABSOLUTE_PATH, NON_NEGATIVE, SECONDS
 from conntrack_exporter.counters import WrappingCounters
 from conntrack_exporter.netlink.ctnetlink import CpuStats
 from conntrack_exporter.netns import (
+    ADDRESS_FILES,
     Namespace,
     NamespaceFiles,
     NamespaceTable,
@@ -49,6 +50,7 @@ from conntrack_exporter.netns import (
     discover,
 )
 from conntrack_exporter.netns import namespace_key as key_of
+from conntrack_exporter.pod_addresses import address_keys, index_addresses
 from conntrack_exporter.pod_identity import (
     Cgroup,
     Pod,
@@ -67,6 +69,7 @@ from conntrack_exporter.registry import Collected, CollectorContext, NoDataError
 log = logging.getLogger(__name__)
 
 ERROR_REASONS = ("procfs", "pod_logs", "parse")
+FIB_TRIE, IF_INET6 = ADDRESS_FILES
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,7 @@ class PodsCollector:
         self._options = options
         self._procfs = context.procfs
         self._table = NamespaceTable(context.procfs)
+        self._addresses = context.pod_addresses
         # A pod's counters, by namespace and labels, kept across reloads (see counters.py).
         self._counters: dict[tuple[object, ...], WrappingCounters] = context.lasting.get(
             f"pods.counters:{context.procfs.root}", dict
@@ -179,6 +183,25 @@ class PodsCollector:
             self._discovery = Discovery(opened, skipped, time.monotonic() - started, time.time())
             # Only namespaces our fds hold: their keys cannot name another namespace meanwhile.
             self._pod_of = {first: pod for first, pod in pod_of.items() if first[0] in files}
+        # Outside the lock: only this thread closes the files (at the next pass), and
+        # scrapes read other fds.
+        self._addresses.publish(index_addresses(self._pod_addresses(opened, files)))
+
+    def _pod_addresses(
+        self, targets: list[Target], files: dict[NetnsKey, NamespaceFiles]
+    ) -> Iterator[tuple[dict[str, str], frozenset[int]]]:
+        """Each Kubernetes pod's labels and addresses, read again at every pass: a pod's
+        namespace has its processes before its CNI gives it an address."""
+        for target in targets:
+            if "cgroup" in target.labels:
+                continue  # not a pod: its addresses name nothing
+            namespace = files[target.namespace.key]
+            try:
+                keys = address_keys(namespace.read(FIB_TRIE), namespace.read(IF_INET6))
+            except ValueError as exc:
+                self._count("parse", f"{target.labels}: {exc}")
+                keys = frozenset()
+            yield target.labels, keys
 
     def _pod_names(self) -> dict[str, PodName]:
         try:

@@ -183,8 +183,15 @@ _STATUS_BITS = (
 )
 
 
+# A pod's SNAT pool key: the pod's number above the pool's key (nat address, destination).
+NAT_POOL_BITS = 128 + DESTINATION_BITS
+
+
 class TableTally:
-    """Counts of one dump: by kind, by status, by source, destination and SNAT pool.
+    """Counts of one dump: by kind, by status, by source, destination and SNAT pool; and,
+    given the address keys of the pods on this node (pod_addresses.py), by pod: the entries
+    each pod opened (its address the original source), those that reached it through DNAT
+    (its address the reply's source), and the ports its SNAT entries took from each pool.
 
     Address tallies keep at most `address_capacity` keys: past that, the keys with the lowest
     counts are dropped (their entries are lost to the top-K, counted in `pruned`), so memory
@@ -198,6 +205,8 @@ class TableTally:
         mark: bool = False,
         address_capacity: int = 16384,
         stop_after: int = 0,
+        pod_of: dict[int, int] | None = None,
+        pods: int = 0,
     ) -> None:
         self.entries = 0
         self._stop_after = stop_after  # 0: no budget
@@ -209,6 +218,11 @@ class TableTally:
         # SNAT pools: reply tuples are unique per zone, so the entries of one pool (translated
         # address, destination, port) hold that many distinct translated source ports.
         self.nat_pools: dict[int, int] = {}
+        # By pod number (pod_of: address key -> number, for `pods` pods).
+        self._pod_of = pod_of or {}
+        self.pod_outbound = [0] * pods
+        self.pod_inbound = [0] * pods
+        self.pod_nat_pools: dict[int, int] = {}  # pod << NAT_POOL_BITS | pool key
         self.pruned = 0
         self._zone_mask = 0xFFFF if zone else 0
         self._mark_mask = 0xFFFFFFFF if mark else 0
@@ -235,16 +249,17 @@ class TableTally:
         pos = start + NFGENMSG_SIZE
         generic = False
         if family == AF_INET and end - pos >= 104 and _v4_headers(buf, pos) == _V4_EXPECTED:
-            src, dst, proto, _, dport, _, nat, _, _, _ = _v4_values(buf, pos)
+            src, dst, proto, _, dport, reply_src, nat, _, _, _ = _v4_values(buf, pos)
             v6 = 0
             pos += 104
         elif family == AF_INET6 and end - pos >= 152 and _v6_headers(buf, pos) == _V6_EXPECTED:
-            s1, s2, d1, d2, proto, _, dport, _, _, n1, n2, _, _, _ = _v6_values(buf, pos)
+            s1, s2, d1, d2, proto, _, dport, r1, r2, n1, n2, _, _, _ = _v6_values(buf, pos)
             src, dst, nat = s1 << 64 | s2, d1 << 64 | d2, n1 << 64 | n2
+            reply_src = r1 << 64 | r2
             v6 = 1
             pos += 152
         else:
-            v6, proto, src, dst, dport, nat = self._generic_tuples(buf, pos, end)
+            v6, proto, src, dst, dport, reply_src, nat = self._generic_tuples(buf, pos, end)
             generic = True
         if generic:  # an unknown layout: no assumption about the order either
             status, state, zone, mark = _scalars(buf, pos, end, proto == 6, complete=True)
@@ -267,15 +282,29 @@ class TableTally:
         key = status & _STATUS_BITS
         tally[key] = tally.get(key, 0) + 1
         tally = self.sources
-        key = src << 1 | v6
-        tally[key] = tally.get(key, 0) + 1
+        source = src << 1 | v6
+        tally[source] = tally.get(source, 0) + 1
         tally = self.destinations
         destination = ((dst << 8 | proto) << 16 | dport) << 1 | v6
         tally[destination] = tally.get(destination, 0) + 1
+        pool = -1
         if status & IPS_SRC_NAT:
             tally = self.nat_pools
-            key = nat << DESTINATION_BITS | destination
-            tally[key] = tally.get(key, 0) + 1
+            pool = nat << DESTINATION_BITS | destination
+            tally[pool] = tally.get(pool, 0) + 1
+        pod_of = self._pod_of
+        if pod_of:
+            pod = pod_of.get(source)
+            if pod is not None:
+                self.pod_outbound[pod] += 1
+                if pool >= 0:
+                    tally = self.pod_nat_pools
+                    key = pod << NAT_POOL_BITS | pool
+                    tally[key] = tally.get(key, 0) + 1
+            if status & IPS_DST_NAT:
+                pod = pod_of.get(reply_src << 1 | v6)
+                if pod is not None:
+                    self.pod_inbound[pod] += 1
         if not self.entries % PRUNE_CHECK_INTERVAL:
             self._prune()
         if self.entries == self._stop_after:
@@ -283,9 +312,10 @@ class TableTally:
 
     def _generic_tuples(
         self, buf: Buffer, pos: int, end: int
-    ) -> tuple[int, int, int, int, int, int]:
+    ) -> tuple[int, int, int, int, int, int, int]:
         """Any layout (ICMP, GRE, tuples with zones, ...): (v6, protocol, source,
-        destination, destination port, translated source) from a walk of every attribute."""
+        destination, destination port, reply source, translated source) from a walk of
+        every attribute."""
         have_orig = have_reply = False
         for attr_type, value_start, value_end in iter_attributes(buf, pos, end):
             if attr_type == CTA_TUPLE_ORIG:
@@ -301,14 +331,23 @@ class TableTally:
         # IPv6 address there would not even decode into a label.
         if orig.v6 != self._reply.v6:
             raise NetlinkParseError("conntrack entry's tuples are of different families")
-        return int(orig.v6), orig.proto, orig.src, orig.dst, max(orig.dport, 0), self._reply.dst
+        reply = self._reply
+        return (
+            int(orig.v6),
+            orig.proto,
+            orig.src,
+            orig.dst,
+            max(orig.dport, 0),
+            reply.src,
+            reply.dst,
+        )
 
     def finish(self) -> None:
         """Bring the address tallies back within their capacity after the last entry."""
         self._prune()
 
     def _prune(self) -> None:
-        for tally in (self.sources, self.destinations, self.nat_pools):
+        for tally in (self.sources, self.destinations, self.nat_pools, self.pod_nat_pools):
             self.pruned += prune(tally, self._capacity)
 
 
@@ -388,6 +427,16 @@ def decode_kind(key: int) -> Kind:
     state = (key & 0x1FF) - 1  # nine bits: a state byte + 1 (NO_STATE is 0)
     key >>= 9
     return Kind(key >> 8, key & 0xFF, state, zone, mark)
+
+
+def split_pod_nat_pool(key: int) -> tuple[int, int]:
+    """(pod number, pool key) of a key of TableTally.pod_nat_pools."""
+    return key >> NAT_POOL_BITS, key & ((1 << NAT_POOL_BITS) - 1)
+
+
+def nat_address_key(key: int) -> int:
+    """The address key (address << 1 | is-IPv6) of a pool key's translated address."""
+    return key >> DESTINATION_BITS << 1 | key & 1
 
 
 def decode_nat_pool(key: int) -> NatPool:

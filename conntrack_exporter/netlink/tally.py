@@ -48,6 +48,11 @@ def decode_address(key: int) -> str:
     return str(ipaddress.IPv6Address(address) if key & 1 else ipaddress.IPv4Address(address))
 
 
+def address_key(destination: int) -> int:
+    """The address key (address << 1 | is-IPv6) of a destination key's address."""
+    return destination >> 25 << 1 | destination & 1
+
+
 def decode_destination(key: int) -> Destination:
     v6 = key & 1
     key >>= 1
