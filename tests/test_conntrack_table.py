@@ -197,3 +197,21 @@ def test_close_closes_the_reader_the_scan_opened(table):
     collector.scan()
     collector.close()
     assert reader.closed
+
+
+def test_the_pods_discovery_runs_before_the_table_scan_and_shares_its_addresses():
+    """The scanner runs its jobs in the collector table's order at start (and --once runs
+    each once, in that order): the first table scan already names the pods."""
+    from conntrack_exporter.cli import build_collectors
+    from conntrack_exporter.collectors import COLLECTORS
+    from conntrack_exporter.config import load_config
+    from conntrack_exporter.registry import Lasting
+
+    collectors = build_collectors(load_config(None, {}, COLLECTORS), Lasting())
+    try:
+        jobs = [job.name for job in collectors.scanner.jobs]
+        assert jobs.index("pods") < jobs.index("conntrack_table")
+        by_name = {collector.name: collector for collector in collectors.collectors}
+        assert by_name["pods"]._addresses is by_name["conntrack_table"]._pod_addresses
+    finally:
+        collectors.close()

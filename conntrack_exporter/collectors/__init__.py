@@ -19,12 +19,14 @@ def _table(*classes: CollectorClass) -> dict[str, CollectorClass]:
     return {cls.name: cls for cls in classes}
 
 
+# In the order the scanner first runs the background ones: the pods' discovery before the
+# table scan, which names pods by the addresses the discovery found.
 COLLECTORS = _table(
     ConntrackCollector,
-    ConntrackTableCollector,
     SocketCollector,
-    SocketPortsCollector,
     PodsCollector,
+    ConntrackTableCollector,
+    SocketPortsCollector,
 )
 
 __all__ = ["COLLECTORS"]
