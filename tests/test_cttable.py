@@ -116,7 +116,29 @@ def counters(tally: TableTally) -> tuple:
         dict(tally.sources),
         dict(tally.destinations),
         dict(tally.nat_pools),
+        tally.pod_outbound,
+        tally.pod_inbound,
+        dict(tally.pod_nat_pools),
     )
+
+
+def address_key(text: str) -> int:
+    """The tally's key of an address (address << 1 | is-IPv6)."""
+    parsed = ipaddress.ip_address(text)
+    return int(parsed) << 1 | (parsed.version == 6)
+
+
+@cache
+def every_address_a_pod() -> dict[int, int]:
+    """A pod number for every source and reply source of the fixture: every entry is some
+    pod's, outbound, and (DNAT) inbound."""
+    found = {address_key(a) for ref in references() for a in (ref.src, ref.reply_src)}
+    return {key: number for number, key in enumerate(sorted(found))}
+
+
+def with_pods() -> dict:
+    pods = every_address_a_pod()
+    return {"pod_of": pods, "pods": len(pods)}
 
 
 def address(text: str) -> str:
@@ -151,6 +173,7 @@ class Reference:
     src: str
     dst: str
     dport: int
+    reply_src: str
     reply_dst: str
     attributes: tuple[str, ...]
 
@@ -178,6 +201,7 @@ def reference(buf: bytes, msg: Message) -> Reference:
         src=address(ip.get_attr(src_name)),
         dst=address(ip.get_attr(dst_name)),
         dport=proto.get_attr("CTA_PROTO_DST_PORT") or 0,
+        reply_src=address(reply.get_attr("CTA_TUPLE_IP").get_attr(src_name)),
         reply_dst=address(reply.get_attr("CTA_TUPLE_IP").get_attr(dst_name)),
         attributes=tuple(name for name, _ in theirs["attrs"]),
     )
@@ -227,6 +251,36 @@ def assert_tally_is(tally: TableTally, ref: Reference) -> None:
 def test_each_entry_agrees_with_pyroute2():
     for (buf, msg), ref in zip(entries(), references(), strict=True):
         assert_tally_is(tally_of([(buf, msg)], zone=True, mark=True), ref)
+
+
+def test_each_entry_counts_for_the_pods_pyroute2_says():
+    """With every address a pod's: the entry is its original source's (outbound), its reply
+    source's too when DNATed (inbound: a pod reached through a Service), and its SNAT pool's
+    ports are its source pod's."""
+    pod_of = every_address_a_pod()
+    dnat = 0
+    for (buf, msg), ref in zip(entries(), references(), strict=True):
+        tally = tally_of([(buf, msg)], **with_pods())
+        where = f"entry id={ref.id}"
+        source = pod_of[address_key(ref.src)]
+        assert tally.pod_outbound == [int(i == source) for i in range(len(pod_of))], where
+        inbound = [0] * len(pod_of)
+        if ref.status & IPS_DST_NAT:
+            inbound[pod_of[address_key(ref.reply_src)]] = 1
+            dnat += 1
+        assert tally.pod_inbound == inbound, where
+        if ref.status & IPS_SRC_NAT:
+            (key,) = tally.pod_nat_pools
+            assert cttable.split_pod_nat_pool(key) == (source, *tally.nat_pools), where
+        else:
+            assert not tally.pod_nat_pools, where
+    assert dnat == 4  # the fixture's DNAT entries: each took the inbound branch
+
+
+def test_addresses_of_no_pod_count_for_none():
+    tally = tally_of(entries(), pod_of={address_key("192.0.2.1"): 0}, pods=1)
+    assert (tally.pod_outbound, tally.pod_inbound, tally.pod_nat_pools) == ([0], [0], {})
+    assert counters(tally)[:7] == counters(tally_of(entries()))[:7]
 
 
 def test_the_fixture_covers_what_the_decoder_distinguishes():
@@ -549,11 +603,11 @@ def test_status_and_mark_shortcut_is_taken_for_entries_without_zone(monkeypatch)
 )
 @pytest.mark.parametrize(("zone", "mark"), [(True, True), (False, False)])
 def test_generic_walk_gives_the_fast_path_tallies(monkeypatch, disabled, zone, mark):
-    normal = counters(tally_of(entries(), zone=zone, mark=mark))
+    normal = counters(tally_of(entries(), zone=zone, mark=mark, **with_pods()))
     calls = generic_calls(monkeypatch)
     for name in disabled:
         monkeypatch.setattr(cttable, name, ("impossible",))
-    forced = tally_of(entries(), zone=zone, mark=mark)
+    forced = tally_of(entries(), zone=zone, mark=mark, **with_pods())
     assert counters(forced) == normal
     if set(FAST_LAYOUTS) <= set(disabled):
         assert len(calls) == 386
@@ -1028,3 +1082,41 @@ def test_any_tcp_state_byte_round_trips_through_the_kind_key():
         tally.add(dump, msg.start, msg.end)
         (kind,) = [decode_kind(key) for key in tally.kinds]
         assert (kind.family, kind.protocol, kind.state) == (2, 6, state)
+
+
+def service_entry() -> bytes:
+    """One of the fixture's DNAT entries (a REDIRECT on loopback: every address 127.0.0.1)
+    made a Service's: original destination a ClusterIP, reply source a pod behind it."""
+    buf, msg = next(
+        (buf, msg) for (buf, msg), ref in zip(entries(), references(), strict=True)
+        if ref.status & IPS_DST_NAT and ref.family == AF_INET
+    )  # fmt: skip
+    data = payload(buf, msg)
+    tree = entry_tree(data)
+
+    def readdress(tuple_type: int, ip_type: int, new: str) -> None:
+        (tuple_tree,) = [v for t, v in tree if t & ~NLA_F_NESTED == tuple_type]
+        (ip_tree,) = [v for t, v in tuple_tree if t & ~NLA_F_NESTED == 1]  # CTA_TUPLE_IP
+        index = next(i for i, (t, _) in enumerate(ip_tree) if t == ip_type)
+        ip_tree[index] = (ip_type, ipaddress.IPv4Address(new).packed)
+
+    readdress(1, 2, "10.96.0.10")  # CTA_TUPLE_ORIG, CTA_IP_V4_DST
+    readdress(2, 1, "10.244.1.5")  # CTA_TUPLE_REPLY, CTA_IP_V4_SRC
+    return rebuilt(data, tree)
+
+
+@pytest.mark.parametrize("path", ["fast", "generic"])
+def test_an_entry_through_a_service_is_inbound_for_the_pod_behind_it(monkeypatch, path):
+    data = service_entry()
+    calls = generic_calls(monkeypatch)
+    if path == "generic":
+        for name in FAST_LAYOUTS:
+            monkeypatch.setattr(cttable, name, ("impossible",))
+    pods = {address_key("10.96.0.10"): 0, address_key("10.244.1.5"): 1}
+    tally = TableTally(pod_of=pods, pods=2)
+    tally.add(data, 0, len(data))
+    assert tally.pod_inbound == [0, 1]
+    assert (tally.pod_outbound, tally.pod_nat_pools) == ([0, 0], {})  # the source: no pod
+    (destination,) = tally.destinations
+    assert decode_destination(destination).address == "10.96.0.10"
+    assert len(calls) == (path == "generic")

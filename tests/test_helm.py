@@ -316,7 +316,12 @@ def test_daemonset_container_ports_probes_and_args():
     assert exporter["ports"] == [
         {"name": "metrics", "containerPort": 9371, "hostPort": 9371, "protocol": "TCP"}
     ]
-    assert exporter["args"] == ["--web.listen-address=:9371", "--web.telemetry-path=/metrics"]
+    # Root on a Kubernetes older than 1.31: no read-only-beneath /proc, so no pods collector.
+    assert exporter["args"] == [
+        "--web.listen-address=:9371",
+        "--web.telemetry-path=/metrics",
+        "--no-collector.pods",
+    ]
     for probe in ("livenessProbe", "readinessProbe"):
         assert exporter[probe]["httpGet"] == {"path": "/healthz", "port": "metrics"}
     requests, limits = exporter["resources"]["requests"], exporter["resources"]["limits"]
@@ -371,6 +376,7 @@ def test_config_file_mount_flag_and_pod_settings():
         "--web.listen-address=:19371",
         "--web.telemetry-path=/custom-metrics",
         "--config.file=/etc/conntrack-exporter/config/config.yml",
+        "--no-collector.pods",
         "--log.format=json",
     ]
     assert exporter["volumeMounts"] == [

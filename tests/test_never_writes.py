@@ -24,6 +24,7 @@ from typing import NamedTuple
 import pytest
 
 import conntrack_exporter
+from conntrack_exporter.collectors import COLLECTORS
 from conntrack_exporter.netlink import ctnetlink, inet_diag
 from conntrack_exporter.netlink import socket as netlink_socket
 from conntrack_exporter.netlink.ctnetlink import nfgen_request
@@ -314,6 +315,7 @@ EVERY_COLLECTOR = (
     "  conntrack: {per_cpu: true}\n"
     "  conntrack_table: {interval_seconds: 0.2, label_ct_zone: true, label_mark: true}\n"
     "  socket_ports: {interval_seconds: 0.2}\n"
+    "  pods: {interval_seconds: 0.2}\n"
 )
 
 
@@ -449,7 +451,7 @@ def test_a_full_run_changes_no_entry_counter_or_sysctl(netns, tmp_path):
     assert len(settings_before) > 100  # the namespace's sysctls were read
     for samples in scrapes:
         successes = samples["conntrack_exporter_collector_success"].values()
-        assert list(successes) == [1.0] * 4
+        assert list(successes) == [1.0] * len(COLLECTORS)
         assert value(samples, "conntrack_table_scan_entries") >= len(entries_before)
 
 
