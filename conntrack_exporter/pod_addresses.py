@@ -53,13 +53,14 @@ def parse_if_inet6(text: str) -> set[int]:
         if not fields:
             continue
         try:
-            address, scope = int(fields[0], 16), int(fields[3], 16)
-            if len(fields[0]) != 32:
+            packed = bytes.fromhex(fields[0])  # strict: int() would take "0x" and "_" too
+            scope = int(fields[3], 16)
+            if len(packed) != 16:
                 raise ValueError
         except (ValueError, IndexError):
             raise ValueError(f"if_inet6 line {number}: {line.strip()!r}") from None
         if not scope & (_HOST_SCOPE | _LINK_SCOPE):
-            addresses.add(address)
+            addresses.add(int.from_bytes(packed, "big"))
     return addresses
 
 

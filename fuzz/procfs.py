@@ -13,6 +13,7 @@ from functools import partial
 from conntrack_exporter.collectors.conntrack import counter_families
 from conntrack_exporter.collectors.socket import TCPEXT_COUNTERS, UDP6_COLUMNS, UDP_COUNTERS
 from conntrack_exporter.netlink.ctnetlink import CpuStats
+from conntrack_exporter.pod_addresses import parse_fib_trie_local, parse_if_inet6
 from conntrack_exporter.pod_identity import identify, parse_pod_log_dirs
 from conntrack_exporter.procfs import (
     ephemeral_port_flags,
@@ -32,9 +33,9 @@ NOT_PROC_FILES = {".py", ".md", ".json"}
 
 
 def seeds() -> Iterator[bytes]:
-    """Every captured /proc file (this kernel's, an older one's, node_exporter's), and the
-    /proc/PID/cgroup files (this kernel's, other machines')."""
-    for directory in ("proc", "procfs", "cgroup"):
+    """Every captured /proc file (this kernel's, an older one's, node_exporter's), the
+    /proc/PID/cgroup files (this kernel's, other machines'), and pods' address files."""
+    for directory in ("proc", "procfs", "cgroup", "pod_addresses"):
         for path in sorted((FIXTURES / directory).rglob("*")):
             if path.is_file() and path.suffix not in NOT_PROC_FILES:
                 yield path.read_bytes()
@@ -73,6 +74,8 @@ PARSERS: tuple[Callable[[str], object], ...] = (
     partial(parse_ints, count=1, source="tcp_max_orphans"),
     identify,
     _pod_log_dirs,
+    parse_fib_trie_local,
+    parse_if_inet6,
 )
 
 

@@ -9,6 +9,7 @@ the kubelet's pod-log directories of the two pods. The real kernel: tests/test_k
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import shutil
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from conntrack_exporter.collectors.pods import PodsCollector, PodsOptions
+from conntrack_exporter.pod_addresses import PodAddressBook
 from conntrack_exporter.procfs import ProcFS
 from conntrack_exporter.registry import NoDataError
 from tests.collectors import context, exposition
@@ -170,3 +172,68 @@ def test_a_namespaces_pod_is_read_again_only_when_its_first_process_changes(tmp_
     samples = scanned(collector)
     assert sorted(reads) == ["101/cgroup", "300/cgroup"]
     assert reported(samples) == {WEB, DNS, PODMAN}
+
+
+# -- the pods' addresses, for the table collector ---------------------------------------------
+
+
+def book_after_scan(root: Path, **options: object) -> tuple[PodsCollector, PodAddressBook]:
+    book = PodAddressBook()
+    collector = PodsCollector(
+        PodsOptions(pod_logs_path=str(root / "logs"), **options), context(root, pod_addresses=book)
+    )
+    collector.scan()
+    return collector, book
+
+
+def address_key(text: str) -> int:
+    address = ipaddress.ip_address(text)
+    return int(address) << 1 | (address.version == 6)
+
+
+def test_each_pods_addresses_are_published_and_other_namespaces_name_nothing():
+    collector, book = book_after_scan(ROOT)
+    collector.close()
+    addresses = book.current
+    assert addresses.pods == (dict(WEB), dict(DNS))  # the podman container is no pod
+    named = {address: addresses.pods[pod] for address, pod in addresses.pod_of.items()}
+    assert named == {
+        address_key("10.71.1.2"): dict(WEB),
+        address_key("10.71.1.3"): dict(DNS),
+        address_key("fd00:71:1::3"): dict(DNS),
+    }
+
+
+def test_the_addresses_follow_the_options_bounds():
+    collector, book = book_after_scan(ROOT, exclude_namespaces=("kube-system",))
+    collector.close()
+    assert book.current.pods == (dict(WEB),)
+
+
+def test_a_garbled_address_file_is_a_parse_error_for_that_pod_alone(tmp_path):
+    root = tmp_path / "procfs"
+    shutil.copytree(ROOT, root, symlinks=True)
+    (root / "netns" / "dns" / "if_inet6").write_text("not an if_inet6 line\n")
+    collector, book = book_after_scan(root)
+    samples = parse_samples(exposition(collector))
+    collector.close()
+    assert value(samples, "conntrack_exporter_pod_discovery_errors_total", reason="parse") == 1
+    addresses = book.current
+    assert addresses.pods == (dict(WEB), dict(DNS))  # numbered, with no address
+    assert [addresses.pods[pod] for pod in addresses.pod_of.values()] == [dict(WEB)]
+
+
+def test_an_address_given_after_the_namespace_appeared_is_found_at_the_next_pass(tmp_path):
+    """A pod's namespace has its processes before the CNI gives it an address: the files
+    are read again at every pass, on the fds held since the first."""
+    root = tmp_path / "procfs"
+    shutil.copytree(ROOT, root, symlinks=True)
+    fib_trie = root / "netns" / "web" / "fib_trie"
+    given = fib_trie.read_text()
+    fib_trie.write_text("")
+    collector, book = book_after_scan(root)
+    assert address_key("10.71.1.2") not in book.current.pod_of
+    fib_trie.write_text(given)
+    collector.scan()
+    collector.close()
+    assert book.current.labels_of(address_key("10.71.1.2")) == dict(WEB)
