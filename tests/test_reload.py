@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import re
 import shutil
 import signal
 import subprocess
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from conntrack_exporter.netns import ADDRESS_FILES, NAMESPACE_FILES
 from tests.metrics import parse_samples, value
 from tests.test_counter_wrap import NEAR_WRAP, WRAPPED, stat_text
 from tests.test_counter_wrap import PROCFS as WRAP_PROCFS
@@ -168,21 +170,35 @@ FEWER_COLLECTORS = (
 SCANNED = ("conntrack_table", "socket_ports")
 
 
+# The pods collector's fds: one on each of a namespace's files (none is absent here).
+NAMESPACE_FILE = re.compile(r"^/proc/(\d+)/net/")
+FILES_PER_NAMESPACE = len(NAMESPACE_FILES + ADDRESS_FILES)
+
+
 def held(pid: int) -> dict[str, int]:
-    """The process's open fds, threads, and netlink sockets among the fds."""
+    """The process's open fds but the pods collector's, threads, and netlink sockets among
+    the fds; and the pods collector's fds on other network namespaces' files, whose number
+    follows the namespaces on the machine (other tests make and remove some meanwhile)."""
     fd_dir = Path(f"/proc/{pid}/fd")
     sockets = set()
+    fds = namespace_files = 0
     for fd in fd_dir.iterdir():
         with contextlib.suppress(FileNotFoundError):  # an fd closed while we look
             target = os.readlink(fd)
             if target.startswith("socket:["):
                 sockets.add(target[len("socket:[") : -1])
+            found = NAMESPACE_FILE.match(target)
+            if found and found[1] != str(pid):  # its own: the host collectors' files
+                namespace_files += 1
+            else:
+                fds += 1
     rows = Path(f"/proc/{pid}/net/netlink").read_text().splitlines()[1:]
     netlink = {row.split()[-1] for row in rows}  # the Inode column
     return {
-        "fds": len(list(fd_dir.iterdir())),
+        "fds": fds,
         "threads": len(list(Path(f"/proc/{pid}/task").iterdir())),
         "netlink_sockets": len(sockets & netlink),
+        "namespace_files": namespace_files,
     }
 
 
@@ -201,6 +217,8 @@ def settled(running: Exporter, scanned: tuple[str, ...]) -> dict[str, int]:
             value(samples, "conntrack_exporter_collector_success", collector=name) == 1
             for name in scanned
         )
+        if "conntrack_exporter_pod_namespaces" in samples:
+            now["pod_namespaces"] = value(samples, "conntrack_exporter_pod_namespaces")
         if done and now == last:
             return now
         assert time.monotonic() < deadline, f"never settled: {now} after {last}"
@@ -212,7 +230,9 @@ def settled(running: Exporter, scanned: tuple[str, ...]) -> dict[str, int]:
 def test_fifty_reloads_leave_fds_threads_and_netlink_sockets_where_they_were(tmp_path):
     """Each reload stops and joins the old scanner and closes the old collectors (their
     netlink sockets and kept-open /proc files) before the new ones start. Before, 31 reloads
-    took the process from 16 to 298 open fds."""
+    took the process from 16 to 298 open fds. The pods collector's fds on other namespaces
+    follow the machine's namespaces: at each point, exactly those of the namespaces it
+    reports."""
     config = tmp_path / "config.yml"
     config.write_text(EVERY_COLLECTOR)
     running = Exporter(config)
@@ -229,6 +249,8 @@ def test_fifty_reloads_leave_fds_threads_and_netlink_sockets_where_they_were(tmp
     finally:
         running.process.terminate()
         running.process.wait(timeout=10)
+    for point in (before, fewer, after):
+        assert point.pop("namespace_files") == point.pop("pod_namespaces") * FILES_PER_NAMESPACE
     assert after == before
     assert running.process.returncode == 0
 
