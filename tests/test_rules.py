@@ -332,10 +332,39 @@ def test_every_alert_has_a_runbook_section_and_every_section_an_alert():
         assert rule["annotations"]["runbook_url"].rsplit("#", 1)[1] in anchors
 
 
+def heading_anchor(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def runbook_anchors() -> set[str]:
+    """The anchors of every section and subsection (## and ###) of the runbooks."""
+    headings = re.findall(r"^#{2,3} (.+?)\s*$", RUNBOOKS.read_text(), flags=re.MULTILINE)
+    return {heading_anchor(heading) for heading in headings}
+
+
+def runbook_section(name: str) -> str:
+    """The text of one alert's section, its subsections included."""
+    text = RUNBOOKS.read_text()
+    start = text.index(f"\n## {name}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end >= 0 else len(text)]
+
+
 def test_runbook_links_between_sections_resolve():
-    anchors = {section.lower() for section in runbook_sections()}
+    anchors = runbook_anchors()
+    assert {section.lower() for section in runbook_sections()} <= anchors
     for anchor in re.findall(r"\]\(#([^)]+)\)", RUNBOOKS.read_text()):
         assert anchor in anchors, anchor
+
+
+def test_table_full_runbooks_link_to_acting_on_one_pod():
+    """The runbooks of the alerts that name the top pod say how to act on one pod."""
+    anchor = heading_anchor("One pod filling the table")
+    assert anchor in runbook_anchors()
+    for name in TOP_POD_ALERTS:
+        assert f"](#{anchor})" in runbook_section(name), name
+    assert heading_anchor("A pod's net-ns (x)") == "a-pods-net-ns-x"
 
 
 # -- coverage of the promtool tests -----------------------------------------------------------
