@@ -51,7 +51,13 @@ CORE = {
 }
 # Other panels the issue names; they may be empty on some hosts (no SNAT, no tcp_mem).
 NAMED = {
-    "conntrack.json": {"NAT port pools", "Hash table"},
+    "conntrack.json": {
+        "NAT port pools",
+        "Hash table",
+        # Issue 13: the node's table by pod.
+        "Pods filling the table",
+        "SNAT ports by pod",
+    },
     "sockets.json": {
         "TCP memory vs pressure and limit",
         "TCP memory pressure and aborts",
@@ -322,8 +328,9 @@ def test_host_panels_select_the_hosts_series(dashboard):
 
 
 def test_pod_metric_lists_cover_the_pods_collector():
-    """Every metric the pods collector's golden files show with a pod label is in this test's
-    list and the generator's (whose sel() then reads the host's series of it)."""
+    """Every metric the golden files show with a pod label is either one pods' network
+    namespaces report (the generator's sel() then reads the host's series of it) or one of the
+    table scan's breakdowns of the host's table by pod (POD_BREAKDOWNS), never both."""
     pod_label = re.compile(r'[{,](?:pod|pod_uid|cgroup)="')
     per_pod = set()
     # The pods collector's own (the table's families name pods too, but a pod label there
@@ -332,9 +339,11 @@ def test_pod_metric_lists_cover_the_pods_collector():
         for line in path.read_text().splitlines():
             if line and not line.startswith("#") and pod_label.search(line):
                 per_pod.add(re.split(r"[{ ]", line, maxsplit=1)[0])
-    if not per_pod:
-        pytest.skip("no golden file of the pods collector yet")
-    assert {name for name in per_pod if not generate.reported_by_pods(name)} == set()
+    assert per_pod & generate.POD_BREAKDOWNS  # the golden case of pods on the node was read
+    assert golden_metric_names() >= generate.POD_BREAKDOWNS
+    assert not {name for name in generate.POD_BREAKDOWNS if generate.reported_by_pods(name)}
+    others = per_pod - generate.POD_BREAKDOWNS
+    assert others and {name for name in others if not generate.reported_by_pods(name)} == set()
 
 
 def test_pod_panels_rank_pods_and_leave_the_host_out(dashboard):
@@ -393,40 +402,28 @@ _POD_EXPECTED = {
 _VARIABLES = {"$__rate_interval": "1m", "$job": ".*", "$instance": ".*", "$node": ".*"}
 
 
-def test_pod_and_host_panels_on_pod_series(tmp_path):
+def _evaluate(
+    tmp_path: Path,
+    series: list[tuple[str, str]],
+    cases: list[tuple[str, list[tuple[str, float]]]],
+) -> None:
+    """Run promtool on dashboard queries (Grafana's variables substituted) over input series
+    sampled every 30 s: each query's samples at 10m are exactly the expected (labels, value)."""
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool not found (make test installs it: apt package prometheus)")
-    queries = dict(generate.panel_queries(generate.load("sockets.json")))
-    cases = []
-
-    def case(expr: str, samples: list[tuple[str, float]]) -> None:
+    tests = []
+    for expr, samples in cases:
         for variable, value in _VARIABLES.items():
             expr = expr.replace(variable, value)
-        cases.append(
+        tests.append(
             {
                 "expr": expr,
                 "eval_time": "10m",
                 "exp_samples": [{"labels": labels, "value": value} for labels, value in samples],
             }
         )
-
-    for title, expected in _POD_EXPECTED.items():
-        case(queries[title], [(f"{{{_NODE}, {pod}}}", value) for pod, value in expected])
-    # The host's panels: the host's series alone.
-    sockets = [q for _, q in generate.panel_queries(generate.load("sockets.json"))]
-    in_use = next(q for q in sockets if q.startswith("sum by (family, protocol) (socket_inuse"))
-    case(in_use, [('{family="ipv4", protocol="tcp"}', 1000)])
-    overflows = next(q for q in sockets if q.startswith("rate(socket_listen_overflows_total"))
-    case(overflows, [(f"{{{_NODE}}}", 10)])
-    entries = next(
-        q
-        for t, q in generate.panel_queries(generate.load("conntrack.json"))
-        if t == "Entries vs limit" and "limit" not in q
-    )
-    case(entries, [(f"conntrack_entries{{{_NODE}}}", 5000)])
-
-    test_file = tmp_path / "pods.yml"
+    test_file = tmp_path / "queries.yml"
     test_file.write_text(
         yaml.safe_dump(
             {
@@ -435,8 +432,8 @@ def test_pod_and_host_panels_on_pod_series(tmp_path):
                 "tests": [
                     {
                         "interval": "30s",
-                        "input_series": [{"series": s, "values": v} for s, v in _POD_SERIES],
-                        "promql_expr_test": cases,
+                        "input_series": [{"series": s, "values": v} for s, v in series],
+                        "promql_expr_test": tests,
                     }
                 ],
             },
@@ -447,6 +444,57 @@ def test_pod_and_host_panels_on_pod_series(tmp_path):
         [promtool, "test", "rules", str(test_file)], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_pod_and_host_panels_on_pod_series(tmp_path):
+    queries = dict(generate.panel_queries(generate.load("sockets.json")))
+    cases = []
+    for title, expected in _POD_EXPECTED.items():
+        cases.append((queries[title], [(f"{{{_NODE}, {pod}}}", value) for pod, value in expected]))
+    # The host's panels: the host's series alone.
+    sockets = [q for _, q in generate.panel_queries(generate.load("sockets.json"))]
+    in_use = next(q for q in sockets if q.startswith("sum by (family, protocol) (socket_inuse"))
+    cases.append((in_use, [('{family="ipv4", protocol="tcp"}', 1000)]))
+    overflows = next(q for q in sockets if q.startswith("rate(socket_listen_overflows_total"))
+    cases.append((overflows, [(f"{{{_NODE}}}", 10)]))
+    entries = next(
+        q
+        for t, q in generate.panel_queries(generate.load("conntrack.json"))
+        if t == "Entries vs limit" and "limit" not in q
+    )
+    cases.append((entries, [(f"conntrack_entries{{{_NODE}}}", 5000)]))
+    _evaluate(tmp_path, _POD_SERIES, cases)
+
+
+# The host table's entries per pod on two nodes (outbound, inbound), ranked by their sum: a
+# Service backend (its entries mostly inbound), a named pod, one known by uid, a container
+# outside Kubernetes, fillers, and the two smallest pods, left out of the top 10.
+_NODE_B = 'instance="10.0.0.2:9371", job="conntrack-exporter", node="node-b"'
+_TABLE_PODS = [
+    (_NODE, 'namespace="kube-system", pod="coredns-0"', 20, 900),
+    (_NODE, _WEB, 1000, 0),
+    (_NODE, _UID, 300, 0),
+    (_NODE, _CGROUP, 150, 0),
+    *[(_NODE, f'namespace="batch", pod="job-{n}"', 10 * n, 5) for n in range(2, 7)],
+    (_NODE_B, 'namespace="batch", pod="job-7"', 70, 0),
+    (_NODE, 'namespace="batch", pod="idle"', 5, 5),
+    (_NODE_B, 'namespace="batch", pod="job-1"', 10, 0),
+]
+
+
+def test_pods_filling_the_table_ranks_pods_by_both_directions(tmp_path):
+    """The panel shows both directions of the TOP_PODS pods with the most entries in all,
+    over every selected node."""
+    expr = dict(generate.panel_queries(generate.load("conntrack.json")))["Pods filling the table"]
+    series, expected = [], []
+    for rank, (node, pod, outbound, inbound) in enumerate(_TABLE_PODS):
+        for direction, value in (("outbound", outbound), ("inbound", inbound)):
+            labels = f'{{{node}, {pod}, direction="{direction}"}}'
+            series.append((f"conntrack_table_pod_entries{labels}", f"{value}x40"))
+            if rank < generate.TOP_PODS:
+                expected.append((f"conntrack_table_pod_entries{labels}", value))
+    assert len(expected) == 2 * generate.TOP_PODS < len(series)
+    _evaluate(tmp_path, series, [(expr, expected)])
 
 
 def test_rates_use_the_rate_interval(dashboard):

@@ -32,6 +32,22 @@ POD_TEMPLATE = (
     "{{ with $labels.pod_uid }}pod uid {{ . }}{{ else }}"
     "container cgroup {{ $labels.cgroup }}{{ end }}{{ end }}"
 )
+# The host table alerts name the pod on the node holding the most of the table's entries, both
+# directions summed, when the table scan names pods (a template query, evaluated when the alert
+# fires); no pod holding an entry, nothing.
+TOP_POD_ALERTS = {"ConntrackTableNearlyFull", "ConntrackTableFull"}
+TOP_POD_TEMPLATE = (
+    '{{- with query (printf "topk(1, sum by (namespace, pod, pod_uid, cgroup) '
+    '(conntrack_table_pod_entries{instance=%q, job=%q}) > 0)" $labels.instance $labels.job) }} '
+    "{{- $top := first . }} Of the pods on the node, "
+    "{{ with $top.Labels.pod }}pod {{ $top.Labels.namespace }}/{{ . }}{{ else }} "
+    "{{- with $top.Labels.pod_uid }}pod uid {{ . }}{{ else }} "
+    "{{- with $top.Labels.cgroup }}container cgroup {{ . }}{{ end }}{{ end }}{{ end }} "
+    "holds the most entries: {{ $top.Value | humanize }} at the last table scan "
+    "(conntrack_table_pod_entries).{{ end }}"
+)
+TOP_POD_SENTENCE = re.compile(r" Of the pods on the node, .+ holds the most entries: ")
+TEMPLATE_QUERY = re.compile(r'\bquery \(printf "((?:[^"\\]|\\.)*)"')
 # The names the dashboards and the end-to-end test rely on.
 CONTRACT_RECORDINGS = {
     "instance:conntrack_entries:ratio",
@@ -191,6 +207,28 @@ def test_pod_alert_names_the_pod(rule):
     assert "$value" in rule["annotations"]["description"]
 
 
+@pytest.mark.parametrize("rule", [r for r in alerts() if r["alert"] in TOP_POD_ALERTS], ids=str)
+def test_table_alerts_end_with_the_top_pod(rule):
+    assert rule["annotations"]["description"].endswith(TOP_POD_TEMPLATE)
+
+
+def test_template_queries_read_exported_metrics():
+    """A query of an annotation's template reads metrics the exporter exposes, like the
+    rules' expressions (promtool checks neither the names nor, until it fires, the syntax)."""
+    exported = exported_metrics()
+    queries = [
+        (rule["alert"], query)
+        for rule in alerts()
+        for text in rule["annotations"].values()
+        for query in TEMPLATE_QUERY.findall(text)
+    ]
+    assert len(queries) >= len(TOP_POD_ALERTS)
+    for name, query in queries:
+        metrics = metrics_in(query)
+        assert metrics and metrics <= exported, (name, query)
+        assert not any(generate.reported_by_pods(metric) for metric in metrics), (name, query)
+
+
 @pytest.mark.parametrize("rule", alerts(), ids=alert_ids())
 def test_alert_waits_longer_than_its_counter_window(rule):
     """One burst of a counter keeps rate()/increase() above 0 for one window: `for:` must be
@@ -248,8 +286,9 @@ def test_pod_rules_leave_the_hosts_series_out():
 
 
 def test_pod_metric_list_covers_the_pods_collector():
-    """Every metric the pods collector's golden files show with a pod label is in
-    REPORTED_BY_PODS (the host's rules must select the host's series on it)."""
+    """Every metric the golden files show with a pod label is in REPORTED_BY_PODS (the host's
+    rules must select the host's series on it) or is one of the table scan's breakdowns of
+    the host's table by pod (POD_BREAKDOWNS: no pod's namespace reports them)."""
     per_pod = set()
     # The pods collector's own (the table's families name pods too, but a pod label there
     # says whose an address is: those series are the node's table's).
@@ -257,9 +296,11 @@ def test_pod_metric_list_covers_the_pods_collector():
         for line in path.read_text().splitlines():
             if line and not line.startswith("#") and POD_SERIES.search(line):
                 per_pod.add(re.split(r"[{ ]", line, maxsplit=1)[0])
-    if not per_pod:
-        pytest.skip("no golden file of the pods collector yet")
-    assert {name for name in per_pod if not generate.reported_by_pods(name)} == set()
+    assert per_pod & generate.POD_BREAKDOWNS and per_pod - generate.POD_BREAKDOWNS
+    assert exported_metrics() >= generate.POD_BREAKDOWNS
+    assert not {name for name in generate.POD_BREAKDOWNS if generate.reported_by_pods(name)}
+    others = per_pod - generate.POD_BREAKDOWNS
+    assert {name for name in others if not generate.reported_by_pods(name)} == set()
 
 
 def test_selector_and_pod_metric_helpers():
@@ -293,10 +334,39 @@ def test_every_alert_has_a_runbook_section_and_every_section_an_alert():
         assert rule["annotations"]["runbook_url"].rsplit("#", 1)[1] in anchors
 
 
+def heading_anchor(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def runbook_anchors() -> set[str]:
+    """The anchors of every section and subsection (## and ###) of the runbooks."""
+    headings = re.findall(r"^#{2,3} (.+?)\s*$", RUNBOOKS.read_text(), flags=re.MULTILINE)
+    return {heading_anchor(heading) for heading in headings}
+
+
+def runbook_section(name: str) -> str:
+    """The text of one alert's section, its subsections included."""
+    text = RUNBOOKS.read_text()
+    start = text.index(f"\n## {name}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end >= 0 else len(text)]
+
+
 def test_runbook_links_between_sections_resolve():
-    anchors = {section.lower() for section in runbook_sections()}
+    anchors = runbook_anchors()
+    assert {section.lower() for section in runbook_sections()} <= anchors
     for anchor in re.findall(r"\]\(#([^)]+)\)", RUNBOOKS.read_text()):
         assert anchor in anchors, anchor
+
+
+def test_table_full_runbooks_link_to_acting_on_one_pod():
+    """The runbooks of the alerts that name the top pod say how to act on one pod."""
+    anchor = heading_anchor("One pod filling the table")
+    assert anchor in runbook_anchors()
+    for name in TOP_POD_ALERTS:
+        assert f"](#{anchor})" in runbook_section(name), name
+    assert heading_anchor("A pod's net-ns (x)") == "a-pods-net-ns-x"
 
 
 # -- coverage of the promtool tests -----------------------------------------------------------
@@ -361,6 +431,25 @@ def test_pod_alerts_fire_for_each_kind_of_pod():
             assert kinds.get(rule["alert"]) == set(POD_LABELS), rule["alert"]
         else:
             assert not kinds.get(rule["alert"]), rule["alert"]
+
+
+def test_table_alerts_are_tested_with_and_without_a_top_pod():
+    """Each table alert fires in some case beside per-pod series with the top pod named, and
+    in another without the sentence (no pod holding an entry, or no per-pod series)."""
+    named, unnamed = set(), set()
+    for path in RULE_TESTS:
+        for test in yaml.safe_load(path.read_text())["tests"]:
+            series = " ".join(item["series"] for item in test.get("input_series") or [])
+            for case in test.get("alert_rule_test") or []:
+                for alert in case.get("exp_alerts") or []:
+                    description = (alert.get("exp_annotations") or {}).get("description", "")
+                    if TOP_POD_SENTENCE.search(" ".join(description.split())):
+                        assert "conntrack_table_pod_entries{" in series, case["alertname"]
+                        named.add(case["alertname"])
+                    elif description:
+                        unnamed.add(case["alertname"])
+    assert named == TOP_POD_ALERTS
+    assert unnamed >= TOP_POD_ALERTS
 
 
 def test_every_recording_rule_value_is_tested():

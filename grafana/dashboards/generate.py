@@ -109,6 +109,18 @@ REPORTED_BY_PODS = frozenset(
     }
 )
 HOST = 'pod="", pod_uid="", cgroup=""'
+# The table scan's families that break the host's table down by pod (the `conntrack_table`
+# collector names the pods on this node that the `pods` collector found): host series, with a
+# pod's labels where an address is the pod's. No pod's namespace reports them: sel() adds no
+# HOST matchers, and a pod's labels on them are the host table's entries of that pod.
+POD_BREAKDOWNS = frozenset(
+    {
+        "conntrack_table_pod_entries",
+        "conntrack_table_top_source_entries",
+        "conntrack_table_top_destination_entries",
+        "conntrack_nat_port_pool_pod_used",
+    }
+)
 # The labels that name a pod, and how a legend shows whichever it has.
 POD_LABELS = "namespace, pod, pod_uid, cgroup"
 POD_LEGEND = "{{namespace}} {{pod}}{{pod_uid}}{{cgroup}} ({{instance}})"
@@ -159,6 +171,14 @@ def pods_rate(metric: str) -> str:
 def top_pods(expr: str) -> str:
     """The TOP_PODS pods with the largest values of `expr` summed per pod."""
     return f"topk({TOP_PODS}, sum by (job, instance, node, {POD_LABELS}) ({expr}))"
+
+
+def top_pods_by_direction(metric: str) -> str:
+    """Every direction's series of the TOP_PODS pods with the most of `metric`, all directions
+    summed: the pods ranked by their total, each shown split."""
+    assert metric in POD_BREAKDOWNS, metric
+    every = f"job, instance, node, {POD_LABELS}"
+    return f"{sel(metric)} and on ({every}) topk({TOP_PODS}, sum by ({every}) ({sel(metric)}))"
 
 
 def over(used: str, limit: str, matchers: str = "") -> str:
@@ -695,11 +715,38 @@ def conntrack_dashboard() -> dict[str, Any]:
         9,
     )
     layout.panel(
+        ts(
+            "Pods filling the table",
+            f"Entries of the node's table per pod on the node, for the {TOP_PODS} pods holding "
+            "the most (both directions summed) over the selected nodes, each split by direction "
+            "(conntrack_table_pod_entries, from the last table scan, scaled when it sampled): "
+            "outbound, the pod's own connections (the pod's address is the original source); "
+            "inbound, connections to it through a Service (DNAT'd to the pod). One pod holding a "
+            "large share of the limit is what fills the table: its connection churn, its "
+            "timeouts, NOTRACK, its owners (" + RUNBOOKS + "). A pod is named by namespace and "
+            "pod, by pod_uid when the exporter could not learn the name, or by cgroup outside "
+            "Kubernetes. Empty when the table scan or the pods collector is off; pods with "
+            "hostNetwork count as the node. A pod's own table, where it has one, is in the "
+            "Socket pools dashboard's Pods row.",
+            "short",
+            [
+                Query(
+                    top_pods_by_direction("conntrack_table_pod_entries"),
+                    POD_LEGEND + " {{direction}}",
+                )
+            ],
+            no_value="no pod entries",
+        ),
+        24,
+        9,
+    )
+    layout.panel(
         top_table(
             "Top sources",
             "The original-direction source addresses holding the most entries, per node, from "
             "the last table scan (conntrack_table_top_source_entries, top K). One address "
-            "holding a large share of the limit is what fills the table.",
+            "holding a large share of the limit is what fills the table. An address of a pod "
+            "on that node also has the pod's namespace and pod (or pod_uid, or cgroup).",
             Query(sort_desc(sel("conntrack_table_top_source_entries")), instant=True, table=True),
             "entries",
             "no table scan",
@@ -712,7 +759,9 @@ def conntrack_dashboard() -> dict[str, Any]:
             "Top destinations",
             "The destinations (address, protocol, port) with the most entries, per node, from "
             "the last table scan (conntrack_table_top_destination_entries, top K). A large "
-            "count toward one service, e.g. DNS on port 53, shows who fills the table.",
+            "count toward one service, e.g. DNS on port 53, shows who fills the table. An "
+            "address of a pod on that node also has the pod's namespace and pod (or pod_uid, "
+            "or cgroup).",
             Query(
                 sort_desc(sel("conntrack_table_top_destination_entries")), instant=True, table=True
             ),
@@ -741,6 +790,22 @@ def conntrack_dashboard() -> dict[str, Any]:
     )
     layout.panel(nat, 12, 8)
     layout.panel(
+        top_table(
+            "SNAT ports by pod",
+            "Source ports each pod's outbound connections took from a SNAT pool of the panel on "
+            "the left (conntrack_nat_port_pool_pod_used: per pool, the pods taking the most, "
+            "top K), to compare with the pool's size (conntrack_nat_port_pool_size). A pod "
+            "taking most of a nearly full pool is the client that should reuse its "
+            "connections (" + RUNBOOKS + "). Empty when "
+            "the node does no SNAT of its pods' traffic or the pods collector is off.",
+            Query(sort_desc(sel("conntrack_nat_port_pool_pod_used")), instant=True, table=True),
+            "ports",
+            "no SNAT of pods",
+        ),
+        12,
+        8,
+    )
+    layout.panel(
         ts(
             "Hash table",
             "Buckets of the conntrack hash table (conntrack_buckets, nf_conntrack_buckets) and "
@@ -756,7 +821,7 @@ def conntrack_dashboard() -> dict[str, Any]:
                 ),
             ],
         ).override_by_query("B", _right_axis("short")),
-        12,
+        24,
         8,
     )
 
