@@ -333,9 +333,7 @@ def test_pod_metric_lists_cover_the_pods_collector():
     table scan's breakdowns of the host's table by pod (POD_BREAKDOWNS), never both."""
     pod_label = re.compile(r'[{,](?:pod|pod_uid|cgroup)="')
     per_pod = set()
-    # The pods collector's own (the table's families name pods too, but a pod label there
-    # says whose an address is: those series are the node's table's).
-    for path in GOLDEN_DIR.glob("pods*.prom"):
+    for path in GOLDEN_DIR.glob("*.prom"):
         for line in path.read_text().splitlines():
             if line and not line.startswith("#") and pod_label.search(line):
                 per_pod.add(re.split(r"[{ ]", line, maxsplit=1)[0])

@@ -290,9 +290,7 @@ def test_pod_metric_list_covers_the_pods_collector():
     rules must select the host's series on it) or is one of the table scan's breakdowns of
     the host's table by pod (POD_BREAKDOWNS: no pod's namespace reports them)."""
     per_pod = set()
-    # The pods collector's own (the table's families name pods too, but a pod label there
-    # says whose an address is: those series are the node's table's).
-    for path in (ROOT / "tests" / "golden").glob("pods*.prom"):
+    for path in GOLDEN:
         for line in path.read_text().splitlines():
             if line and not line.startswith("#") and POD_SERIES.search(line):
                 per_pod.add(re.split(r"[{ ]", line, maxsplit=1)[0])
