@@ -237,3 +237,31 @@ def test_an_address_given_after_the_namespace_appeared_is_found_at_the_next_pass
     collector.scan()
     collector.close()
     assert book.current.labels_of(address_key("10.71.1.2")) == dict(WEB)
+
+
+def test_a_pods_second_namespace_makes_no_duplicate_series(tmp_path):
+    """A pod's sandbox recreated: for a moment two namespaces (the new one found first: a
+    lower pid) name the same pod. The one reported already stays until its processes are
+    gone, then the new one is the pod's."""
+    root = tmp_path / "procfs"
+    shutil.copytree(ROOT, root, symlinks=True)
+    shutil.copytree(root / "netns" / "web", root / "netns" / "web2")
+    (root / "netns" / "web2" / "sockstat").write_text(
+        (root / "netns" / "web2" / "sockstat")
+        .read_text()
+        .replace("sockets: used 15", "sockets: used 99")
+    )
+    collector = PodsCollector(PodsOptions(pod_logs_path=str(root / "logs")), context(root))
+    assert value(scanned(collector), "socket_allocated", **dict(WEB)) == 15
+    new = root / "50"
+    new.mkdir()
+    (new / "net").symlink_to("../netns/web2")
+    shutil.copy(root / "100" / "cgroup", new / "cgroup")
+    collector.scan()
+    text = exposition(collector)  # parse_samples would hide a duplicate
+    assert text.count('socket_allocated{namespace="team-a",pod="web-1"}') == 1
+    assert value(parse_samples(text), "socket_allocated", **dict(WEB)) == 15
+    for old in ("100", "101"):
+        shutil.rmtree(root / old)
+    assert value(scanned(collector), "socket_allocated", **dict(WEB)) == 99
+    collector.close()

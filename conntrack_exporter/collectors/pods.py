@@ -170,6 +170,7 @@ class PodsCollector:
                 targets.append(Target(namespace, known.labels, known.sample_labels))
             else:
                 targets.append(Target(namespace, labels, NamespaceLabels(labels)))
+        targets = _one_per_pod(targets, previous)
         bound = self._options.max_namespaces
         skipped = max(0, len(targets) - bound) if bound else 0
         if skipped:
@@ -379,6 +380,21 @@ class PodsCollector:
     def close(self) -> None:
         with self._lock:
             self._table.close()
+
+
+def _one_per_pod(targets: list[Target], previous: dict[NetnsKey, Target]) -> list[Target]:
+    """One namespace per set of labels: two would make duplicate series. A pod has two for a
+    moment while its sandbox is recreated: the one reported already stays until it is gone
+    (its counters go on), else the first found."""
+    chosen: dict[tuple[tuple[str, str], ...], Target] = {}
+    for target in targets:
+        labels = tuple(sorted(target.labels.items()))
+        if labels not in chosen or target.namespace.key in previous:
+            chosen[labels] = target
+    if len(chosen) < len(targets):
+        log.debug("pod discovery: %d namespaces share a pod's labels", len(targets) - len(chosen))
+    kept = {id(target) for target in chosen.values()}
+    return [target for target in targets if id(target) in kept]
 
 
 CONNTRACK_ENTRIES = Family(GaugeMetricFamily("conntrack_entries", ENTRIES_HELP))
