@@ -11,8 +11,9 @@ and its conntrack table is the one the test reads. It forwards between the pods 
 masquerades what the pod subnet sends to the world (so the pods' outbound entries are SRC_NAT)
 and DNATs a Service's ClusterIP:port to pod B's address:port. The pods are processes in network
 namespaces of their own (`unshare -n sleep`), in kubelet-shaped cgroups (systemd driver for A,
-cgroupfs for B) with the kubelet's pod-log directories, so the exporter finds and names them
-through /proc as on a node. The world holds clients of the Service; nothing names it a pod.
+cgroupfs for B; below a cgroup of the run's own, as in kind) with the kubelet's pod-log
+directories, so the exporter finds and names them through /proc as on a node. The world holds
+clients of the Service; nothing names it a pod.
 
 Traffic, all held for the whole test: pod A sends UDP to the world from many source ports over
 IPv4 and IPv6 and opens TCP connections to pod B, directly and through the Service; pod B sends
@@ -232,10 +233,14 @@ def pod_node() -> Iterator[PodNode]:
         pod_logs.mkdir(mode=0o755)
         node = undo.enter_context(plain_netns("node"))
         world = undo.enter_context(plain_netns("world"))
-        made: list[Path] = []  # cgroup directories, removed once every pod process is gone
-        undo.callback(remove_cgroups, made)
-        a = SimulatedPod("team-a", f"web-{tag}", "systemd")
-        b = SimulatedPod("team-b", f"dns-{tag}", "cgroupfs")
+        # The pods' cgroups below one of this run's own, as kind nests a node's kubelet
+        # hierarchy: a kubepods directory at the root would be shared with concurrent runs,
+        # and whichever made it could not remove it while another's pod was in it.
+        made = [CGROUP2 / f"cte-node-{os.getpid()}-{tag}"]
+        made[0].mkdir()
+        undo.callback(remove_cgroups, made)  # removed once every pod process is gone
+        a = SimulatedPod("team-a", f"web-{tag}", "systemd", root=made[0])
+        b = SimulatedPod("team-b", f"dns-{tag}", "cgroupfs", root=made[0])
         for pod in (a, b):
             undo.callback(stop_pod, pod)
             pod.start(pod_logs, made)
