@@ -56,12 +56,15 @@ class SimulatedPod:
     driver: str  # "systemd" or "cgroupfs"
     uid: str = field(default_factory=lambda: str(uuid.uuid4()))
     container: str = field(default_factory=lambda: uuid.uuid4().hex * 2)
+    # Where the kubelet's hierarchy starts: the hierarchy's root, or a cgroup below it, as a
+    # kind node's kubelet nests its own below the node container's.
+    root: Path = CGROUP2
 
     def start(self, pod_logs: Path, made: list[Path]) -> None:
         """Start the pod; the cgroup directories it makes are added to `made`."""
         self.netns = Pod()
         self.pid = self.netns.pid
-        scope = CGROUP2
+        scope = self.root
         for part in self.cgroup_parts():
             scope = scope / part
             if not scope.exists():

@@ -58,6 +58,7 @@ class Entry(NamedTuple):
     src_nat: bool
     dst_nat: bool
     reply_dst: str  # the translated source (the NAT address) of an SNAT entry
+    reply_src: str  # who answers: the translated destination of a DNAT entry
 
 
 def parse_conntrack_line(line: str) -> Entry:
@@ -102,6 +103,7 @@ def parse_conntrack_line(line: str) -> Entry:
         src_nat,
         dst_nat,
         reply["dst"],
+        reply["src"],
     )
 
 
