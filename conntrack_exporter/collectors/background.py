@@ -12,7 +12,8 @@ families of its last good scan. A subclass says what a scan reads before its dum
 - failures counted by reason in `<prefix>_scan_errors_total{reason}`, served from the first
   scrape on, zeros included, whether or not a scan ever succeeded; each failure logged once,
   not every interval; a refusal (EPERM) stops scanning for good;
-- the scan health families (`_scan_duration_seconds`, `_scan_timestamp_seconds`), built once
+- the scan health families (`_scan_duration_seconds`, `_scan_timestamp_seconds`,
+  `_scan_interval_seconds`), built once
   per scan in the scanner's thread, so that a scrape costs a list read.
 
 Whatever a scan raises is counted here, procfs trouble and bugs included: nothing reaches the
@@ -226,6 +227,12 @@ class BackgroundScanCollector(Generic[R, P, T]):
                 f"{prefix}_scan_timestamp_seconds",
                 f"When the last {subject} scan finished (Unix time).",
                 value=scan.finished_at,
+            ),
+            GaugeMetricFamily(
+                f"{prefix}_scan_interval_seconds",
+                f"The configured seconds between {subject} scans (interval_seconds): how old "
+                f"_scan_timestamp_seconds may grow.",
+                value=self._interval,
             ),
             *self._scan_counts(scan),
             errors,

@@ -363,6 +363,11 @@ class PodsCollector:
                 "When the last discovery of the pods' network namespaces finished (Unix time).",
                 value=discovery.finished_at,
             ),
+            GaugeMetricFamily(
+                "conntrack_exporter_pod_discovery_interval_seconds",
+                "The configured seconds between discoveries (collectors.pods.interval_seconds).",
+                value=self._options.interval_seconds,
+            ),
             self._errors_family(),
         ]
 
