@@ -62,6 +62,8 @@ from conntrack_exporter.config import (
     load_config,
 )
 from conntrack_exporter.webconfig import load_web_config
+from tests.metrics import parse_samples, sources
+from tests.metrics import value as sample_value
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "conntrack-exporter"
@@ -944,6 +946,141 @@ def test_rendered_args_load_in_the_exporter(tmp_path, tls_files, args, pods):
         assert config.collectors["pods"].options.pod_logs_path == POD_LOGS
     else:
         assert config.path.procfs == "/proc"
+    # Unprivileged, the collector that needs CAP_NET_ADMIN is off.
+    unprivileged = container(objects)["securityContext"]["runAsUser"] != 0
+    assert ("conntrack_table" in config.enabled_collectors) == (not unprivileged)
+
+
+def test_unprivileged_turns_conntrack_table_off_after_the_pods_flags():
+    """Unprivileged, the collector that needs CAP_NET_ADMIN is off by flag (flags win over the
+    configuration file), before extraArgs; its options stay accepted. As root it is on."""
+    objects = render(
+        "--set",
+        "unprivileged=true,config.collectors.conntrack_table.top_k=3,extraArgs={--log.level=debug}",
+    )
+    assert container(objects)["args"] == [
+        "--web.listen-address=:9371",
+        "--web.telemetry-path=/metrics",
+        "--config.file=/etc/conntrack-exporter/config/config.yml",
+        *PODS_FLAGS,
+        "--no-collector.conntrack_table",
+        "--log.level=debug",
+    ]
+    off = render("--set", "unprivileged=true,config.collectors.conntrack_table.enabled=false")
+    assert "--no-collector.conntrack_table" in container(off)["args"]
+    for args in ([], ["--set", "config.collectors.conntrack_table.enabled=true"]):
+        flags = container(render(*args, *kube_version(NEWEST)))["args"]
+        assert not [flag for flag in flags if "conntrack_table" in flag]
+
+
+UNPRIVILEGED_CONFLICTS = [
+    (
+        ["--set", "unprivileged=true,config.collectors.conntrack_table.enabled=true"],
+        "config.collectors.conntrack_table.enabled is true, but unprivileged: true leaves the"
+        " exporter without CAP_NET_ADMIN, which the conntrack_table collector needs",
+    ),
+    (
+        ["--set", "unprivileged=true,extraArgs={--log.level=debug,--collector.conntrack_table}"],
+        "extraArgs has --collector.conntrack_table, but unprivileged: true leaves the exporter"
+        " without CAP_NET_ADMIN",
+    ),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), UNPRIVILEGED_CONFLICTS, ids=["config", "extra-args"])
+def test_unprivileged_refuses_turning_conntrack_table_back_on(args, message):
+    """Rather than one of the two winning quietly: the flag over the file (the collector off
+    against what the file says), or extraArgs over the chart's flag (failing on every node)."""
+    result = template(*args)
+    assert result.returncode != 0, f"{args} rendered"
+    assert message in result.stderr, result.stderr
+
+
+# -- the rendered container's collectors, run for real ----------------------------------------
+
+# The chart's two modes as the container runs them: its arguments (pods collector on: root
+# only from Kubernetes 1.31), and how the exporter's process is started in place of the
+# runtime. Unprivileged: user and group 65534, no supplementary group, no capability. Root:
+# CAP_NET_ADMIN alone, the bounding set reduced to it (what a container with drop [ALL] and
+# add [NET_ADMIN] holds).
+RUN_AS = {
+    "unprivileged": ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"],
+    "root": ["setpriv", "--bounding-set=-all,+net_admin", "--inh-caps=-all"],
+}
+RUN_CASES = [
+    ("unprivileged", "unprivileged-values.yaml", {"conntrack", "socket", "pods", "socket_ports"}),
+    (
+        "root",
+        "default-values.yaml",
+        {"conntrack", "socket", "pods", "conntrack_table", "socket_ports"},
+    ),
+]
+
+
+def run_rendered_container(netns, tmp_path: Path, mode: str, args: list[str]) -> str:
+    """`conntrack-exporter --once` with the container's arguments `args`, as the container's
+    user, in the test's network namespace (hostNetwork: the exporter's is the node's); its
+    standard output. The one rewrite: --path.procfs=/host/proc becomes /proc, the host's,
+    which the container sees there. The kubelet's pod log directory the chart mounts at
+    /var/log/pods is an empty directory here: mounted over /var/log in the private mount
+    namespace ip netns exec gives the command, never seen outside it."""
+    argv = [arg.replace(f"--path.procfs={HOST_PROC}", "--path.procfs=/proc") for arg in args]
+    var_log = tmp_path / "var-log"
+    (var_log / "pods").mkdir(parents=True)
+    for directory in (var_log, var_log / "pods"):
+        directory.chmod(0o755)
+    command = [*RUN_AS[mode], sys.executable, "-m", "conntrack_exporter", "--once", *argv]
+    result = netns.run(
+        "sh",
+        "-c",
+        'mount --bind "$1" /var/log && shift && exec "$@"',
+        "sh",
+        str(var_log),
+        *command,
+        check=False,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize(
+    ("mode", "values", "collectors"), RUN_CASES, ids=[case[0] for case in RUN_CASES]
+)
+def test_every_collector_the_chart_configures_succeeds_in_its_mode(
+    netns, tmp_path, mode, values, collectors
+):
+    """The chart configures only the collectors that can work in the mode it renders: run as
+    the container would be, every one of them reports success 1, so that
+    ConntrackExporterCollectorFailed (success == 0 for 15 minutes) stays quiet on a healthy
+    node. Unprivileged, conntrack_table is off: ctnetlink refuses its table dump to a process
+    without CAP_NET_ADMIN. The same arguments without the chart's --no-collector flag show
+    what it prevents: conntrack_table failing on every node."""
+    objects = render_ci(values, *kube_version(NEWEST))
+    exporter = container(objects)
+    # Nothing mounted but the node's own directories: no file to rewrite.
+    assert set(mounts(objects)) == set(POD_VOLUMES)
+    samples = parse_samples(
+        run_rendered_container(netns, tmp_path / "chart", mode, exporter["args"])
+    )
+    success = {
+        dict(labels)["collector"]: result
+        for labels, result in samples["conntrack_exporter_collector_success"].items()
+    }
+    assert success == dict.fromkeys(collectors, 1.0)
+    # Each read the kernel the way its mode allows: conntrack over netlink only with
+    # CAP_NET_ADMIN, from /proc without.
+    assert sources(samples, "conntrack") == ["netlink" if mode == "root" else "procfs"]
+    assert sum(samples["conntrack_exporter_pod_discovery_errors_total"].values()) == 0
+    if mode == "unprivileged":
+        assert "--no-collector.conntrack_table" in exporter["args"]
+        without = [arg for arg in exporter["args"] if arg != "--no-collector.conntrack_table"]
+        samples = parse_samples(run_rendered_container(netns, tmp_path / "without", mode, without))
+        failed = sample_value(
+            samples, "conntrack_exporter_collector_success", collector="conntrack_table"
+        )
+        assert failed == 0
 
 
 # -- what the pods' mounts grant, in a real container runtime ---------------------------------
@@ -1515,8 +1652,11 @@ def test_notes_say_how_to_reach_the_metrics_and_which_mode(tmp_path):
     assert f"kubectl -n {NAMESPACE} port-forward" in notes
     assert "http://NODE_IP:9371/metrics" in notes
     assert f"svc/{FULLNAME} 9371:9371" in notes
+    assert "conntrack_table collector is off" not in notes
     unprivileged = render_notes(tmp_path / "b", "--set", "unprivileged=true,port=9999")
     assert "Mode: unprivileged (procfs)" in unprivileged
+    assert "The conntrack_table collector is off (--no-collector.conntrack_table" in unprivileged
+    assert "no SNAT port pools (ConntrackNatPortPoolNearlyExhausted cannot\n  fire)" in unprivileged
     assert "http://NODE_IP:9999/metrics" in unprivileged
 
 

@@ -52,6 +52,30 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end }}
 
+{{/*
+The collectors that cannot work in the mode rendered, each with why, as YAML: the chart turns
+them off (--no-collector.NAME) rather than let them report
+conntrack_exporter_collector_success 0 on every node, which ConntrackExporterCollectorFailed
+would page on. Unprivileged (user 65534, no capability) ctnetlink refuses the table dump:
+conntrack_table needs CAP_NET_ADMIN, which a non-root process cannot hold under
+allowPrivilegeEscalation: false. Fails when config or extraArgs turn one of them on.
+*/}}
+{{- define "conntrack-exporter.collectorsOff" -}}
+{{- $off := dict }}
+{{- if .Values.unprivileged }}
+{{- $_ := set $off "conntrack_table" "CAP_NET_ADMIN" }}
+{{- end }}
+{{- range $name, $needs := $off }}
+{{- if dig "collectors" $name "enabled" false ($.Values.config | default dict) }}
+{{- fail (printf "config.collectors.%s.enabled is true, but unprivileged: true leaves the exporter without %s, which the %s collector needs: remove it, or set unprivileged: false" $name $needs $name) }}
+{{- end }}
+{{- if has (printf "--collector.%s" $name) $.Values.extraArgs }}
+{{- fail (printf "extraArgs has --collector.%s, but unprivileged: true leaves the exporter without %s, which the %s collector needs: remove it, or set unprivileged: false" $name $needs $name) }}
+{{- end }}
+{{- end }}
+{{- toYaml $off }}
+{{- end }}
+
 {{/* netlink (CAP_NET_ADMIN) or procfs (unprivileged): what NOTES.txt reports. */}}
 {{- define "conntrack-exporter.mode" -}}
 {{- if .Values.unprivileged }}unprivileged (procfs){{ else }}netlink (CAP_NET_ADMIN){{ end }}
