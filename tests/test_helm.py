@@ -260,11 +260,13 @@ EXPECTED_KINDS = {
 def test_renders_the_expected_objects(values):
     objects = render_ci(values)
     assert sorted(obj["kind"] for obj in objects) == EXPECTED_KINDS[values]
-    for obj in objects:
-        labels = obj["metadata"]["labels"]
+    common = load_yaml(CHART / "ci" / values).get("commonLabels", {})
+    pod_labels = only(objects, "DaemonSet")["spec"]["template"]["metadata"]["labels"]
+    for labels in [obj["metadata"]["labels"] for obj in objects] + [pod_labels]:
         assert labels["app.kubernetes.io/name"] == "conntrack-exporter"
         assert labels["app.kubernetes.io/instance"] == RELEASE
         assert labels["app.kubernetes.io/version"] == __version__
+        assert labels.items() >= common.items()
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
@@ -426,6 +428,52 @@ def test_pod_settings_from_values():
     assert container(objects)["image"].endswith("@sha256:" + "a" * 64)
     # The exporter is Linux-only: the chart's selector wins.
     assert pod["nodeSelector"] == {"kubernetes.io/os": "linux"}
+
+
+# Every object the chart can render: each kind of ci/monitors-values.yaml, and the web
+# configuration Secret.
+EVERY_OBJECT = ("--values", str(CHART / "ci" / "monitors-values.yaml"), "--set", "tls.secretName=t")
+# The values giving an object labels of its own: (value, the object's kind).
+OWN_LABELS = [
+    ("podLabels", "pods"),
+    ("service.labels", "Service"),
+    ("serviceMonitor.labels", "ServiceMonitor"),
+    ("podMonitor.labels", "PodMonitor"),
+    ("prometheusRule.labels", "PrometheusRule"),
+]
+
+
+def labelled(objects: tuple[dict, ...]) -> dict[str, dict[str, str]]:
+    """Every object's labels by kind/name, and the DaemonSet's pods' as "pods"."""
+    found = {
+        f"{obj['kind']}/{obj['metadata']['name']}": obj["metadata"]["labels"] for obj in objects
+    }
+    found["pods"] = only(objects, "DaemonSet")["spec"]["template"]["metadata"]["labels"]
+    return found
+
+
+def selectors(objects: tuple[dict, ...]) -> list[Any]:
+    found = [only(objects, kind)["spec"]["selector"] for kind in ("DaemonSet", "Service")]
+    found += [only(objects, kind)["spec"]["selector"] for kind in ("ServiceMonitor", "PodMonitor")]
+    return [*found, only(objects, "NetworkPolicy")["spec"]["podSelector"]]
+
+
+def test_common_labels_go_on_every_object_under_the_charts_and_each_objects_own():
+    """commonLabels on every object and the pods; the chart's own labels win over them, and
+    so does an object's own labels value; the selectors never change."""
+    plain = render(*EVERY_OBJECT)
+    settings = ["commonLabels.team=common", "commonLabels.app\\.kubernetes\\.io/name=other"]
+    settings += [f"{value}.team={kind.lower()}" for value, kind in OWN_LABELS]
+    objects = render(*EVERY_OBJECT, "--set", ",".join(settings))
+    before, after = labelled(plain), labelled(objects)
+    kinds = {name.split("/")[0] for name in after}
+    assert kinds == {*EXPECTED_KINDS["monitors-values.yaml"], "Secret", "pods"}
+    own = {kind: kind.lower() for _, kind in OWN_LABELS}
+    for name, labels in after.items():
+        team = own.get(name.split("/")[0], "common")
+        assert labels == {**before[name], "team": team}, name
+        assert labels["app.kubernetes.io/name"] == "conntrack-exporter"
+    assert selectors(objects) == selectors(plain)
 
 
 def test_service_and_service_account():
@@ -1756,6 +1804,9 @@ SCHEMA_REFUSALS = [
     (["--set", "pods.podLogsDir=var/log/pods"], "pods.podLogsDir: Does not match pattern"),
     # Not the node's whole file system.
     (["--set", "pods.podLogsDir=/"], "pods.podLogsDir: Does not match pattern"),
+    (["--set", "commonLabels.team=1"], "commonLabels.team: Invalid type"),
+    (["--set", "commonLabels.team=a b"], "commonLabels.team: Does not match pattern"),
+    (["--set-json", 'commonLabels={"-team":"a"}'], 'Property name of "-team" does not match'),
 ]
 
 

@@ -27,13 +27,30 @@ app.kubernetes.io/name: {{ include "conntrack-exporter.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
-{{- define "conntrack-exporter.labels" -}}
+{{/* The chart's own labels: no value overrides them (the selector labels among them). */}}
+{{- define "conntrack-exporter.ownLabels" -}}
 helm.sh/chart: {{ include "conntrack-exporter.chart" . }}
 {{ include "conntrack-exporter.selectorLabels" . }}
 app.kubernetes.io/version: {{ .Values.image.tag | default .Chart.AppVersion | quote }}
 app.kubernetes.io/component: metrics
 app.kubernetes.io/part-of: conntrack-exporter
 app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/* Every object's labels: commonLabels, and the chart's own over them. */}}
+{{- define "conntrack-exporter.labels" -}}
+{{- include "conntrack-exporter.labelsWith" (list . dict) }}
+{{- end }}
+
+{{/*
+An object's labels when a value gives it some of its own (podLabels, service.labels, a
+monitor's labels...): the chart's own labels, then that value's, then commonLabels. Argument:
+(list $ the object's labels).
+*/}}
+{{- define "conntrack-exporter.labelsWith" -}}
+{{- $root := index . 0 }}
+{{- $own := include "conntrack-exporter.ownLabels" $root | fromYaml }}
+{{- toYaml (merge $own (deepCopy (index . 1 | default dict)) (deepCopy ($root.Values.commonLabels | default dict))) }}
 {{- end }}
 
 {{- define "conntrack-exporter.serviceAccountName" -}}
