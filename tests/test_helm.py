@@ -334,6 +334,8 @@ def test_daemonset_container_ports_probes_and_args():
     assert "volumeMounts" not in exporter
     strategy = only(objects, "DaemonSet")["spec"]["updateStrategy"]
     assert strategy == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}}
+    # Kubernetes' own default, said explicitly.
+    assert only(objects, "DaemonSet")["spec"]["revisionHistoryLimit"] == 10
 
 
 COMMON_SECURITY = {
@@ -419,11 +421,16 @@ def test_pod_settings_from_values():
     objects = render(
         "--set",
         "priorityClassName=system-node-critical,updateStrategy.type=OnDelete,"
-        "image.digest=sha256:" + "a" * 64 + ",nodeSelector.kubernetes\\.io/os=windows",
+        "image.digest=sha256:" + "a" * 64 + ",nodeSelector.kubernetes\\.io/os=windows,"
+        "revisionHistoryLimit=3",
     )
     daemonset = only(objects, "DaemonSet")
     pod = daemonset["spec"]["template"]["spec"]
     assert pod["priorityClassName"] == "system-node-critical"
+    assert daemonset["spec"]["revisionHistoryLimit"] == 3
+    # 0 is a limit too (no old revision kept), not "unset".
+    none_kept = only(render("--set", "revisionHistoryLimit=0"), "DaemonSet")
+    assert none_kept["spec"]["revisionHistoryLimit"] == 0
     assert daemonset["spec"]["updateStrategy"] == {"type": "OnDelete"}
     assert container(objects)["image"].endswith("@sha256:" + "a" * 64)
     # The exporter is Linux-only: the chart's selector wins.
@@ -1804,6 +1811,10 @@ SCHEMA_REFUSALS = [
     (["--set", "pods.podLogsDir=var/log/pods"], "pods.podLogsDir: Does not match pattern"),
     # Not the node's whole file system.
     (["--set", "pods.podLogsDir=/"], "pods.podLogsDir: Does not match pattern"),
+    (["--set-json", "priorityClassName=1"], "priorityClassName: Invalid type"),
+    (["--set", "priorityClassName=System_Node"], "priorityClassName: Does not match pattern"),
+    (["--set", "revisionHistoryLimit=-1"], "revisionHistoryLimit: Must be greater than or equal"),
+    (["--set-string", "revisionHistoryLimit=3"], "revisionHistoryLimit: Invalid type"),
     (["--set", "commonLabels.team=1"], "commonLabels.team: Invalid type"),
     (["--set", "commonLabels.team=a b"], "commonLabels.team: Does not match pattern"),
     (["--set-json", 'commonLabels={"-team":"a"}'], 'Property name of "-team" does not match'),
