@@ -217,6 +217,7 @@ def test_ci_values_files_are_the_expected_ones():
         "unprivileged-values.yaml",
         "config-values.yaml",
         "web-security-values.yaml",
+        "extras-values.yaml",
     }
 
 
@@ -234,6 +235,7 @@ EXPECTED_KINDS = {
     "default-values.yaml": ["DaemonSet", "Service", "ServiceAccount"],
     "unprivileged-values.yaml": ["DaemonSet", "Service", "ServiceAccount"],
     "config-values.yaml": ["ConfigMap", "DaemonSet", "Service", "ServiceAccount"],
+    "extras-values.yaml": ["DaemonSet", "Service", "ServiceAccount"],
     "web-security-values.yaml": [
         "ConfigMap",
         "DaemonSet",
@@ -435,6 +437,57 @@ def test_pod_settings_from_values():
     assert container(objects)["image"].endswith("@sha256:" + "a" * 64)
     # The exporter is Linux-only: the chart's selector wins.
     assert pod["nodeSelector"] == {"kubernetes.io/os": "linux"}
+
+
+EXTRAS_CI = "extras-values.yaml"
+
+
+def test_extra_env_volumes_and_mounts_come_after_the_charts_own():
+    """extraEnv, extraVolumes and extraVolumeMounts as given, after the chart's own, every
+    mount read-only (mounts() asserts it); extraArgs last; the pod settings of the ci file."""
+    values = load_yaml(CHART / "ci" / EXTRAS_CI)
+    objects = render_ci(EXTRAS_CI, *kube_version(NEWEST))
+    daemonset = only(objects, "DaemonSet")
+    exporter = container(objects)
+    assert exporter["env"] == values["extraEnv"]
+    assert exporter["args"][-1] == "--web.listen-address=$(HOST_IP):9371"
+    assert pod_spec(objects)["volumes"][-1] == values["extraVolumes"][0]
+    assert exporter["volumeMounts"][-1] == {**values["extraVolumeMounts"][0], "readOnly": True}
+    assert mounts(objects) == {
+        **pods_mounts("IfPossible"),
+        "client-ca": {
+            "mountPath": "/etc/conntrack-exporter/client-ca",
+            "configMap": {"name": "scrape-client-ca"},
+        },
+    }
+    assert pod_spec(objects)["priorityClassName"] == "system-node-critical"
+    assert daemonset["spec"]["revisionHistoryLimit"] == 3
+    # None of it by default.
+    default = render(*kube_version(NEWEST))
+    assert "env" not in container(default)
+    assert [mount["name"] for mount in container(default)["volumeMounts"]] == list(POD_VOLUMES)
+
+
+def test_extra_args_expand_the_extra_env_and_win_over_the_charts_flag():
+    """Listening on the node's own address: Kubernetes expands $(HOST_IP) in the arguments
+    from the environment (here by hand, with the node's address from status.hostIP), and the
+    exporter takes the last --web.listen-address, extraArgs' over the chart's."""
+    exporter = container(render_ci(EXTRAS_CI))
+    (host_ip,) = [env for env in exporter["env"] if env["name"] == "HOST_IP"]
+    assert host_ip["valueFrom"] == {"fieldRef": {"fieldPath": "status.hostIP"}}
+    argv = [arg.replace("$(HOST_IP)", "10.0.0.5") for arg in exporter["args"]]
+    parser = cli.build_parser()
+    config = load_config(None, cli._flag_values(parser.parse_args(argv), parser), COLLECTORS)
+    assert config.web.listen_address == "10.0.0.5:9371"
+
+
+def test_extra_volume_mounts_name_extra_volumes_only():
+    """Not a volume the chart mounts (its own mounts decide how, e.g. /host/proc read-only
+    beneath), nor one that does not exist."""
+    mount = json.dumps([{"name": "ca", "mountPath": "/etc/ca"}])
+    result = template("--set-json", f"extraVolumeMounts={mount}")
+    assert result.returncode != 0
+    assert 'extraVolumeMounts: "ca" is no volume of extraVolumes' in result.stderr
 
 
 # Every object the chart can render: each kind of ci/monitors-values.yaml, and the web
@@ -1815,6 +1868,32 @@ SCHEMA_REFUSALS = [
     (["--set", "priorityClassName=System_Node"], "priorityClassName: Does not match pattern"),
     (["--set", "revisionHistoryLimit=-1"], "revisionHistoryLimit: Must be greater than or equal"),
     (["--set-string", "revisionHistoryLimit=3"], "revisionHistoryLimit: Invalid type"),
+    (["--set-json", 'extraEnv=[{"value":"x"}]'], "extraEnv.0: name is required"),
+    (["--set-json", 'extraEnv=[{"name":"A","value":1}]'], "extraEnv.0.value: Invalid type"),
+    (["--set-json", 'extraEnv=[{"name":"A","valueFrom":{"fieldref":{}}}]'], "property fieldref"),
+    (["--set-json", 'extraVolumes=[{"name":"x"}]'], "extraVolumes.0: Must have at least 2"),
+    (["--set-json", 'extraVolumes=[{"name":"config","emptyDir":{}}]'], "extraVolumes.0.name: Must"),
+    (["--set-json", 'extraVolumes=[{"name":"x","gitRepo":{}}]'], "Additional property gitRepo"),
+    (["--set-json", 'extraVolumes=[{"name":"x","hostpath":{}}]'], "Additional property hostpath"),
+    (
+        ["--set-json", 'extraVolumeMounts=[{"name":"x","mountPath":"/x","readOnly":false}]'],
+        "extraVolumeMounts.0.readOnly must be one of the following: true",
+    ),
+    (
+        ["--set-json", 'extraVolumeMounts=[{"name":"host-proc","mountPath":"/proc2"}]'],
+        "extraVolumeMounts.0.name: Must not validate the schema",
+    ),
+    (
+        ["--set-json", 'extraVolumeMounts=[{"name":"x","mountPath":"x"}]'],
+        "extraVolumeMounts.0.mountPath: Does not match pattern",
+    ),
+    (
+        [
+            "--set-json",
+            'extraVolumeMounts=[{"name":"x","mountPath":"/x","mountPropagation":"Bidirectional"}]',
+        ],
+        "mountPropagation must be one of the following",
+    ),
     (["--set", "commonLabels.team=1"], "commonLabels.team: Invalid type"),
     (["--set", "commonLabels.team=a b"], "commonLabels.team: Does not match pattern"),
     (["--set-json", 'commonLabels={"-team":"a"}'], 'Property name of "-team" does not match'),
