@@ -371,6 +371,45 @@ def test_security_context_unprivileged_mode():
     }
 
 
+SECURITY_OVERRIDES = {
+    "seccompProfile": {"type": "Localhost", "localhostProfile": "profiles/exporter.json"},
+    "appArmorProfile": {"type": "Localhost", "localhostProfile": "exporter"},
+    "seLinuxOptions": {"level": "s0:c1,c2", "type": "container_t"},
+    "runAsGroup": 10001,
+    "privileged": False,
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+}
+
+
+def test_security_context_overrides_replace_the_modes_keys_and_nothing_else():
+    """Each key of securityContext replaces the mode's; the user and capabilities stay the
+    mode's (another user only unprivileged). podSecurityContext is the pod's, as given. Both
+    pass Kubernetes' own schema (appArmorProfile: 1.30 and later)."""
+    values = load_yaml(CHART / "ci" / EXTRAS_CI)
+    objects = render_ci(EXTRAS_CI)
+    assert container(objects)["securityContext"] == {
+        **UNPRIVILEGED_CONTEXT,
+        **values["securityContext"],
+    }
+    assert pod_spec(objects)["securityContext"] == values["podSecurityContext"]
+    overrides = json.dumps(SECURITY_OVERRIDES)
+    for args, mode in (([], ROOT_CONTEXT), (["--set", "unprivileged=true"], UNPRIVILEGED_CONTEXT)):
+        objects = render(*args, "--set-json", f"securityContext={overrides}", *kube_version(NEWEST))
+        assert container(objects)["securityContext"] == {**mode, **SECURITY_OVERRIDES}
+        kubernetes_validate.validate(only(objects, "DaemonSet"), NEWEST, strict=True)
+    # None by default: the pod has no security context of its own.
+    assert "securityContext" not in pod_spec(render())
+
+
+def test_another_user_only_unprivileged():
+    """As root the exporter holds CAP_NET_ADMIN; another user would lose it (no file
+    capability under allowPrivilegeEscalation: false)."""
+    result = template("--set", "securityContext.runAsUser=10001")
+    assert result.returncode != 0
+    assert "securityContext.runAsUser: the default mode runs as root" in result.stderr
+
+
 def test_config_file_mount_flag_and_pod_settings():
     objects = render_ci("config-values.yaml")
     values = load_yaml(CHART / "ci" / "config-values.yaml")
@@ -1106,38 +1145,68 @@ def test_unprivileged_refuses_turning_conntrack_table_back_on(args, message):
 
 # -- the rendered container's collectors, run for real ----------------------------------------
 
-# The chart's two modes as the container runs them: its arguments (pods collector on: root
-# only from Kubernetes 1.31), and how the exporter's process is started in place of the
-# runtime. Unprivileged: user and group 65534, no supplementary group, no capability. Root:
-# CAP_NET_ADMIN alone, the bounding set reduced to it (what a container with drop [ALL] and
-# add [NET_ADMIN] holds).
-RUN_AS = {
-    "unprivileged": ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"],
-    "root": ["setpriv", "--bounding-set=-all,+net_admin", "--inh-caps=-all"],
-}
+# The chart's modes as the container runs them: the values, rendered for a Kubernetes where
+# the pods collector is on in both modes (1.31 and later), and the collectors configured.
 RUN_CASES = [
-    ("unprivileged", "unprivileged-values.yaml", {"conntrack", "socket", "pods", "socket_ports"}),
+    (
+        "unprivileged",
+        ["--values", str(CHART / "ci" / "unprivileged-values.yaml")],
+        {"conntrack", "socket", "pods", "socket_ports"},
+    ),
+    (
+        "unprivileged-own-user",
+        [
+            "--values",
+            str(CHART / "ci" / "unprivileged-values.yaml"),
+            "--set",
+            "securityContext.runAsUser=10001,securityContext.runAsGroup=10001,"
+            "podSecurityContext.fsGroup=10002,podSecurityContext.supplementalGroups={10003}",
+        ],
+        {"conntrack", "socket", "pods", "socket_ports"},
+    ),
     (
         "root",
-        "default-values.yaml",
+        ["--values", str(CHART / "ci" / "default-values.yaml")],
         {"conntrack", "socket", "pods", "conntrack_table", "socket_ports"},
     ),
 ]
 
 
-def run_rendered_container(netns, tmp_path: Path, mode: str, args: list[str]) -> str:
+def run_as(objects: tuple[dict, ...]) -> list[str]:
+    """setpriv's arguments for the process the runtime starts from the rendered pod: its user
+    and group, its supplementary groups (fsGroup and supplementalGroups), and the capabilities
+    it holds: those the security context adds, for root (the bounding set reduced to them);
+    none for another user, which keeps no capability across exec (Kubernetes sets no ambient
+    capability)."""
+    context = container(objects)["securityContext"]
+    pod = pod_spec(objects).get("securityContext", {})
+    groups = sorted(
+        {*pod.get("supplementalGroups", []), *[pod[k] for k in ["fsGroup"] if k in pod]}
+    )
+    added = "".join(f",+{name.lower()}" for name in context["capabilities"].get("add", []))
+    return [
+        "setpriv",
+        f"--reuid={context['runAsUser']}",
+        f"--regid={context.get('runAsGroup', 0)}",
+        f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups",
+        f"--bounding-set=-all{added}",
+        "--inh-caps=-all",
+    ]
+
+
+def run_rendered_container(netns, tmp_path: Path, user: list[str], args: list[str]) -> str:
     """`conntrack-exporter --once` with the container's arguments `args`, as the container's
-    user, in the test's network namespace (hostNetwork: the exporter's is the node's); its
-    standard output. The one rewrite: --path.procfs=/host/proc becomes /proc, the host's,
-    which the container sees there. The kubelet's pod log directory the chart mounts at
-    /var/log/pods is an empty directory here: mounted over /var/log in the private mount
-    namespace ip netns exec gives the command, never seen outside it."""
+    user (`user`: run_as()), in the test's network namespace (hostNetwork: the exporter's is
+    the node's); its standard output. The one rewrite: --path.procfs=/host/proc becomes
+    /proc, the host's, which the container sees there. The kubelet's pod log directory the
+    chart mounts at /var/log/pods is an empty directory here: mounted over /var/log in the
+    private mount namespace ip netns exec gives the command, never seen outside it."""
     argv = [arg.replace(f"--path.procfs={HOST_PROC}", "--path.procfs=/proc") for arg in args]
     var_log = tmp_path / "var-log"
     (var_log / "pods").mkdir(parents=True)
     for directory in (var_log, var_log / "pods"):
         directory.chmod(0o755)
-    command = [*RUN_AS[mode], sys.executable, "-m", "conntrack_exporter", "--once", *argv]
+    command = [*user, sys.executable, "-m", "conntrack_exporter", "--once", *argv]
     result = netns.run(
         "sh",
         "-c",
@@ -1154,10 +1223,10 @@ def run_rendered_container(netns, tmp_path: Path, mode: str, args: list[str]) ->
 
 @pytest.mark.kernel
 @pytest.mark.parametrize(
-    ("mode", "values", "collectors"), RUN_CASES, ids=[case[0] for case in RUN_CASES]
+    ("values", "collectors"), [case[1:] for case in RUN_CASES], ids=[c[0] for c in RUN_CASES]
 )
 def test_every_collector_the_chart_configures_succeeds_in_its_mode(
-    netns, tmp_path, mode, values, collectors
+    netns, tmp_path, values, collectors
 ):
     """The chart configures only the collectors that can work in the mode it renders: run as
     the container would be, every one of them reports success 1, so that
@@ -1165,12 +1234,15 @@ def test_every_collector_the_chart_configures_succeeds_in_its_mode(
     node. Unprivileged, conntrack_table is off: ctnetlink refuses its table dump to a process
     without CAP_NET_ADMIN. The same arguments without the chart's --no-collector flag show
     what it prevents: conntrack_table failing on every node."""
-    objects = render_ci(values, *kube_version(NEWEST))
+    objects = render(*values, *kube_version(NEWEST))
     exporter = container(objects)
     # Nothing mounted but the node's own directories: no file to rewrite.
     assert set(mounts(objects)) == set(POD_VOLUMES)
+    user = run_as(objects)
+    root = exporter["securityContext"]["runAsUser"] == 0
+    assert root == (user[1] == "--reuid=0")
     samples = parse_samples(
-        run_rendered_container(netns, tmp_path / "chart", mode, exporter["args"])
+        run_rendered_container(netns, tmp_path / "chart", user, exporter["args"])
     )
     success = {
         dict(labels)["collector"]: result
@@ -1179,12 +1251,12 @@ def test_every_collector_the_chart_configures_succeeds_in_its_mode(
     assert success == dict.fromkeys(collectors, 1.0)
     # Each read the kernel the way its mode allows: conntrack over netlink only with
     # CAP_NET_ADMIN, from /proc without.
-    assert sources(samples, "conntrack") == ["netlink" if mode == "root" else "procfs"]
+    assert sources(samples, "conntrack") == ["netlink" if root else "procfs"]
     assert sum(samples["conntrack_exporter_pod_discovery_errors_total"].values()) == 0
-    if mode == "unprivileged":
+    if not root:
         assert "--no-collector.conntrack_table" in exporter["args"]
         without = [arg for arg in exporter["args"] if arg != "--no-collector.conntrack_table"]
-        samples = parse_samples(run_rendered_container(netns, tmp_path / "without", mode, without))
+        samples = parse_samples(run_rendered_container(netns, tmp_path / "without", user, without))
         failed = sample_value(
             samples, "conntrack_exporter_collector_success", collector="conntrack_table"
         )
@@ -1763,6 +1835,9 @@ def test_notes_say_how_to_reach_the_metrics_and_which_mode(tmp_path):
     assert "conntrack_table collector is off" not in notes
     unprivileged = render_notes(tmp_path / "b", "--set", "unprivileged=true,port=9999")
     assert "Mode: unprivileged (procfs)" in unprivileged
+    assert "No capability, user 65534: conntrack counts" in unprivileged
+    own_user = render_notes(tmp_path / "c", "--values", str(CHART / "ci" / EXTRAS_CI))
+    assert "No capability, user 10001: conntrack counts" in own_user
     assert "The conntrack_table collector is off (--no-collector.conntrack_table" in unprivileged
     assert "no SNAT port pools (ConntrackNatPortPoolNearlyExhausted cannot\n  fire)" in unprivileged
     assert "http://NODE_IP:9999/metrics" in unprivileged
@@ -1894,6 +1969,27 @@ SCHEMA_REFUSALS = [
         ],
         "mountPropagation must be one of the following",
     ),
+    (
+        ["--set", "securityContext.privileged=true"],
+        "privileged must be one of the following: false",
+    ),
+    (["--set", "securityContext.allowPrivilegeEscalation=true"], "must be one of the following"),
+    (["--set", "securityContext.readOnlyRootFilesystem=false"], "must be one of the following"),
+    (["--set-json", 'securityContext.capabilities={"add":["SYS_ADMIN"]}'], "property capabilities"),
+    (["--set", "securityContext.runAsNonRoot=false"], "Additional property runAsNonRoot"),
+    (["--set", "securityContext.procMount=Unmasked"], "Additional property procMount"),
+    (["--set", "unprivileged=true,securityContext.runAsUser=0"], "runAsUser: Must be greater"),
+    (["--set", "securityContext.runAsGroup=0"], "runAsGroup: Must be greater than or equal to 1"),
+    (["--set", "securityContext.seccompProfile.type=Unconfined"], "seccompProfile: Must validate"),
+    (["--set", "securityContext.seccompProfile.type=Localhost"], "seccompProfile: Must validate"),
+    (["--set", "securityContext.appArmorProfile.type=Unconfined"], "appArmorProfile: Must valid"),
+    (["--set", "securityContext.seLinuxOptions.type=spc_t"], "seLinuxOptions.type must be one of"),
+    (["--set", "securityContext.seLinuxOptions.user=system_u"], "Additional property user"),
+    (["--set", "podSecurityContext.fsGroup=0"], "fsGroup: Must be greater than or equal to 1"),
+    (["--set", "podSecurityContext.supplementalGroups={0}"], "Must be greater than or equal to 1"),
+    (["--set", "podSecurityContext.runAsUser=0"], "Additional property runAsUser"),
+    (["--set-json", 'podSecurityContext.sysctls=[{"name":"a","value":"1"}]'], "property sysctls"),
+    (["--set", "podSecurityContext.seLinuxOptions.role=r"], "Additional property role"),
     (["--set", "commonLabels.team=1"], "commonLabels.team: Invalid type"),
     (["--set", "commonLabels.team=a b"], "commonLabels.team: Does not match pattern"),
     (["--set-json", 'commonLabels={"-team":"a"}'], 'Property name of "-team" does not match'),

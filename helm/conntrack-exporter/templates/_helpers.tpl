@@ -93,6 +93,38 @@ allowPrivilegeEscalation: false. Fails when config or extraArgs turn one of them
 {{- toYaml $off }}
 {{- end }}
 
+{{/*
+The exporter container's security context, as YAML. The mode's: no privilege, no escalation, a
+read-only root file system, the runtime's seccomp profile; root with CAP_NET_ADMIN alone, or
+(unprivileged) user 65534 with no capability. Then each key securityContext gives, in place of
+the mode's: the schema admits only those that cannot widen it (another non-root user or group,
+a seccomp, AppArmor or SELinux setting no looser than the runtime's, the three flags restated).
+Another user fails in the default mode: a capability added in the security context reaches a
+non-root process only through file capabilities, which allowPrivilegeEscalation: false
+disables, so only root keeps CAP_NET_ADMIN there.
+*/}}
+{{- define "conntrack-exporter.securityContext" -}}
+{{- $given := .Values.securityContext | default dict }}
+{{- $context := dict "privileged" false "allowPrivilegeEscalation" false "readOnlyRootFilesystem" true "seccompProfile" (dict "type" "RuntimeDefault") }}
+{{- if .Values.unprivileged }}
+{{- $_ := set $context "runAsNonRoot" true }}
+{{- $_ := set $context "runAsUser" 65534 }}
+{{- $_ := set $context "runAsGroup" 65534 }}
+{{- $_ := set $context "capabilities" (dict "drop" (list "ALL")) }}
+{{- else }}
+{{- if hasKey $given "runAsUser" }}
+{{- fail "securityContext.runAsUser: the default mode runs as root, the one user that keeps CAP_NET_ADMIN here; set unprivileged: true to run as another user" }}
+{{- end }}
+{{- $_ := set $context "runAsNonRoot" false }}
+{{- $_ := set $context "runAsUser" 0 }}
+{{- $_ := set $context "capabilities" (dict "drop" (list "ALL") "add" (list "NET_ADMIN")) }}
+{{- end }}
+{{- range $key, $value := $given }}
+{{- $_ := set $context $key (deepCopy $value) }}
+{{- end }}
+{{- toYaml $context }}
+{{- end }}
+
 {{/* netlink (CAP_NET_ADMIN) or procfs (unprivileged): what NOTES.txt reports. */}}
 {{- define "conntrack-exporter.mode" -}}
 {{- if .Values.unprivileged }}unprivileged (procfs){{ else }}netlink (CAP_NET_ADMIN){{ end }}
