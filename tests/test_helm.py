@@ -1530,6 +1530,11 @@ OPERATOR_TARGET_LABELS = {"namespace", "pod", "container", "service", "endpoint"
 DROP_EXPORTER_LABELS = {"action": "labeldrop", "regex": "namespace|pod|container|service|endpoint"}
 
 
+# The per-scrape limits of a monitor's spec (not its endpoints'), from the values of the same
+# names: prometheus-operator's ServiceMonitorSpec and PodMonitorSpec.
+MONITOR_LIMITS = ("sampleLimit", "labelLimit")
+
+
 @pytest.mark.parametrize(
     ("kind", "endpoints"), [("ServiceMonitor", "endpoints"), ("PodMonitor", "podMetricsEndpoints")]
 )
@@ -1542,7 +1547,11 @@ def test_monitor_structure(kind, endpoints):
     assert monitor["metadata"]["namespace"] == NAMESPACE
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     spec = monitor["spec"]
-    assert set(spec) == {"jobLabel", "namespaceSelector", "selector", endpoints}
+    assert set(spec) == {"jobLabel", "namespaceSelector", "selector", endpoints, *MONITOR_LIMITS}
+    values = load_yaml(CHART / "ci" / "monitors-values.yaml")[kind[0].lower() + kind[1:]]
+    assert {key: spec[key] for key in MONITOR_LIMITS} == {
+        key: values[key] for key in MONITOR_LIMITS
+    }
     assert spec["namespaceSelector"] == {"matchNames": [NAMESPACE]}
     # It selects the exporter's pods (PodMonitor) or Service (ServiceMonitor)...
     target = only(objects, "DaemonSet" if kind == "PodMonitor" else "Service")
@@ -1580,6 +1589,37 @@ def test_service_monitor_values():
         *values["relabelings"],
     ]
     assert endpoint["metricRelabelings"] == values["metricRelabelings"]
+
+
+def test_monitor_limits_interval_and_relabelings_per_monitor():
+    """Each monitor's own values: the limits on its spec (none when 0, the default), the
+    interval, timeout and relabelings on its endpoint, the user's after the chart's."""
+    relabeling = {"sourceLabels": ["__meta_kubernetes_pod_host_ip"], "targetLabel": "host_ip"}
+    dropping = {"sourceLabels": ["__name__"], "regex": "go_.*", "action": "drop"}
+    settings = {
+        "enabled": True,
+        "sampleLimit": 50000,
+        "labelLimit": 12,
+        "interval": "1m",
+        "scrapeTimeout": "20s",
+        "relabelings": [relabeling],
+        "metricRelabelings": [dropping],
+    }
+    for kind, endpoints in (("ServiceMonitor", "endpoints"), ("PodMonitor", "podMetricsEndpoints")):
+        value = kind[0].lower() + kind[1:]
+        objects = render("--set-json", f"{value}={json.dumps(settings)}")
+        spec = only(objects, kind)["spec"]
+        assert (spec["sampleLimit"], spec["labelLimit"]) == (50000, 12), kind
+        (endpoint,) = spec[endpoints]
+        assert (endpoint["interval"], endpoint["scrapeTimeout"]) == ("1m", "20s"), kind
+        assert endpoint["relabelings"] == [NODE_RELABELING, DROP_EXPORTER_LABELS, relabeling]
+        assert endpoint["metricRelabelings"] == [dropping]
+        # 0, the default: no limit set by the chart (the Prometheus' enforced ones apply).
+        plain = only(render("--set", f"{value}.enabled=true"), kind)["spec"]
+        assert not set(MONITOR_LIMITS) & set(plain), kind
+    # A limit beyond 2^31 renders as an integer, not in exponent form.
+    objects = render("--set", "podMonitor.enabled=true,podMonitor.sampleLimit=5000000000")
+    assert only(objects, "PodMonitor")["spec"]["sampleLimit"] == 5000000000
 
 
 def test_monitor_without_node_label_or_relabelings_still_drops_the_exporters_labels():
@@ -1990,6 +2030,9 @@ SCHEMA_REFUSALS = [
     (["--set", "podSecurityContext.runAsUser=0"], "Additional property runAsUser"),
     (["--set-json", 'podSecurityContext.sysctls=[{"name":"a","value":"1"}]'], "property sysctls"),
     (["--set", "podSecurityContext.seLinuxOptions.role=r"], "Additional property role"),
+    (["--set", "serviceMonitor.sampleLimit=-1"], "serviceMonitor.sampleLimit: Must be greater"),
+    (["--set-string", "podMonitor.labelLimit=10"], "podMonitor.labelLimit: Invalid type"),
+    (["--set-string", "podMonitor.interval=30"], "podMonitor.interval: Does not match pattern"),
     (["--set", "commonLabels.team=1"], "commonLabels.team: Invalid type"),
     (["--set", "commonLabels.team=a b"], "commonLabels.team: Does not match pattern"),
     (["--set-json", 'commonLabels={"-team":"a"}'], 'Property name of "-team" does not match'),
