@@ -410,6 +410,91 @@ def test_another_user_only_unprivileged():
     assert "securityContext.runAsUser: the default mode runs as root" in result.stderr
 
 
+# -- Pod Security Standards: what each mode needs ----------------------------------------------
+
+# The capabilities Pod Security's baseline level lets a container add (the Capabilities control).
+BASELINE_CAPABILITIES = {
+    "AUDIT_WRITE", "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "MKNOD",
+    "NET_BIND_SERVICE", "SETFCAP", "SETGID", "SETPCAP", "SETUID", "SYS_CHROOT",
+}  # fmt: skip
+# The volume sources the restricted level admits (Volume Types).
+RESTRICTED_VOLUMES = {
+    "configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+    "projected", "secret",
+}  # fmt: skip
+
+
+def pod_security_failures(objects: tuple[dict, ...]) -> dict[str, set[str]]:
+    """The controls of the Pod Security Standards the rendered pod fails, by level: the
+    baseline ones, and those restricted adds. The pod as the API server admits it: with
+    hostNetwork, a container port without a hostPort gets one (the API's defaulting)."""
+    spec = pod_spec(objects)
+    (exporter,) = spec["containers"]
+    context = exporter["securityContext"]
+    baseline, restricted = set(), set()
+    if spec.get("hostNetwork") or spec.get("hostPID") or spec.get("hostIPC"):
+        baseline.add("Host Namespaces")
+    if spec.get("hostNetwork") or any(port.get("hostPort") for port in exporter["ports"]):
+        baseline.add("Host Ports")
+    volumes = [set(volume) - {"name"} for volume in spec.get("volumes", [])]
+    if any("hostPath" in sources for sources in volumes):
+        baseline.add("HostPath Volumes")
+    if context.get("privileged"):
+        baseline.add("Privileged Containers")
+    if set(context.get("capabilities", {}).get("add", [])) - BASELINE_CAPABILITIES:
+        baseline.add("Capabilities")
+    if context.get("seccompProfile", {}).get("type") == "Unconfined":
+        baseline.add("Seccomp")
+    if any(sources - RESTRICTED_VOLUMES for sources in volumes):
+        restricted.add("Volume Types")
+    if context.get("allowPrivilegeEscalation") is not False:
+        restricted.add("Privilege Escalation")
+    if context.get("runAsNonRoot") is not True or context.get("runAsUser") == 0:
+        restricted.add("Running as Non-root")
+    if context.get("capabilities", {}).get("drop") != ["ALL"] or set(
+        context.get("capabilities", {}).get("add", [])
+    ) - {"NET_BIND_SERVICE"}:
+        restricted.add("Capabilities")
+    if context.get("seccompProfile", {}).get("type") not in ("RuntimeDefault", "Localhost"):
+        restricted.add("Seccomp")
+    return {"baseline": baseline, "restricted": restricted - baseline}
+
+
+# (mode, Kubernetes version, pods collector on, the controls failed: baseline, and restricted's
+# besides): the README's table ("The namespace: Pod Security level privileged").
+POD_SECURITY_CASES = [
+    ("root", KUBERNETES_VERSIONS[-1], True,
+     {"Host Namespaces", "Host Ports", "HostPath Volumes", "Capabilities"},
+     {"Volume Types", "Running as Non-root"}),
+    ("root", "1.28", False,
+     {"Host Namespaces", "Host Ports", "Capabilities"}, {"Running as Non-root"}),
+    ("unprivileged", KUBERNETES_VERSIONS[-1], True,
+     {"Host Namespaces", "Host Ports", "HostPath Volumes"}, {"Volume Types"}),
+    ("unprivileged", "1.28", True,
+     {"Host Namespaces", "Host Ports", "HostPath Volumes"}, {"Volume Types"}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("mode", "version", "pods", "baseline", "restricted"),
+    POD_SECURITY_CASES,
+    ids=[f"{case[0]}-{case[1]}" for case in POD_SECURITY_CASES],
+)
+def test_both_modes_need_the_privileged_pod_security_level(
+    mode, version, pods, baseline, restricted
+):
+    """Neither mode passes baseline: hostNetwork and the host port in both, NET_ADMIN as
+    root, the hostPath volumes with the pods collector. Root alone fails only restricted."""
+    args = ["--set", "unprivileged=true"] if mode == "unprivileged" else []
+    objects = render(*args, *kube_version(version))
+    assert ("--collector.pods" in container(objects)["args"]) == pods
+    assert pod_security_failures(objects) == {"baseline": baseline, "restricted": restricted}
+    # And without the pods collector, only the node's network remains: still not baseline.
+    off = render(*args, *kube_version(version), "--set", "pods.enabled=false")
+    assert {"Host Namespaces", "Host Ports"} <= pod_security_failures(off)["baseline"]
+    assert "HostPath Volumes" not in pod_security_failures(off)["baseline"]
+
+
 def test_config_file_mount_flag_and_pod_settings():
     objects = render_ci("config-values.yaml")
     values = load_yaml(CHART / "ci" / "config-values.yaml")
@@ -1901,6 +1986,15 @@ def test_notes_say_whether_pods_are_collected_and_why_not(tmp_path):
     assert "Pods: off (pods.enabled=false)." in off
 
 
+def test_notes_say_the_default_image_is_not_published(tmp_path):
+    default = render_notes(tmp_path / "a")
+    image = f"ghcr.io/conntrack-exporter/conntrack-exporter:{__version__}"
+    assert f"Image: {image}\n  is not published yet: the pods cannot pull it" in default
+    assert "set image.repository" in default
+    own = render_notes(tmp_path / "b", "--set", "image.repository=registry.example.com/ce")
+    assert "Image:" not in own and "not published" not in own
+
+
 def test_notes_say_https_and_credentials_when_on(tmp_path):
     notes = render_notes(tmp_path / "a", "--values", str(CHART / "ci" / WEB_CI))
     assert f"Web security ({WEB_DIR}/web-config.yml, from Secret {WEB_SECRET})" in notes
@@ -1913,8 +2007,12 @@ def test_notes_say_https_and_credentials_when_on(tmp_path):
     # The ci file sets the monitor's tlsConfig and basicAuth: no advice about them.
     assert "set serviceMonitor.tlsConfig" not in notes
     assert "set serviceMonitor.basicAuth" not in notes
+    assert "Exposure" not in notes
     plain = render_notes(tmp_path / "b")
     assert "Web security" not in plain and "https" not in plain and "-u USER" not in plain
+    # Without TLS or authentication: who can read it, and where the README says what to do.
+    assert "Exposure: plain HTTP, no authentication, on port 9371 of every address" in plain
+    assert 'README.md, "Who can read\n  the metrics"' in plain
     closed = render_notes(
         tmp_path / "c",
         "--set-json",
