@@ -6,7 +6,9 @@ metricRelabelings); `scrape_config` below turns each into the scrape configurati
 prometheus-operator generates for it (OPERATOR_VERSION), the operator's own relabelings first;
 the real prometheus binary runs them, in a throwaway network namespace, against a tiny HTTP
 server serving a fixed exposition with the node's series (no pod labels) and pods' series
-(`namespace`, `pod`, or `pod_uid`); the assertions read Prometheus' /api/v1/query.
+(`namespace`, `pod`, or `pod_uid`); the assertions read Prometheus' /api/v1/query. The
+monitors' sampleLimit and labelLimit, as the operator passes them, at and one below the
+exposition's own counts.
 
 The one substitution: the operator's kubernetes_sd_configs become static_configs whose target
 carries the __meta_kubernetes_* labels Kubernetes' service discovery gives the exporter's pod

@@ -7,7 +7,14 @@
   schemas: their structure is checked here, and the rules go through `promtool check rules`
   and must equal grafana/rules' (the chart's copy is generated, never edited);
 - the dashboards' ConfigMaps carry the sidecar's label and grafana/dashboards' JSON;
-- every security property of the DaemonSet, in both modes;
+- every security property of the DaemonSet, in both modes, the overrides the schema admits
+  (securityContext, podSecurityContext) and those it refuses, and the Pod Security Standards'
+  controls each mode fails (both need the privileged level);
+- the collectors each mode configures, run by the real exporter with the container's
+  arguments as the rendered user with the rendered capabilities, in a network namespace of
+  its own (root): every one succeeds, conntrack_table off when unprivileged;
+- the knobs of node-exporter's chart: commonLabels on every object, priorityClassName,
+  revisionHistoryLimit, extraEnv, extraVolumes, extraVolumeMounts, the monitors' limits;
 - the pods collector's flags and read-only hostPath mounts (pods.enabled) in both modes, at
   each Kubernetes version that changes them, and the container run by runc as the kubelet
   would run it, to see what the mounts grant and refuse (root, runc);
@@ -21,7 +28,8 @@
 - helm/sync_grafana.py --check passes, and fails on a stale copy;
 - the chart's README documents every value.
 
-Skips with a reason when helm, promtool or runc is missing (`make test` installs them).
+Skips with a reason when helm, promtool or runc is missing (`make test` installs them), and the
+kernel tests without root.
 """
 
 from __future__ import annotations
