@@ -6,7 +6,9 @@ metricRelabelings); `scrape_config` below turns each into the scrape configurati
 prometheus-operator generates for it (OPERATOR_VERSION), the operator's own relabelings first;
 the real prometheus binary runs them, in a throwaway network namespace, against a tiny HTTP
 server serving a fixed exposition with the node's series (no pod labels) and pods' series
-(`namespace`, `pod`, or `pod_uid`); the assertions read Prometheus' /api/v1/query.
+(`namespace`, `pod`, or `pod_uid`); the assertions read Prometheus' /api/v1/query. The
+monitors' sampleLimit and labelLimit, as the operator passes them, at and one below the
+exposition's own counts.
 
 The one substitution: the operator's kubernetes_sd_configs become static_configs whose target
 carries the __meta_kubernetes_* labels Kubernetes' service discovery gives the exporter's pod
@@ -166,7 +168,9 @@ SHARDING = [
     },
 ]
 # What this translation knows of a monitor: anything else the chart renders fails the test
-# rather than be left out unseen.
+# rather than be left out unseen. The spec's per-scrape limits become the scrape
+# configuration's (addLimitsToYAML; no enforced limits here).
+SPEC_LIMITS = {"sampleLimit": "sample_limit", "labelLimit": "label_limit"}
 ENDPOINT_KEYS = {
     "port",
     "path",
@@ -188,7 +192,7 @@ def scrape_config(
     kind, metadata, spec = monitor["kind"], monitor["metadata"], monitor["spec"]
     service = kind == "ServiceMonitor"
     endpoints = "endpoints" if service else "podMetricsEndpoints"
-    assert set(spec) == {"jobLabel", "namespaceSelector", "selector", endpoints}
+    assert set(spec) - set(SPEC_LIMITS) == {"jobLabel", "namespaceSelector", "selector", endpoints}
     assert set(spec["selector"]) == {"matchLabels"}
     (endpoint,) = spec[endpoints]
     assert set(endpoint) <= ENDPOINT_KEYS, f"not translated here: {set(endpoint) - ENDPOINT_KEYS}"
@@ -244,6 +248,7 @@ def scrape_config(
         "scheme": endpoint["scheme"],
         "relabel_configs": relabel,
     }
+    config |= {SPEC_LIMITS[key]: spec[key] for key in SPEC_LIMITS if key in spec}
     if endpoint.get("metricRelabelings"):
         config["metric_relabel_configs"] = [
             relabel_config(item) for item in endpoint["metricRelabelings"]
@@ -317,6 +322,20 @@ def labeldrop_on_the_series(monitor: dict) -> dict:
     return changed
 
 
+def with_limits(monitor: dict, **limits: int) -> dict:
+    """The monitor with these per-scrape limits (sampleLimit, labelLimit) on its spec."""
+    changed = copy.deepcopy(monitor)
+    changed["spec"] |= limits
+    return changed
+
+
+# The exposition's samples, and the most labels one of its series carries through the
+# PodMonitor: its own, the target's (job, instance, node) and __name__, which Prometheus counts.
+SAMPLES = len(EXPOSED)
+MOST_LABELS = max(len(labels) for _, labels, _ in EXPOSED) + len(("job", "instance", "node"))
+MOST_LABELS += 1  # __name__
+
+
 # -- the scraped target and Prometheus ---------------------------------------------------------
 
 # One port per scrape job: each job is its own target, whose series differ by instance.
@@ -326,7 +345,12 @@ JOBS = {
     "pod-monitor-override-honor-labels": 19573,
     "service-monitor-honor-labels-alone": 19574,
     "service-monitor-labeldrop-on-the-series": 19575,
+    "pod-monitor-at-the-limits": 19576,
+    "pod-monitor-over-the-sample-limit": 19577,
+    "pod-monitor-over-the-label-limit": 19578,
 }
+# The jobs whose every scrape fails: over a limit.
+FAILING = {"pod-monitor-over-the-sample-limit", "pod-monitor-over-the-label-limit"}
 
 
 def address(job: str) -> str:
@@ -402,6 +426,21 @@ def prometheus(netns, tmp_path) -> Iterator[Prometheus]:
             on_service,
             address("service-monitor-labeldrop-on-the-series"),
         ),
+        "pod-monitor-at-the-limits": scrape_config(
+            with_limits(pod_monitor, sampleLimit=SAMPLES, labelLimit=MOST_LABELS),
+            on_pod,
+            address("pod-monitor-at-the-limits"),
+        ),
+        "pod-monitor-over-the-sample-limit": scrape_config(
+            with_limits(pod_monitor, sampleLimit=SAMPLES - 1),
+            on_pod,
+            address("pod-monitor-over-the-sample-limit"),
+        ),
+        "pod-monitor-over-the-label-limit": scrape_config(
+            with_limits(pod_monitor, labelLimit=MOST_LABELS - 1),
+            on_pod,
+            address("pod-monitor-over-the-label-limit"),
+        ),
     }
     for job, config in configs.items():
         # Distinct job names (the operator's are per monitor); a scrape every second rather
@@ -415,9 +454,11 @@ def prometheus(netns, tmp_path) -> Iterator[Prometheus]:
         try:
             server.wait_until("Prometheus to be ready", server.is_ready)
             server.wait_until(
-                "every target to be up and scraped",
+                "every target to be scraped: up, or down over a limit",
                 lambda: all(
-                    server.query(f'up{{instance="{address(job)}"}} == 1')
+                    server.query(f'up{{instance="{address(job)}"}} == 0')
+                    if job in FAILING
+                    else server.query(f'up{{instance="{address(job)}"}} == 1')
                     and server.query(f'conntrack_entries{{instance="{address(job)}"}}')
                     for job in JOBS
                 ),
@@ -505,3 +546,16 @@ def test_without_the_chart_labeldrop_or_with_it_on_the_series_labels_go_wrong(pr
     entries = of(found, "conntrack_entries")
     assert not any("namespace" in item or "pod" in item for item in entries)
     assert len(entries) < sum(1 for name, _, _ in EXPOSED if name == "conntrack_entries")
+
+
+def test_the_monitors_limits_reach_prometheus_and_fail_the_scrape_past_them(prometheus):
+    """sampleLimit and labelLimit as prometheus-operator passes them (sample_limit,
+    label_limit): at the exposition's own counts every series arrives; one below, the whole
+    scrape fails (up 0, no series at all), which ConntrackExporterDown would report. The
+    label count includes __name__ and the target's labels (job, instance, node)."""
+    at = "pod-monitor-at-the-limits"
+    assert series(prometheus, at) == expected({"job": JOB, "node": NODE, "instance": address(at)})
+    for job in sorted(FAILING):
+        found = series(prometheus, job)
+        assert [item["__name__"] for item in found] == ["up"], job
+        assert prometheus.query(f'up{{instance="{address(job)}"}} == 0'), job

@@ -7,7 +7,14 @@
   schemas: their structure is checked here, and the rules go through `promtool check rules`
   and must equal grafana/rules' (the chart's copy is generated, never edited);
 - the dashboards' ConfigMaps carry the sidecar's label and grafana/dashboards' JSON;
-- every security property of the DaemonSet, in both modes;
+- every security property of the DaemonSet, in both modes, the overrides the schema admits
+  (securityContext, podSecurityContext) and those it refuses, and the Pod Security Standards'
+  controls each mode fails (both need the privileged level);
+- the collectors each mode configures, run by the real exporter with the container's
+  arguments as the rendered user with the rendered capabilities, in a network namespace of
+  its own (root): every one succeeds, conntrack_table off when unprivileged;
+- the knobs of node-exporter's chart: commonLabels on every object, priorityClassName,
+  revisionHistoryLimit, extraEnv, extraVolumes, extraVolumeMounts, the monitors' limits;
 - the pods collector's flags and read-only hostPath mounts (pods.enabled) in both modes, at
   each Kubernetes version that changes them, and the container run by runc as the kubelet
   would run it, to see what the mounts grant and refuse (root, runc);
@@ -21,7 +28,8 @@
 - helm/sync_grafana.py --check passes, and fails on a stale copy;
 - the chart's README documents every value.
 
-Skips with a reason when helm, promtool or runc is missing (`make test` installs them).
+Skips with a reason when helm, promtool or runc is missing (`make test` installs them), and the
+kernel tests without root.
 """
 
 from __future__ import annotations
@@ -62,6 +70,8 @@ from conntrack_exporter.config import (
     load_config,
 )
 from conntrack_exporter.webconfig import load_web_config
+from tests.metrics import parse_samples, sources
+from tests.metrics import value as sample_value
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "conntrack-exporter"
@@ -215,6 +225,7 @@ def test_ci_values_files_are_the_expected_ones():
         "unprivileged-values.yaml",
         "config-values.yaml",
         "web-security-values.yaml",
+        "extras-values.yaml",
     }
 
 
@@ -232,6 +243,7 @@ EXPECTED_KINDS = {
     "default-values.yaml": ["DaemonSet", "Service", "ServiceAccount"],
     "unprivileged-values.yaml": ["DaemonSet", "Service", "ServiceAccount"],
     "config-values.yaml": ["ConfigMap", "DaemonSet", "Service", "ServiceAccount"],
+    "extras-values.yaml": ["DaemonSet", "Service", "ServiceAccount"],
     "web-security-values.yaml": [
         "ConfigMap",
         "DaemonSet",
@@ -258,11 +270,13 @@ EXPECTED_KINDS = {
 def test_renders_the_expected_objects(values):
     objects = render_ci(values)
     assert sorted(obj["kind"] for obj in objects) == EXPECTED_KINDS[values]
-    for obj in objects:
-        labels = obj["metadata"]["labels"]
+    common = load_yaml(CHART / "ci" / values).get("commonLabels", {})
+    pod_labels = only(objects, "DaemonSet")["spec"]["template"]["metadata"]["labels"]
+    for labels in [obj["metadata"]["labels"] for obj in objects] + [pod_labels]:
         assert labels["app.kubernetes.io/name"] == "conntrack-exporter"
         assert labels["app.kubernetes.io/instance"] == RELEASE
         assert labels["app.kubernetes.io/version"] == __version__
+        assert labels.items() >= common.items()
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
@@ -330,6 +344,8 @@ def test_daemonset_container_ports_probes_and_args():
     assert "volumeMounts" not in exporter
     strategy = only(objects, "DaemonSet")["spec"]["updateStrategy"]
     assert strategy == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}}
+    # Kubernetes' own default, said explicitly.
+    assert only(objects, "DaemonSet")["spec"]["revisionHistoryLimit"] == 10
 
 
 COMMON_SECURITY = {
@@ -361,6 +377,130 @@ def test_security_context_unprivileged_mode():
         "runAsGroup": 65534,
         "capabilities": {"drop": ["ALL"]},
     }
+
+
+SECURITY_OVERRIDES = {
+    "seccompProfile": {"type": "Localhost", "localhostProfile": "profiles/exporter.json"},
+    "appArmorProfile": {"type": "Localhost", "localhostProfile": "exporter"},
+    "seLinuxOptions": {"level": "s0:c1,c2", "type": "container_t"},
+    "runAsGroup": 10001,
+    "privileged": False,
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+}
+
+
+def test_security_context_overrides_replace_the_modes_keys_and_nothing_else():
+    """Each key of securityContext replaces the mode's; the user and capabilities stay the
+    mode's (another user only unprivileged). podSecurityContext is the pod's, as given. Both
+    pass Kubernetes' own schema (appArmorProfile: 1.30 and later)."""
+    values = load_yaml(CHART / "ci" / EXTRAS_CI)
+    objects = render_ci(EXTRAS_CI)
+    assert container(objects)["securityContext"] == {
+        **UNPRIVILEGED_CONTEXT,
+        **values["securityContext"],
+    }
+    assert pod_spec(objects)["securityContext"] == values["podSecurityContext"]
+    overrides = json.dumps(SECURITY_OVERRIDES)
+    for args, mode in (([], ROOT_CONTEXT), (["--set", "unprivileged=true"], UNPRIVILEGED_CONTEXT)):
+        objects = render(*args, "--set-json", f"securityContext={overrides}", *kube_version(NEWEST))
+        assert container(objects)["securityContext"] == {**mode, **SECURITY_OVERRIDES}
+        kubernetes_validate.validate(only(objects, "DaemonSet"), NEWEST, strict=True)
+    # None by default: the pod has no security context of its own.
+    assert "securityContext" not in pod_spec(render())
+
+
+def test_another_user_only_unprivileged():
+    """As root the exporter holds CAP_NET_ADMIN; another user would lose it (no file
+    capability under allowPrivilegeEscalation: false)."""
+    result = template("--set", "securityContext.runAsUser=10001")
+    assert result.returncode != 0
+    assert "securityContext.runAsUser: the default mode runs as root" in result.stderr
+
+
+# -- Pod Security Standards: what each mode needs ----------------------------------------------
+
+# The capabilities Pod Security's baseline level lets a container add (the Capabilities control).
+BASELINE_CAPABILITIES = {
+    "AUDIT_WRITE", "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "MKNOD",
+    "NET_BIND_SERVICE", "SETFCAP", "SETGID", "SETPCAP", "SETUID", "SYS_CHROOT",
+}  # fmt: skip
+# The volume sources the restricted level admits (Volume Types).
+RESTRICTED_VOLUMES = {
+    "configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+    "projected", "secret",
+}  # fmt: skip
+
+
+def pod_security_failures(objects: tuple[dict, ...]) -> dict[str, set[str]]:
+    """The controls of the Pod Security Standards the rendered pod fails, by level: the
+    baseline ones, and those restricted adds. The pod as the API server admits it: with
+    hostNetwork, a container port without a hostPort gets one (the API's defaulting)."""
+    spec = pod_spec(objects)
+    (exporter,) = spec["containers"]
+    context = exporter["securityContext"]
+    baseline, restricted = set(), set()
+    if spec.get("hostNetwork") or spec.get("hostPID") or spec.get("hostIPC"):
+        baseline.add("Host Namespaces")
+    if spec.get("hostNetwork") or any(port.get("hostPort") for port in exporter["ports"]):
+        baseline.add("Host Ports")
+    volumes = [set(volume) - {"name"} for volume in spec.get("volumes", [])]
+    if any("hostPath" in sources for sources in volumes):
+        baseline.add("HostPath Volumes")
+    if context.get("privileged"):
+        baseline.add("Privileged Containers")
+    if set(context.get("capabilities", {}).get("add", [])) - BASELINE_CAPABILITIES:
+        baseline.add("Capabilities")
+    if context.get("seccompProfile", {}).get("type") == "Unconfined":
+        baseline.add("Seccomp")
+    if any(sources - RESTRICTED_VOLUMES for sources in volumes):
+        restricted.add("Volume Types")
+    if context.get("allowPrivilegeEscalation") is not False:
+        restricted.add("Privilege Escalation")
+    if context.get("runAsNonRoot") is not True or context.get("runAsUser") == 0:
+        restricted.add("Running as Non-root")
+    if context.get("capabilities", {}).get("drop") != ["ALL"] or set(
+        context.get("capabilities", {}).get("add", [])
+    ) - {"NET_BIND_SERVICE"}:
+        restricted.add("Capabilities")
+    if context.get("seccompProfile", {}).get("type") not in ("RuntimeDefault", "Localhost"):
+        restricted.add("Seccomp")
+    return {"baseline": baseline, "restricted": restricted - baseline}
+
+
+# (mode, Kubernetes version, pods collector on, the controls failed: baseline, and restricted's
+# besides): the README's table ("The namespace: Pod Security level privileged").
+POD_SECURITY_CASES = [
+    ("root", KUBERNETES_VERSIONS[-1], True,
+     {"Host Namespaces", "Host Ports", "HostPath Volumes", "Capabilities"},
+     {"Volume Types", "Running as Non-root"}),
+    ("root", "1.28", False,
+     {"Host Namespaces", "Host Ports", "Capabilities"}, {"Running as Non-root"}),
+    ("unprivileged", KUBERNETES_VERSIONS[-1], True,
+     {"Host Namespaces", "Host Ports", "HostPath Volumes"}, {"Volume Types"}),
+    ("unprivileged", "1.28", True,
+     {"Host Namespaces", "Host Ports", "HostPath Volumes"}, {"Volume Types"}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("mode", "version", "pods", "baseline", "restricted"),
+    POD_SECURITY_CASES,
+    ids=[f"{case[0]}-{case[1]}" for case in POD_SECURITY_CASES],
+)
+def test_both_modes_need_the_privileged_pod_security_level(
+    mode, version, pods, baseline, restricted
+):
+    """Neither mode passes baseline: hostNetwork and the host port in both, NET_ADMIN as
+    root, the hostPath volumes with the pods collector. Root alone fails only restricted."""
+    args = ["--set", "unprivileged=true"] if mode == "unprivileged" else []
+    objects = render(*args, *kube_version(version))
+    assert ("--collector.pods" in container(objects)["args"]) == pods
+    assert pod_security_failures(objects) == {"baseline": baseline, "restricted": restricted}
+    # And without the pods collector, only the node's network remains: still not baseline.
+    off = render(*args, *kube_version(version), "--set", "pods.enabled=false")
+    assert {"Host Namespaces", "Host Ports"} <= pod_security_failures(off)["baseline"]
+    assert "HostPath Volumes" not in pod_security_failures(off)["baseline"]
 
 
 def test_config_file_mount_flag_and_pod_settings():
@@ -415,15 +555,117 @@ def test_pod_settings_from_values():
     objects = render(
         "--set",
         "priorityClassName=system-node-critical,updateStrategy.type=OnDelete,"
-        "image.digest=sha256:" + "a" * 64 + ",nodeSelector.kubernetes\\.io/os=windows",
+        "image.digest=sha256:" + "a" * 64 + ",nodeSelector.kubernetes\\.io/os=windows,"
+        "revisionHistoryLimit=3",
     )
     daemonset = only(objects, "DaemonSet")
     pod = daemonset["spec"]["template"]["spec"]
     assert pod["priorityClassName"] == "system-node-critical"
+    assert daemonset["spec"]["revisionHistoryLimit"] == 3
+    # 0 is a limit too (no old revision kept), not "unset".
+    none_kept = only(render("--set", "revisionHistoryLimit=0"), "DaemonSet")
+    assert none_kept["spec"]["revisionHistoryLimit"] == 0
     assert daemonset["spec"]["updateStrategy"] == {"type": "OnDelete"}
     assert container(objects)["image"].endswith("@sha256:" + "a" * 64)
     # The exporter is Linux-only: the chart's selector wins.
     assert pod["nodeSelector"] == {"kubernetes.io/os": "linux"}
+
+
+EXTRAS_CI = "extras-values.yaml"
+
+
+def test_extra_env_volumes_and_mounts_come_after_the_charts_own():
+    """extraEnv, extraVolumes and extraVolumeMounts as given, after the chart's own, every
+    mount read-only (mounts() asserts it); extraArgs last; the pod settings of the ci file."""
+    values = load_yaml(CHART / "ci" / EXTRAS_CI)
+    objects = render_ci(EXTRAS_CI, *kube_version(NEWEST))
+    daemonset = only(objects, "DaemonSet")
+    exporter = container(objects)
+    assert exporter["env"] == values["extraEnv"]
+    assert exporter["args"][-1] == "--web.listen-address=$(HOST_IP):9371"
+    assert pod_spec(objects)["volumes"][-1] == values["extraVolumes"][0]
+    assert exporter["volumeMounts"][-1] == {**values["extraVolumeMounts"][0], "readOnly": True}
+    assert mounts(objects) == {
+        **pods_mounts("IfPossible"),
+        "client-ca": {
+            "mountPath": "/etc/conntrack-exporter/client-ca",
+            "configMap": {"name": "scrape-client-ca"},
+        },
+    }
+    assert pod_spec(objects)["priorityClassName"] == "system-node-critical"
+    assert daemonset["spec"]["revisionHistoryLimit"] == 3
+    # None of it by default.
+    default = render(*kube_version(NEWEST))
+    assert "env" not in container(default)
+    assert [mount["name"] for mount in container(default)["volumeMounts"]] == list(POD_VOLUMES)
+
+
+def test_extra_args_expand_the_extra_env_and_win_over_the_charts_flag():
+    """Listening on the node's own address: Kubernetes expands $(HOST_IP) in the arguments
+    from the environment (here by hand, with the node's address from status.hostIP), and the
+    exporter takes the last --web.listen-address, extraArgs' over the chart's."""
+    exporter = container(render_ci(EXTRAS_CI))
+    (host_ip,) = [env for env in exporter["env"] if env["name"] == "HOST_IP"]
+    assert host_ip["valueFrom"] == {"fieldRef": {"fieldPath": "status.hostIP"}}
+    argv = [arg.replace("$(HOST_IP)", "10.0.0.5") for arg in exporter["args"]]
+    parser = cli.build_parser()
+    config = load_config(None, cli._flag_values(parser.parse_args(argv), parser), COLLECTORS)
+    assert config.web.listen_address == "10.0.0.5:9371"
+
+
+def test_extra_volume_mounts_name_extra_volumes_only():
+    """Not a volume the chart mounts (its own mounts decide how, e.g. /host/proc read-only
+    beneath), nor one that does not exist."""
+    mount = json.dumps([{"name": "ca", "mountPath": "/etc/ca"}])
+    result = template("--set-json", f"extraVolumeMounts={mount}")
+    assert result.returncode != 0
+    assert 'extraVolumeMounts: "ca" is no volume of extraVolumes' in result.stderr
+
+
+# Every object the chart can render: each kind of ci/monitors-values.yaml, and the web
+# configuration Secret.
+EVERY_OBJECT = ("--values", str(CHART / "ci" / "monitors-values.yaml"), "--set", "tls.secretName=t")
+# The values giving an object labels of its own: (value, the object's kind).
+OWN_LABELS = [
+    ("podLabels", "pods"),
+    ("service.labels", "Service"),
+    ("serviceMonitor.labels", "ServiceMonitor"),
+    ("podMonitor.labels", "PodMonitor"),
+    ("prometheusRule.labels", "PrometheusRule"),
+]
+
+
+def labelled(objects: tuple[dict, ...]) -> dict[str, dict[str, str]]:
+    """Every object's labels by kind/name, and the DaemonSet's pods' as "pods"."""
+    found = {
+        f"{obj['kind']}/{obj['metadata']['name']}": obj["metadata"]["labels"] for obj in objects
+    }
+    found["pods"] = only(objects, "DaemonSet")["spec"]["template"]["metadata"]["labels"]
+    return found
+
+
+def selectors(objects: tuple[dict, ...]) -> list[Any]:
+    found = [only(objects, kind)["spec"]["selector"] for kind in ("DaemonSet", "Service")]
+    found += [only(objects, kind)["spec"]["selector"] for kind in ("ServiceMonitor", "PodMonitor")]
+    return [*found, only(objects, "NetworkPolicy")["spec"]["podSelector"]]
+
+
+def test_common_labels_go_on_every_object_under_the_charts_and_each_objects_own():
+    """commonLabels on every object and the pods; the chart's own labels win over them, and
+    so does an object's own labels value; the selectors never change."""
+    plain = render(*EVERY_OBJECT)
+    settings = ["commonLabels.team=common", "commonLabels.app\\.kubernetes\\.io/name=other"]
+    settings += [f"{value}.team={kind.lower()}" for value, kind in OWN_LABELS]
+    objects = render(*EVERY_OBJECT, "--set", ",".join(settings))
+    before, after = labelled(plain), labelled(objects)
+    kinds = {name.split("/")[0] for name in after}
+    assert kinds == {*EXPECTED_KINDS["monitors-values.yaml"], "Secret", "pods"}
+    own = {kind: kind.lower() for _, kind in OWN_LABELS}
+    for name, labels in after.items():
+        team = own.get(name.split("/")[0], "common")
+        assert labels == {**before[name], "team": team}, name
+        assert labels["app.kubernetes.io/name"] == "conntrack-exporter"
+    assert selectors(objects) == selectors(plain)
 
 
 def test_service_and_service_account():
@@ -944,6 +1186,174 @@ def test_rendered_args_load_in_the_exporter(tmp_path, tls_files, args, pods):
         assert config.collectors["pods"].options.pod_logs_path == POD_LOGS
     else:
         assert config.path.procfs == "/proc"
+    # Unprivileged, the collector that needs CAP_NET_ADMIN is off.
+    unprivileged = container(objects)["securityContext"]["runAsUser"] != 0
+    assert ("conntrack_table" in config.enabled_collectors) == (not unprivileged)
+
+
+def test_unprivileged_turns_conntrack_table_off_after_the_pods_flags():
+    """Unprivileged, the collector that needs CAP_NET_ADMIN is off by flag (flags win over the
+    configuration file), before extraArgs; its options stay accepted. As root it is on."""
+    objects = render(
+        "--set",
+        "unprivileged=true,config.collectors.conntrack_table.top_k=3,extraArgs={--log.level=debug}",
+    )
+    assert container(objects)["args"] == [
+        "--web.listen-address=:9371",
+        "--web.telemetry-path=/metrics",
+        "--config.file=/etc/conntrack-exporter/config/config.yml",
+        *PODS_FLAGS,
+        "--no-collector.conntrack_table",
+        "--log.level=debug",
+    ]
+    off = render("--set", "unprivileged=true,config.collectors.conntrack_table.enabled=false")
+    assert "--no-collector.conntrack_table" in container(off)["args"]
+    for args in ([], ["--set", "config.collectors.conntrack_table.enabled=true"]):
+        flags = container(render(*args, *kube_version(NEWEST)))["args"]
+        assert not [flag for flag in flags if "conntrack_table" in flag]
+
+
+UNPRIVILEGED_CONFLICTS = [
+    (
+        ["--set", "unprivileged=true,config.collectors.conntrack_table.enabled=true"],
+        "config.collectors.conntrack_table.enabled is true, but unprivileged: true leaves the"
+        " exporter without CAP_NET_ADMIN, which the conntrack_table collector needs",
+    ),
+    (
+        ["--set", "unprivileged=true,extraArgs={--log.level=debug,--collector.conntrack_table}"],
+        "extraArgs has --collector.conntrack_table, but unprivileged: true leaves the exporter"
+        " without CAP_NET_ADMIN",
+    ),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), UNPRIVILEGED_CONFLICTS, ids=["config", "extra-args"])
+def test_unprivileged_refuses_turning_conntrack_table_back_on(args, message):
+    """Rather than one of the two winning quietly: the flag over the file (the collector off
+    against what the file says), or extraArgs over the chart's flag (failing on every node)."""
+    result = template(*args)
+    assert result.returncode != 0, f"{args} rendered"
+    assert message in result.stderr, result.stderr
+
+
+# -- the rendered container's collectors, run for real ----------------------------------------
+
+# The chart's modes as the container runs them: the values, rendered for a Kubernetes where
+# the pods collector is on in both modes (1.31 and later), and the collectors configured.
+RUN_CASES = [
+    (
+        "unprivileged",
+        ["--values", str(CHART / "ci" / "unprivileged-values.yaml")],
+        {"conntrack", "socket", "pods", "socket_ports"},
+    ),
+    (
+        "unprivileged-own-user",
+        [
+            "--values",
+            str(CHART / "ci" / "unprivileged-values.yaml"),
+            "--set",
+            "securityContext.runAsUser=10001,securityContext.runAsGroup=10001,"
+            "podSecurityContext.fsGroup=10002,podSecurityContext.supplementalGroups={10003}",
+        ],
+        {"conntrack", "socket", "pods", "socket_ports"},
+    ),
+    (
+        "root",
+        ["--values", str(CHART / "ci" / "default-values.yaml")],
+        {"conntrack", "socket", "pods", "conntrack_table", "socket_ports"},
+    ),
+]
+
+
+def run_as(objects: tuple[dict, ...]) -> list[str]:
+    """setpriv's arguments for the process the runtime starts from the rendered pod: its user
+    and group, its supplementary groups (fsGroup and supplementalGroups), and the capabilities
+    it holds: those the security context adds, for root (the bounding set reduced to them);
+    none for another user, which keeps no capability across exec (Kubernetes sets no ambient
+    capability)."""
+    context = container(objects)["securityContext"]
+    pod = pod_spec(objects).get("securityContext", {})
+    groups = sorted(
+        {*pod.get("supplementalGroups", []), *[pod[k] for k in ["fsGroup"] if k in pod]}
+    )
+    added = "".join(f",+{name.lower()}" for name in context["capabilities"].get("add", []))
+    return [
+        "setpriv",
+        f"--reuid={context['runAsUser']}",
+        f"--regid={context.get('runAsGroup', 0)}",
+        f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups",
+        f"--bounding-set=-all{added}",
+        "--inh-caps=-all",
+    ]
+
+
+def run_rendered_container(netns, tmp_path: Path, user: list[str], args: list[str]) -> str:
+    """`conntrack-exporter --once` with the container's arguments `args`, as the container's
+    user (`user`: run_as()), in the test's network namespace (hostNetwork: the exporter's is
+    the node's); its standard output. The one rewrite: --path.procfs=/host/proc becomes
+    /proc, the host's, which the container sees there. The kubelet's pod log directory the
+    chart mounts at /var/log/pods is an empty directory here: mounted over /var/log in the
+    private mount namespace ip netns exec gives the command, never seen outside it."""
+    argv = [arg.replace(f"--path.procfs={HOST_PROC}", "--path.procfs=/proc") for arg in args]
+    var_log = tmp_path / "var-log"
+    (var_log / "pods").mkdir(parents=True)
+    for directory in (var_log, var_log / "pods"):
+        directory.chmod(0o755)
+    command = [*user, sys.executable, "-m", "conntrack_exporter", "--once", *argv]
+    result = netns.run(
+        "sh",
+        "-c",
+        'mount --bind "$1" /var/log && shift && exec "$@"',
+        "sh",
+        str(var_log),
+        *command,
+        check=False,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize(
+    ("values", "collectors"), [case[1:] for case in RUN_CASES], ids=[c[0] for c in RUN_CASES]
+)
+def test_every_collector_the_chart_configures_succeeds_in_its_mode(
+    netns, tmp_path, values, collectors
+):
+    """The chart configures only the collectors that can work in the mode it renders: run as
+    the container would be, every one of them reports success 1, so that
+    ConntrackExporterCollectorFailed (success == 0 for 15 minutes) stays quiet on a healthy
+    node. Unprivileged, conntrack_table is off: ctnetlink refuses its table dump to a process
+    without CAP_NET_ADMIN. The same arguments without the chart's --no-collector flag show
+    what it prevents: conntrack_table failing on every node."""
+    objects = render(*values, *kube_version(NEWEST))
+    exporter = container(objects)
+    # Nothing mounted but the node's own directories: no file to rewrite.
+    assert set(mounts(objects)) == set(POD_VOLUMES)
+    user = run_as(objects)
+    root = exporter["securityContext"]["runAsUser"] == 0
+    assert root == (user[1] == "--reuid=0")
+    samples = parse_samples(
+        run_rendered_container(netns, tmp_path / "chart", user, exporter["args"])
+    )
+    success = {
+        dict(labels)["collector"]: result
+        for labels, result in samples["conntrack_exporter_collector_success"].items()
+    }
+    assert success == dict.fromkeys(collectors, 1.0)
+    # Each read the kernel the way its mode allows: conntrack over netlink only with
+    # CAP_NET_ADMIN, from /proc without.
+    assert sources(samples, "conntrack") == ["netlink" if root else "procfs"]
+    assert sum(samples["conntrack_exporter_pod_discovery_errors_total"].values()) == 0
+    if not root:
+        assert "--no-collector.conntrack_table" in exporter["args"]
+        without = [arg for arg in exporter["args"] if arg != "--no-collector.conntrack_table"]
+        samples = parse_samples(run_rendered_container(netns, tmp_path / "without", user, without))
+        failed = sample_value(
+            samples, "conntrack_exporter_collector_success", collector="conntrack_table"
+        )
+        assert failed == 0
 
 
 # -- what the pods' mounts grant, in a real container runtime ---------------------------------
@@ -1213,6 +1623,11 @@ OPERATOR_TARGET_LABELS = {"namespace", "pod", "container", "service", "endpoint"
 DROP_EXPORTER_LABELS = {"action": "labeldrop", "regex": "namespace|pod|container|service|endpoint"}
 
 
+# The per-scrape limits of a monitor's spec (not its endpoints'), from the values of the same
+# names: prometheus-operator's ServiceMonitorSpec and PodMonitorSpec.
+MONITOR_LIMITS = ("sampleLimit", "labelLimit")
+
+
 @pytest.mark.parametrize(
     ("kind", "endpoints"), [("ServiceMonitor", "endpoints"), ("PodMonitor", "podMetricsEndpoints")]
 )
@@ -1225,7 +1640,11 @@ def test_monitor_structure(kind, endpoints):
     assert monitor["metadata"]["namespace"] == NAMESPACE
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     spec = monitor["spec"]
-    assert set(spec) == {"jobLabel", "namespaceSelector", "selector", endpoints}
+    assert set(spec) == {"jobLabel", "namespaceSelector", "selector", endpoints, *MONITOR_LIMITS}
+    values = load_yaml(CHART / "ci" / "monitors-values.yaml")[kind[0].lower() + kind[1:]]
+    assert {key: spec[key] for key in MONITOR_LIMITS} == {
+        key: values[key] for key in MONITOR_LIMITS
+    }
     assert spec["namespaceSelector"] == {"matchNames": [NAMESPACE]}
     # It selects the exporter's pods (PodMonitor) or Service (ServiceMonitor)...
     target = only(objects, "DaemonSet" if kind == "PodMonitor" else "Service")
@@ -1263,6 +1682,37 @@ def test_service_monitor_values():
         *values["relabelings"],
     ]
     assert endpoint["metricRelabelings"] == values["metricRelabelings"]
+
+
+def test_monitor_limits_interval_and_relabelings_per_monitor():
+    """Each monitor's own values: the limits on its spec (none when 0, the default), the
+    interval, timeout and relabelings on its endpoint, the user's after the chart's."""
+    relabeling = {"sourceLabels": ["__meta_kubernetes_pod_host_ip"], "targetLabel": "host_ip"}
+    dropping = {"sourceLabels": ["__name__"], "regex": "go_.*", "action": "drop"}
+    settings = {
+        "enabled": True,
+        "sampleLimit": 50000,
+        "labelLimit": 12,
+        "interval": "1m",
+        "scrapeTimeout": "20s",
+        "relabelings": [relabeling],
+        "metricRelabelings": [dropping],
+    }
+    for kind, endpoints in (("ServiceMonitor", "endpoints"), ("PodMonitor", "podMetricsEndpoints")):
+        value = kind[0].lower() + kind[1:]
+        objects = render("--set-json", f"{value}={json.dumps(settings)}")
+        spec = only(objects, kind)["spec"]
+        assert (spec["sampleLimit"], spec["labelLimit"]) == (50000, 12), kind
+        (endpoint,) = spec[endpoints]
+        assert (endpoint["interval"], endpoint["scrapeTimeout"]) == ("1m", "20s"), kind
+        assert endpoint["relabelings"] == [NODE_RELABELING, DROP_EXPORTER_LABELS, relabeling]
+        assert endpoint["metricRelabelings"] == [dropping]
+        # 0, the default: no limit set by the chart (the Prometheus' enforced ones apply).
+        plain = only(render("--set", f"{value}.enabled=true"), kind)["spec"]
+        assert not set(MONITOR_LIMITS) & set(plain), kind
+    # A limit beyond 2^31 renders as an integer, not in exponent form.
+    objects = render("--set", "podMonitor.enabled=true,podMonitor.sampleLimit=5000000000")
+    assert only(objects, "PodMonitor")["spec"]["sampleLimit"] == 5000000000
 
 
 def test_monitor_without_node_label_or_relabelings_still_drops_the_exporters_labels():
@@ -1515,8 +1965,14 @@ def test_notes_say_how_to_reach_the_metrics_and_which_mode(tmp_path):
     assert f"kubectl -n {NAMESPACE} port-forward" in notes
     assert "http://NODE_IP:9371/metrics" in notes
     assert f"svc/{FULLNAME} 9371:9371" in notes
+    assert "conntrack_table collector is off" not in notes
     unprivileged = render_notes(tmp_path / "b", "--set", "unprivileged=true,port=9999")
     assert "Mode: unprivileged (procfs)" in unprivileged
+    assert "No capability, user 65534: conntrack counts" in unprivileged
+    own_user = render_notes(tmp_path / "c", "--values", str(CHART / "ci" / EXTRAS_CI))
+    assert "No capability, user 10001: conntrack counts" in own_user
+    assert "The conntrack_table collector is off (--no-collector.conntrack_table" in unprivileged
+    assert "no SNAT port pools (ConntrackNatPortPoolNearlyExhausted cannot\n  fire)" in unprivileged
     assert "http://NODE_IP:9999/metrics" in unprivileged
 
 
@@ -1538,6 +1994,15 @@ def test_notes_say_whether_pods_are_collected_and_why_not(tmp_path):
     assert "Pods: off (pods.enabled=false)." in off
 
 
+def test_notes_say_the_default_image_is_not_published(tmp_path):
+    default = render_notes(tmp_path / "a")
+    image = f"ghcr.io/conntrack-exporter/conntrack-exporter:{__version__}"
+    assert f"Image: {image}\n  is not published yet: the pods cannot pull it" in default
+    assert "set image.repository" in default
+    own = render_notes(tmp_path / "b", "--set", "image.repository=registry.example.com/ce")
+    assert "Image:" not in own and "not published" not in own
+
+
 def test_notes_say_https_and_credentials_when_on(tmp_path):
     notes = render_notes(tmp_path / "a", "--values", str(CHART / "ci" / WEB_CI))
     assert f"Web security ({WEB_DIR}/web-config.yml, from Secret {WEB_SECRET})" in notes
@@ -1550,8 +2015,12 @@ def test_notes_say_https_and_credentials_when_on(tmp_path):
     # The ci file sets the monitor's tlsConfig and basicAuth: no advice about them.
     assert "set serviceMonitor.tlsConfig" not in notes
     assert "set serviceMonitor.basicAuth" not in notes
+    assert "Exposure" not in notes
     plain = render_notes(tmp_path / "b")
     assert "Web security" not in plain and "https" not in plain and "-u USER" not in plain
+    # Without TLS or authentication: who can read it, and where the README says what to do.
+    assert "Exposure: plain HTTP, no authentication, on port 9371 of every address" in plain
+    assert 'README.md, "Who can read\n  the metrics"' in plain
     closed = render_notes(
         tmp_path / "c",
         "--set-json",
@@ -1616,6 +2085,63 @@ SCHEMA_REFUSALS = [
     (["--set", "pods.podLogsDir=var/log/pods"], "pods.podLogsDir: Does not match pattern"),
     # Not the node's whole file system.
     (["--set", "pods.podLogsDir=/"], "pods.podLogsDir: Does not match pattern"),
+    (["--set-json", "priorityClassName=1"], "priorityClassName: Invalid type"),
+    (["--set", "priorityClassName=System_Node"], "priorityClassName: Does not match pattern"),
+    (["--set", "revisionHistoryLimit=-1"], "revisionHistoryLimit: Must be greater than or equal"),
+    (["--set-string", "revisionHistoryLimit=3"], "revisionHistoryLimit: Invalid type"),
+    (["--set-json", 'extraEnv=[{"value":"x"}]'], "extraEnv.0: name is required"),
+    (["--set-json", 'extraEnv=[{"name":"A","value":1}]'], "extraEnv.0.value: Invalid type"),
+    (["--set-json", 'extraEnv=[{"name":"A","valueFrom":{"fieldref":{}}}]'], "property fieldref"),
+    (["--set-json", 'extraVolumes=[{"name":"x"}]'], "extraVolumes.0: Must have at least 2"),
+    (["--set-json", 'extraVolumes=[{"name":"config","emptyDir":{}}]'], "extraVolumes.0.name: Must"),
+    (["--set-json", 'extraVolumes=[{"name":"x","gitRepo":{}}]'], "Additional property gitRepo"),
+    (["--set-json", 'extraVolumes=[{"name":"x","hostpath":{}}]'], "Additional property hostpath"),
+    (
+        ["--set-json", 'extraVolumeMounts=[{"name":"x","mountPath":"/x","readOnly":false}]'],
+        "extraVolumeMounts.0.readOnly must be one of the following: true",
+    ),
+    (
+        ["--set-json", 'extraVolumeMounts=[{"name":"host-proc","mountPath":"/proc2"}]'],
+        "extraVolumeMounts.0.name: Must not validate the schema",
+    ),
+    (
+        ["--set-json", 'extraVolumeMounts=[{"name":"x","mountPath":"x"}]'],
+        "extraVolumeMounts.0.mountPath: Does not match pattern",
+    ),
+    (
+        [
+            "--set-json",
+            'extraVolumeMounts=[{"name":"x","mountPath":"/x","mountPropagation":"Bidirectional"}]',
+        ],
+        "mountPropagation must be one of the following",
+    ),
+    (
+        ["--set", "securityContext.privileged=true"],
+        "privileged must be one of the following: false",
+    ),
+    (["--set", "securityContext.allowPrivilegeEscalation=true"], "must be one of the following"),
+    (["--set", "securityContext.readOnlyRootFilesystem=false"], "must be one of the following"),
+    (["--set-json", 'securityContext.capabilities={"add":["SYS_ADMIN"]}'], "property capabilities"),
+    (["--set", "securityContext.runAsNonRoot=false"], "Additional property runAsNonRoot"),
+    (["--set", "securityContext.procMount=Unmasked"], "Additional property procMount"),
+    (["--set", "unprivileged=true,securityContext.runAsUser=0"], "runAsUser: Must be greater"),
+    (["--set", "securityContext.runAsGroup=0"], "runAsGroup: Must be greater than or equal to 1"),
+    (["--set", "securityContext.seccompProfile.type=Unconfined"], "seccompProfile: Must validate"),
+    (["--set", "securityContext.seccompProfile.type=Localhost"], "seccompProfile: Must validate"),
+    (["--set", "securityContext.appArmorProfile.type=Unconfined"], "appArmorProfile: Must valid"),
+    (["--set", "securityContext.seLinuxOptions.type=spc_t"], "seLinuxOptions.type must be one of"),
+    (["--set", "securityContext.seLinuxOptions.user=system_u"], "Additional property user"),
+    (["--set", "podSecurityContext.fsGroup=0"], "fsGroup: Must be greater than or equal to 1"),
+    (["--set", "podSecurityContext.supplementalGroups={0}"], "Must be greater than or equal to 1"),
+    (["--set", "podSecurityContext.runAsUser=0"], "Additional property runAsUser"),
+    (["--set-json", 'podSecurityContext.sysctls=[{"name":"a","value":"1"}]'], "property sysctls"),
+    (["--set", "podSecurityContext.seLinuxOptions.role=r"], "Additional property role"),
+    (["--set", "serviceMonitor.sampleLimit=-1"], "serviceMonitor.sampleLimit: Must be greater"),
+    (["--set-string", "podMonitor.labelLimit=10"], "podMonitor.labelLimit: Invalid type"),
+    (["--set-string", "podMonitor.interval=30"], "podMonitor.interval: Does not match pattern"),
+    (["--set", "commonLabels.team=1"], "commonLabels.team: Invalid type"),
+    (["--set", "commonLabels.team=a b"], "commonLabels.team: Does not match pattern"),
+    (["--set-json", 'commonLabels={"-team":"a"}'], 'Property name of "-team" does not match'),
 ]
 
 

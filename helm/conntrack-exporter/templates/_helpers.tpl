@@ -27,13 +27,30 @@ app.kubernetes.io/name: {{ include "conntrack-exporter.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
-{{- define "conntrack-exporter.labels" -}}
+{{/* The chart's own labels: no value overrides them (the selector labels among them). */}}
+{{- define "conntrack-exporter.ownLabels" -}}
 helm.sh/chart: {{ include "conntrack-exporter.chart" . }}
 {{ include "conntrack-exporter.selectorLabels" . }}
 app.kubernetes.io/version: {{ .Values.image.tag | default .Chart.AppVersion | quote }}
 app.kubernetes.io/component: metrics
 app.kubernetes.io/part-of: conntrack-exporter
 app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/* Every object's labels: commonLabels, and the chart's own over them. */}}
+{{- define "conntrack-exporter.labels" -}}
+{{- include "conntrack-exporter.labelsWith" (list . dict) }}
+{{- end }}
+
+{{/*
+An object's labels when a value gives it some of its own (podLabels, service.labels, a
+monitor's labels...): the chart's own labels, then that value's, then commonLabels. Argument:
+(list $ the object's labels).
+*/}}
+{{- define "conntrack-exporter.labelsWith" -}}
+{{- $root := index . 0 }}
+{{- $own := include "conntrack-exporter.ownLabels" $root | fromYaml }}
+{{- toYaml (merge $own (deepCopy (index . 1 | default dict)) (deepCopy ($root.Values.commonLabels | default dict))) }}
 {{- end }}
 
 {{- define "conntrack-exporter.serviceAccountName" -}}
@@ -50,6 +67,62 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- else }}
 {{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
 {{- end }}
+{{- end }}
+
+{{/*
+The collectors that cannot work in the mode rendered, each with why, as YAML: the chart turns
+them off (--no-collector.NAME) rather than let them report
+conntrack_exporter_collector_success 0 on every node, which ConntrackExporterCollectorFailed
+would page on. Unprivileged (user 65534, no capability) ctnetlink refuses the table dump:
+conntrack_table needs CAP_NET_ADMIN, which a non-root process cannot hold under
+allowPrivilegeEscalation: false. Fails when config or extraArgs turn one of them on.
+*/}}
+{{- define "conntrack-exporter.collectorsOff" -}}
+{{- $off := dict }}
+{{- if .Values.unprivileged }}
+{{- $_ := set $off "conntrack_table" "CAP_NET_ADMIN" }}
+{{- end }}
+{{- range $name, $needs := $off }}
+{{- if dig "collectors" $name "enabled" false ($.Values.config | default dict) }}
+{{- fail (printf "config.collectors.%s.enabled is true, but unprivileged: true leaves the exporter without %s, which the %s collector needs: remove it, or set unprivileged: false" $name $needs $name) }}
+{{- end }}
+{{- if has (printf "--collector.%s" $name) $.Values.extraArgs }}
+{{- fail (printf "extraArgs has --collector.%s, but unprivileged: true leaves the exporter without %s, which the %s collector needs: remove it, or set unprivileged: false" $name $needs $name) }}
+{{- end }}
+{{- end }}
+{{- toYaml $off }}
+{{- end }}
+
+{{/*
+The exporter container's security context, as YAML. The mode's: no privilege, no escalation, a
+read-only root file system, the runtime's seccomp profile; root with CAP_NET_ADMIN alone, or
+(unprivileged) user 65534 with no capability. Then each key securityContext gives, in place of
+the mode's: the schema admits only those that cannot widen it (another non-root user or group,
+a seccomp, AppArmor or SELinux setting no looser than the runtime's, the three flags restated).
+Another user fails in the default mode: a capability added in the security context reaches a
+non-root process only through file capabilities, which allowPrivilegeEscalation: false
+disables, so only root keeps CAP_NET_ADMIN there.
+*/}}
+{{- define "conntrack-exporter.securityContext" -}}
+{{- $given := .Values.securityContext | default dict }}
+{{- $context := dict "privileged" false "allowPrivilegeEscalation" false "readOnlyRootFilesystem" true "seccompProfile" (dict "type" "RuntimeDefault") }}
+{{- if .Values.unprivileged }}
+{{- $_ := set $context "runAsNonRoot" true }}
+{{- $_ := set $context "runAsUser" 65534 }}
+{{- $_ := set $context "runAsGroup" 65534 }}
+{{- $_ := set $context "capabilities" (dict "drop" (list "ALL")) }}
+{{- else }}
+{{- if hasKey $given "runAsUser" }}
+{{- fail "securityContext.runAsUser: the default mode runs as root, the one user that keeps CAP_NET_ADMIN here; set unprivileged: true to run as another user" }}
+{{- end }}
+{{- $_ := set $context "runAsNonRoot" false }}
+{{- $_ := set $context "runAsUser" 0 }}
+{{- $_ := set $context "capabilities" (dict "drop" (list "ALL") "add" (list "NET_ADMIN")) }}
+{{- end }}
+{{- range $key, $value := $given }}
+{{- $_ := set $context $key (deepCopy $value) }}
+{{- end }}
+{{- toYaml $context }}
 {{- end }}
 
 {{/* netlink (CAP_NET_ADMIN) or procfs (unprivileged): what NOTES.txt reports. */}}
