@@ -19,7 +19,10 @@ order rotates:
              (those entries are a pod's inbound too), and the rest match nothing. The ratio
              pods / full, per round and of the medians, is the per-pod tally's cost.
 
-Once, after the rounds: pyroute2's `Conntrack().dump_entries()` over the first --subset entries.
+Once, after the rounds: with --pods, a replay (a diagnostic of the pods' cost without the
+kernel's and the machine's noise: the dump captured into memory once, then decoded and tallied
+from there, --replays times without and with the pods' addresses in alternate order, CPU time
+of each); pyroute2's `Conntrack().dump_entries()` over the first --subset entries.
 
 Needs root (netns, nft, the global sysctl). Run it with `make bench-table`, or:
 
@@ -385,8 +388,9 @@ def scan_main(budget: int, profile: bool, capacity: int, pods: int = 0) -> dict:
     return out
 
 
-def recv_only_main() -> dict:
-    """The same dump request, every datagram received into one buffer and dropped."""
+def recv_only_main(keep: list[bytes] | None = None) -> dict:
+    """The same dump request, every datagram received into one buffer and dropped (or, given
+    `keep`, a copy of each appended to it)."""
     import socket
     import struct
 
@@ -409,6 +413,8 @@ def recv_only_main() -> dict:
         n = recv_into(buf)
         datagrams += 1
         received += n
+        if keep is not None:
+            keep.append(bytes(buf[:n]))
         # ctnetlink ends a dump with NLMSG_DONE alone in the last datagram (its dump callback
         # returns 0 only once an skb stays empty): only short datagrams need a look.
         if n <= 64:
@@ -426,6 +432,51 @@ def recv_only_main() -> dict:
         "sys": sys1 - sys0,
         "datagrams": datagrams,
         "bytes": received,
+    }
+
+
+def replay_main(pods: int, replays: int) -> dict:
+    """The dump captured once, then decoded and tallied from memory `replays` times without
+    and `replays` times with `pods` pods' addresses, in turn (which goes first alternates):
+    the user-space half of a scan, as the socket's receive loop runs it, with neither the
+    kernel's time nor another process's start-up in the figure. CPU time of this thread."""
+    sys.path.insert(0, str(common.REPO))
+    from conntrack_exporter.netlink.core import NLMSG_MIN_TYPE, iter_messages
+    from conntrack_exporter.netlink.cttable import TableTally
+
+    datagrams: list[bytes] = []
+    recv_only_main(datagrams)
+    with_pods = {"pod_of": pod_addresses(pods), "pods": pods}
+
+    def replay(kwargs: dict) -> float:
+        tally = TableTally(**kwargs)
+        add = tally.add_message
+        started = time.thread_time()
+        for data in datagrams:
+            view = memoryview(data)
+            for msg in iter_messages(view, len(data)):
+                if msg[0] >= NLMSG_MIN_TYPE:
+                    add(view, msg)
+        tally.finish()
+        spent = time.thread_time() - started
+        entries.add(tally.entries)
+        return spent
+
+    entries: set[int] = set()
+    without, with_ = [], []
+    replay({})  # a warm-up: the first pass pays for the allocator's arenas
+    for i in range(replays):
+        if i % 2:
+            with_.append(replay(with_pods))
+            without.append(replay({}))
+        else:
+            without.append(replay({}))
+            with_.append(replay(with_pods))
+    return {
+        "entries": sorted(entries),
+        "datagrams": len(datagrams),
+        "without": without,
+        "with": with_,
     }
 
 
@@ -553,6 +604,7 @@ def report(args: argparse.Namespace, info: dict, runs: dict[str, list[dict]], py
         f"complete={full[0]['complete']}, interrupted={full[0]['interrupted']}",
         f"table size before/after the rounds: {info['count_before']} / {info['count_after']}",
         *(pod_lines(args, full, runs["pods"], entries) if args.pods else []),
+        *(replay_lines(info["replay"]) if "replay" in info else []),
         "",
         "per round, wall seconds: "
         + "; ".join(
@@ -616,6 +668,24 @@ def pod_lines(args: argparse.Namespace, full: list[dict], pods: list[dict], entr
     ]
 
 
+def replay_lines(replay: dict) -> list[str]:
+    """The pods' cost in the replay from memory: user-space decoding and tallying only."""
+    without, with_ = replay["without"], replay["with"]
+    pairs = [w / o for o, w in zip(without, with_, strict=True)]
+    added = statistics.median(with_) - statistics.median(without)
+    entries = replay["entries"][0]
+    return [
+        f"replay of the dump from memory ({replay['datagrams']} datagrams, {entries} entries; "
+        f"CPU time, {len(without)} of each in alternate order): without pods "
+        f"{statistics.median(without):.2f} s (" + " ".join(f"{t:.2f}" for t in without) + "), "
+        f"with {statistics.median(with_):.2f} s (" + " ".join(f"{t:.2f}" for t in with_) + ")",
+        f"  with / without: {statistics.median(with_) / statistics.median(without):.3f} of the "
+        f"medians, {statistics.median(pairs):.3f} the pairs' median (pairs "
+        + " ".join(f"{r:.3f}" for r in pairs)
+        + f"); added {added:+.3f} s, {added / entries * 1e6:+.3f} us per entry",
+    ]
+
+
 # --- main -----------------------------------------------------------------------------------------
 
 
@@ -635,6 +705,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"pods whose addresses the 'pods' scan knows; 0: no such scan ({PODS})",
     )
     parser.add_argument(
+        "--replays",
+        type=int,
+        default=5,
+        help="with --pods: in-memory replays of the dump without and with pods, each (5)",
+    )
+    parser.add_argument(
         "--no-nat",
         dest="nat",
         action="store_false",
@@ -648,7 +724,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         f"and one with pods when it costs more than {TARGET_POD_RATIO:g}x the full scan",
     )
     parser.add_argument(
-        "--role", choices=["fill", "scan", "recv-only", "pyroute2"], help=argparse.SUPPRESS
+        "--role",
+        choices=["fill", "scan", "recv-only", "replay", "pyroute2"],
+        help=argparse.SUPPRESS,
     )
     parser.add_argument("--plan", help=argparse.SUPPRESS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -666,6 +744,8 @@ def child_main(args: argparse.Namespace) -> int:
         return 0
     if args.role == "scan":
         out = scan_main(args.budget, args.cprofile, args.capacity, args.pods)
+    elif args.role == "replay":
+        out = replay_main(args.pods, args.replays)
     elif args.role == "recv-only":
         out = recv_only_main()
     else:
@@ -703,6 +783,11 @@ def measure(ns: Namespace, args: argparse.Namespace, info: dict) -> tuple[dict, 
             + ", ".join(f"{n} {runs[n][-1]['wall']:.2f} s" for n in names)
         )
     info["count_after"] = ns.count()
+    if args.pods and args.replays:
+        common.log(f"replay: the dump from memory, {args.replays} x without and with pods")
+        info["replay"] = run_role(
+            ns, ["replay", "--pods", str(args.pods), "--replays", str(args.replays)]
+        )
     common.log(f"pyroute2: dump_entries() over the first {args.subset} entries")
     py = run_role(ns, ["pyroute2", "--subset", str(args.subset)])
     ratio = _med(runs["full"], "wall") / _med(runs["conntrack"], "wall")
