@@ -96,11 +96,15 @@ class Namespace(common.Namespace):
             "chain in { type filter hook input priority 0; "
             f"ip daddr {TCP_NET}.0.0/16 tcp dport {TCP_PORT} drop; }}"
         )
-        # Keep every entry for the whole run (UDP unreplied: 30 s by default; SYN_SENT 120 s).
+        # Keep every entry for the whole run (UDP unreplied: 30 s by default; SYN_SENT 120 s,
+        # and no more than the unacknowledged timeout, 300 s: a SYN leaves its sequence
+        # number unacknowledged, and without this the SYN_SENT entries left 5 min after the
+        # fill, in the middle of a slow run's rounds).
         timeouts = (
             "nf_conntrack_udp_timeout",
             "nf_conntrack_udp_timeout_stream",
             "nf_conntrack_tcp_timeout_syn_sent",
+            "nf_conntrack_tcp_timeout_unacknowledged",
         )
         # Pod -> Service flows DNATed to their backend pod (on output: locally generated),
         # egress flows masqueraded to the node's address (on postrouting).
