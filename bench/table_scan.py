@@ -97,14 +97,15 @@ class Namespace(common.Namespace):
             f"ip daddr {TCP_NET}.0.0/16 tcp dport {TCP_PORT} drop; }}"
         )
         # Keep every entry for the whole run (UDP unreplied: 30 s by default; SYN_SENT 120 s,
-        # and no more than the unacknowledged timeout, 300 s: a SYN leaves its sequence
-        # number unacknowledged, and without this the SYN_SENT entries left 5 min after the
-        # fill, in the middle of a slow run's rounds).
+        # and no more than the max_retrans timeout, 300 s: the kernel gives an entry that has
+        # seen no window yet, as one with only a SYN, the lesser of the two; without it the
+        # SYN_SENT entries left 5 min after the fill, in the middle of a slow run's rounds.
+        # conntrack -L's third column shows 299 without, 7199 with).
         timeouts = (
             "nf_conntrack_udp_timeout",
             "nf_conntrack_udp_timeout_stream",
             "nf_conntrack_tcp_timeout_syn_sent",
-            "nf_conntrack_tcp_timeout_unacknowledged",
+            "nf_conntrack_tcp_timeout_max_retrans",
         )
         # Pod -> Service flows DNATed to their backend pod (on output: locally generated),
         # egress flows masqueraded to the node's address (on postrouting).
