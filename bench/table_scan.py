@@ -22,7 +22,9 @@ order rotates:
 Once, after the rounds: with --pods, a replay (a diagnostic of the pods' cost without the
 kernel's and the machine's noise: the dump captured into memory once, then decoded and tallied
 from there, --replays times without and with the pods' addresses in alternate order, CPU time
-of each); pyroute2's `Conntrack().dump_entries()` over the first --subset entries.
+of each), and, where valgrind is installed, the dump's first --instructions entries replayed
+once under cachegrind without and with them (instructions, which the machine's load does not
+change); pyroute2's `Conntrack().dump_entries()` over the first --subset entries.
 
 Needs root (netns, nft, the global sysctl). Run it with `make bench-table`, or:
 
@@ -36,10 +38,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
+import shutil
 import statistics
+import struct
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -440,29 +446,40 @@ def recv_only_main(keep: list[bytes] | None = None) -> dict:
     }
 
 
-def replay_main(pods: int, replays: int) -> dict:
-    """The dump captured once, then decoded and tallied from memory `replays` times without
-    and `replays` times with `pods` pods' addresses, in turn (which goes first alternates):
-    the user-space half of a scan, as the socket's receive loop runs it, with neither the
-    kernel's time nor another process's start-up in the figure. CPU time of this thread."""
-    sys.path.insert(0, str(common.REPO))
+def _replay(datagrams: list[bytes], kwargs: dict):
+    """A TableTally(**kwargs) fed every entry of the captured datagrams, as the socket's
+    receive loop feeds it, and finished."""
     from conntrack_exporter.netlink.core import NLMSG_MIN_TYPE, iter_messages
     from conntrack_exporter.netlink.cttable import TableTally
 
+    tally = TableTally(**kwargs)
+    add = tally.add_message
+    for data in datagrams:
+        view = memoryview(data)
+        for msg in iter_messages(view, len(data)):
+            if msg[0] >= NLMSG_MIN_TYPE:
+                add(view, msg)
+    tally.finish()
+    return tally
+
+
+def replay_main(pods: int, replays: int, dump: str | None, limit: int) -> dict:
+    """The dump captured once, then decoded and tallied from memory `replays` times without
+    and `replays` times with `pods` pods' addresses, in turn (which goes first alternates):
+    the user-space half of a scan, as the socket's receive loop runs it, with neither the
+    kernel's time nor another process's start-up in the figure. CPU time of this thread.
+    With `dump`, the datagrams that hold the first `limit` entries are saved there, for the
+    instruction counts (count_main)."""
+    sys.path.insert(0, str(common.REPO))
     datagrams: list[bytes] = []
     recv_only_main(datagrams)
+    if dump:
+        _save(datagrams, dump, limit)
     with_pods = {"pod_of": pod_addresses(pods), "pods": pods}
 
     def replay(kwargs: dict) -> float:
-        tally = TableTally(**kwargs)
-        add = tally.add_message
         started = time.thread_time()
-        for data in datagrams:
-            view = memoryview(data)
-            for msg in iter_messages(view, len(data)):
-                if msg[0] >= NLMSG_MIN_TYPE:
-                    add(view, msg)
-        tally.finish()
+        tally = _replay(datagrams, kwargs)
         spent = time.thread_time() - started
         entries.add(tally.entries)
         return spent
@@ -483,6 +500,47 @@ def replay_main(pods: int, replays: int) -> dict:
         "without": without,
         "with": with_,
     }
+
+
+_LENGTH = struct.Struct("=I")
+
+
+def _save(datagrams: list[bytes], path: str, limit: int) -> None:
+    """The datagrams holding the first `limit` entries (each message but the last datagram's
+    NLMSG_DONE is one), each after its length."""
+    from conntrack_exporter.netlink.core import NLMSG_MIN_TYPE, iter_messages
+
+    entries = 0
+    with open(path, "wb") as f:
+        for data in datagrams:
+            f.write(_LENGTH.pack(len(data)) + data)
+            entries += sum(1 for msg in iter_messages(data, len(data)) if msg[0] >= NLMSG_MIN_TYPE)
+            if entries >= limit:
+                break
+
+
+def _load(path: str) -> list[bytes]:
+    with open(path, "rb") as f:
+        data = f.read()
+    datagrams, offset = [], 0
+    while offset < len(data):
+        (length,) = _LENGTH.unpack_from(data, offset)
+        datagrams.append(data[offset + 4 : offset + 4 + length])
+        offset += 4 + length
+    return datagrams
+
+
+def count_main(dump: str, mode: str, pods: int) -> dict:
+    """One replay of a saved dump, for cachegrind to count its instructions: `none` loads the
+    dump and builds the pods' addresses only (what the other two also do), `without` and
+    `with` replay it into a TableTally without and with them."""
+    sys.path.insert(0, str(common.REPO))
+    datagrams = _load(dump)
+    pod_of = pod_addresses(pods)
+    if mode == "none":
+        return {"mode": mode}
+    tally = _replay(datagrams, {"pod_of": pod_of, "pods": pods} if mode == "with" else {})
+    return {"mode": mode, "entries": tally.entries}
 
 
 def pyroute2_main(subset: int) -> dict:
@@ -511,6 +569,48 @@ def pyroute2_main(subset: int) -> dict:
 
 
 # --- the parent: running the roles ----------------------------------------------------------------
+
+
+def count_instructions(dump: str, pods: int) -> dict:
+    """cachegrind's count of the instructions (I refs) count_main runs in each mode, the three
+    at once: a figure that does not depend on what else the machine is doing. The hash seed
+    is fixed, so that the dicts' layouts are too."""
+    version = common.run(["valgrind", "--version"]).stdout.strip()
+    cachegrind = [
+        "valgrind",
+        "--tool=cachegrind",
+        "--cache-sim=no",
+        "--cachegrind-out-file=/dev/null",
+    ]
+    child = [sys.executable, __file__, "--role", "count", "--dump", dump, "--pods", str(pods)]
+    procs = {
+        mode: subprocess.Popen(
+            [*cachegrind, *child, "--mode", mode],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=common.REPO,
+            env={**os.environ, "PYTHONHASHSEED": "0"},
+            start_new_session=True,
+        )
+        for mode in ("none", "without", "with")
+    }
+    out: dict = {"valgrind": version}
+    try:
+        for mode, proc in procs.items():
+            stdout, stderr = proc.communicate()
+            found = re.search(r"I\s+refs:\s+([\d,]+)", stderr)
+            if proc.returncode or found is None:
+                raise RuntimeError(
+                    f"cachegrind of {mode} failed ({proc.returncode}): {stderr[-2000:]}"
+                )
+            out[mode] = {**json.loads(stdout), "instructions": int(found[1].replace(",", ""))}
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return out
 
 
 def run_role(ns: Namespace, role: list[str]) -> dict:
@@ -609,7 +709,8 @@ def report(args: argparse.Namespace, info: dict, runs: dict[str, list[dict]], py
         f"complete={full[0]['complete']}, interrupted={full[0]['interrupted']}",
         f"table size before/after the rounds: {info['count_before']} / {info['count_after']}",
         *(pod_lines(args, full, runs["pods"], entries) if args.pods else []),
-        *(replay_lines(info["replay"]) if "replay" in info else []),
+        *(replay_lines(info["replay"]) if info.get("replay", {}).get("without") else []),
+        *(instruction_lines(info["instructions"], full) if "instructions" in info else []),
         "",
         "per round, wall seconds: "
         + "; ".join(
@@ -673,6 +774,27 @@ def pod_lines(args: argparse.Namespace, full: list[dict], pods: list[dict], entr
     ]
 
 
+def instruction_lines(counts: dict, full: list[dict]) -> list[str]:
+    """The pods' cost in instructions, and what it comes to against a whole scan's CPU."""
+    base = counts["none"]["instructions"]  # start-up, loading the dump, the pods' addresses
+    without = counts["without"]["instructions"] - base
+    with_ = counts["with"]["instructions"] - base
+    n = counts["without"]["entries"]
+    ratio = with_ / without
+    # The pods change only user-space work; the kernel's dump (sys time) stays the same.
+    user_share = _med(full, "user") / statistics.median(map(_cpu_total, full))
+    whole = 1 + (ratio - 1) * user_share
+    return [
+        f"instructions (cachegrind, user space, {counts['valgrind']}; the dump's first {n} "
+        f"entries replayed once, start-up and loading ({base / 1e6:.0f} M) taken off): without "
+        f"pods {without / n:,.0f} per entry, with {with_ / n:,.0f}: "
+        f"{(with_ - without) / n:+,.0f} per entry, {ratio:.3f}x",
+        f"  against a full scan's CPU, of which user time is {user_share:.0%} here (the "
+        f"kernel's dump the rest, which the pods do not change): {whole:.3f}x   "
+        f"[target <= {TARGET_POD_RATIO:g}: {'met' if whole <= TARGET_POD_RATIO else 'NOT met'}]",
+    ]
+
+
 def replay_lines(replay: dict) -> list[str]:
     """The pods' cost in the replay from memory: user-space decoding and tallying only."""
     without, with_ = replay["without"], replay["with"]
@@ -716,6 +838,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="with --pods: in-memory replays of the dump without and with pods, each (5)",
     )
     parser.add_argument(
+        "--instructions",
+        type=int,
+        default=100_000,
+        help="with --pods: the first N entries replayed under cachegrind without and with "
+        "pods, instructions counted (needs valgrind; 0: not) (100000)",
+    )
+    parser.add_argument(
         "--no-nat",
         dest="nat",
         action="store_false",
@@ -730,12 +859,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--role",
-        choices=["fill", "scan", "recv-only", "replay", "pyroute2"],
+        choices=["fill", "scan", "recv-only", "replay", "count", "pyroute2"],
         help=argparse.SUPPRESS,
     )
     parser.add_argument("--plan", help=argparse.SUPPRESS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--cprofile", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--dump", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=["none", "without", "with"], help=argparse.SUPPRESS)
     parser.add_argument("--capacity", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.pods is None:  # the parent's default; a child scan knows no pods unless told
@@ -750,7 +881,9 @@ def child_main(args: argparse.Namespace) -> int:
     if args.role == "scan":
         out = scan_main(args.budget, args.cprofile, args.capacity, args.pods)
     elif args.role == "replay":
-        out = replay_main(args.pods, args.replays)
+        out = replay_main(args.pods, args.replays, args.dump, args.instructions)
+    elif args.role == "count":
+        out = count_main(args.dump, args.mode, args.pods)
     elif args.role == "recv-only":
         out = recv_only_main()
     else:
@@ -788,11 +921,26 @@ def measure(ns: Namespace, args: argparse.Namespace, info: dict) -> tuple[dict, 
             + ", ".join(f"{n} {runs[n][-1]['wall']:.2f} s" for n in names)
         )
     info["count_after"] = ns.count()
-    if args.pods and args.replays:
-        common.log(f"replay: the dump from memory, {args.replays} x without and with pods")
-        info["replay"] = run_role(
-            ns, ["replay", "--pods", str(args.pods), "--replays", str(args.replays)]
-        )
+    dump = None
+    if args.pods and args.instructions:
+        if shutil.which("valgrind"):
+            fd, dump = tempfile.mkstemp(prefix="cte-tscan-", suffix=".dump")
+            os.close(fd)
+        else:
+            common.log("no valgrind: no instruction counts (apt-get install valgrind)")
+    try:
+        if args.pods and (args.replays or dump):
+            common.log(f"replay: the dump from memory, {args.replays} x without and with pods")
+            role = ["replay", "--pods", str(args.pods), "--replays", str(args.replays)]
+            if dump:
+                role += ["--dump", dump, "--instructions", str(args.instructions)]
+            info["replay"] = run_role(ns, role)
+        if dump:
+            common.log(f"cachegrind: the first {args.instructions} entries, without and with pods")
+            info["instructions"] = count_instructions(dump, args.pods)
+    finally:
+        if dump:
+            os.unlink(dump)
     common.log(f"pyroute2: dump_entries() over the first {args.subset} entries")
     py = run_role(ns, ["pyroute2", "--subset", str(args.subset)])
     ratio = _med(runs["full"], "wall") / _med(runs["conntrack"], "wall")
