@@ -428,19 +428,8 @@ def measure_main(args: argparse.Namespace) -> dict:
 
     discovery = collector._discovery
     assert discovery is not None
-    targets = discovery.targets
-    named = sum(1 for target in targets if "pod" in target.labels)
-    files = collector._table.files
-    # The floor reads the very fds the collector reads at a scrape, of the namespaces it
-    # reports: the counters' six files (not the address files, read at discovery).
-    fd_groups = [_fds(files[t.namespace.key], NAMESPACE_FILES) for t in targets]
     pread, stat = os.pread, os.stat
     proc = os.open("/proc", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-
-    def floor() -> None:
-        for fds in fd_groups:
-            for fd in fds:
-                pread(fd, READ_BYTES, 0)
 
     def discovery_floor() -> None:
         # What finding every process's namespace costs at the least: the listing of /proc
@@ -457,13 +446,29 @@ def measure_main(args: argparse.Namespace) -> dict:
         (scans, collector.scan),
         (scans_floor, discovery_floor),
     ]
-    addresses = _address_step(collector, targets, files)
+    addresses = _address_step(collector, discovery.targets, collector._table.files)
     if addresses is not None:
         discovery_calls += addresses.calls
     interleave(discovery_calls, args.scans)
     scan_ratios = pair_ratios(scans, scans_floor)
     processes.append(_processes())
     os.close(proc)
+
+    # The namespaces of the last pass: each pass closes those whose processes have gone
+    # (other runs' come and go), and no pass runs during the scrapes.
+    discovery = collector._discovery
+    assert discovery is not None
+    targets = discovery.targets
+    named = sum(1 for target in targets if "pod" in target.labels)
+    files = collector._table.files
+    # The floor reads the very fds the collector reads at a scrape, of the namespaces it
+    # reports: the counters' six files (not the address files, read at discovery).
+    fd_groups = [_fds(files[t.namespace.key], NAMESPACE_FILES) for t in targets]
+
+    def floor() -> None:
+        for fds in fd_groups:
+            for fd in fds:
+                pread(fd, READ_BYTES, 0)
 
     samples = 0
     conntrack_namespaces = set()
@@ -529,7 +534,7 @@ class AddressStep:
         # The namespaces whose addresses a pass reads: the pods' (a cgroup's names nothing).
         pods = [t for t in targets if "cgroup" not in t.labels]
         self.pods = len(pods)
-        self.fds = [fd for t in pods for fd in _fds(files[t.namespace.key], ADDRESS_FILES)]
+        self.names = ADDRESS_FILES
         self.texts = [
             (t.labels, *(files[t.namespace.key].read(name) for name in ADDRESS_FILES)) for t in pods
         ]
@@ -554,10 +559,17 @@ class AddressStep:
             del collector._pod_addresses
 
     def read_all(self) -> None:
-        """The kernel's part: a pread of each pod's fib_trie and if_inet6, bytes dropped."""
+        """The kernel's part: a pread of each pod's fib_trie and if_inet6, bytes dropped, on
+        the fds of the collector's last pass (a pass closes those of namespaces gone; finding
+        the fds costs < 1 us a pod, the preads ~40)."""
+        collector = self.collector
+        files = collector._table.files
         pread = os.pread
-        for fd in self.fds:
-            pread(fd, READ_BYTES, 0)
+        for target in collector._discovery.targets:
+            if "cgroup" in target.labels:
+                continue
+            for fd in _fds(files[target.namespace.key], self.names):
+                pread(fd, READ_BYTES, 0)
 
     def parse_all(self) -> None:
         """Ours: every pod's two texts parsed (address_keys), then indexed (index_addresses),
