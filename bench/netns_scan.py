@@ -5,6 +5,10 @@ A simulated Kubernetes node is built, then grown, to each of --sizes (50 250 500
 - a pod is a process in a network namespace of its own (`unshare -n sleep`: its pause
   container), with lo up, and --per-namespace - 1 more processes that join that namespace
   (`nsenter -t PID -n sleep`: its app container's): 4 processes a namespace, 1000 at 250;
+- each pod has addresses as a CNI gives them (unless --no-addresses): eth0, one end of a veth
+  pair whose peer stays in the pod's namespace too (nothing is added to the host's), with an
+  IPv4 address in 10.244.0.0/16 (/24), an IPv6 one in fd00:10:244::/64, its link-local one,
+  and a default route: what the pods collector reads from fib_trie and if_inet6;
 - each pod sits in a kubelet-shaped cgroup on the cgroup v2 hierarchy, systemd driver
   (kubepods.slice/kubepods-<qos>.slice/kubepods-<qos>-pod<uid>.slice/cri-containerd-<id>.scope,
   one scope for the pause process and one for the others, burstable and besteffort pods in
@@ -18,15 +22,18 @@ At each size a fresh process, as nobody (setpriv) unless --as-root, measures fro
 time.thread_time() of its one thread around each call (getrusage(RUSAGE_THREAD) for the
 user/sys split):
 
-- discovery: PodsCollector.scan(), the first pass (which opens every namespace's six files),
-  then --scans more, what each interval costs; per pass and per 1000 processes on the node.
-  Its floor, measured beside it: the listing of /proc and a stat of each process's
-  net/sockstat (the namespace's key), nothing kept;
+- discovery: PodsCollector.scan(), the first pass (which opens every namespace's eight
+  files), then --scans more, what each interval costs; per pass and per 1000 processes on the
+  node. Its floor, measured beside it: the listing of /proc and a stat of each process's
+  net/sockstat (the namespace's key), nothing kept. Beside them too: the same scan() with its
+  pods' addresses step left out (the pass as it was before issue 13), the address step's
+  kernel part alone (a pread of each pod's fib_trie and if_inet6 on the collector's fds) and
+  its parse alone (address_keys and index_addresses over texts read before);
 - scrape: PodsCollector.collect(), --scrapes times, per scrape and per namespace. Its floor,
   the kernel's: one os.pread at offset 0 of each of the six files of every namespace on the
   collector's own open fds, the bytes thrown away: what reading them costs at the least;
-- each call of ours and one of its floor's alternate (in turn which goes first), so that the
-  machine's ups and downs fall on both alike;
+- the calls measured beside each other take turns (who goes first rotates), so that the
+  machine's ups and downs fall on all alike;
 - RSS: VmRSS before the collector is made, VmRSS and VmHWM (the high-water mark reset first)
   after the discovery passes and the scrapes: the target's growth is the peak's;
 - the whole exporter's scrape: generate_latest over an ExporterCollector that holds the
@@ -86,6 +93,25 @@ FLOWS = (
     "    s.sendto(b'x', ('127.0.0.1', port))\n"
 )
 BATCH = 50  # pods started together (each step waits for the whole batch)
+
+
+def pod_network(index: int) -> str:
+    """`ip -batch` commands giving pod `index` its addresses, as a CNI plugin would: eth0 (a
+    veth whose peer stays in the namespace: nothing is added to the host's) with an IPv4 and
+    an IPv6 address and a default route. The peer is up so that eth0 has a carrier, and so
+    its link-local address, as a pod's eth0 has."""
+    net = f"10.244.{index // 250}"
+    return (
+        "link set lo up\n"
+        "link add eth0 type veth peer name veth0\n"
+        "link set veth0 up\n"
+        "link set eth0 up\n"
+        f"addr add {net}.{index % 250 + 1}/24 dev eth0\n"
+        f"addr add fd00:10:244::{index + 1:x}/64 dev eth0 nodad\n"
+        f"route add default via {net}.254 dev eth0\n"
+    )
+
+
 SETUP_TIMEOUT = 30.0
 PROFILE_ROWS = 15
 PROFILE_SCRAPES = 20
@@ -152,8 +178,11 @@ def _wait_all(processes: list[subprocess.Popen], what: str) -> None:
 class Node:
     """The pods made so far, and everything to undo: processes, cgroup directories, logs."""
 
-    def __init__(self, per_namespace: int, conntrack_every: int, lifetime: int) -> None:
+    def __init__(
+        self, per_namespace: int, conntrack_every: int, lifetime: int, addresses: bool
+    ) -> None:
         self.per_namespace = per_namespace
+        self.addresses = addresses
         self.conntrack_every = conntrack_every
         self.lifetime = str(lifetime)
         self.host_key = _key("self")
@@ -187,12 +216,27 @@ class Node:
         setup = []
         for pod in batch:
             pid = str(pod.processes[0].pid)
-            setup.append(_spawn(["nsenter", "-t", pid, "-n", "ip", "link", "set", "lo", "up"]))
+            if self.addresses:
+                network = subprocess.Popen(
+                    ["nsenter", "-t", pid, "-n", "ip", "-batch", "-"],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    start_new_session=True,
+                )
+                assert network.stdin is not None
+                # A pipe takes these few hundred bytes at once; _wait_all's communicate()
+                # closes it, and ip runs them.
+                network.stdin.write(pod_network(pod.index).encode())
+                network.stdin.flush()
+                setup.append(network)
+            else:
+                setup.append(_spawn(["nsenter", "-t", pid, "-n", "ip", "link", "set", "lo", "up"]))
             for _ in range(self.per_namespace - 1):
                 app = _spawn(["nsenter", "-t", pid, "-n", "sleep", self.lifetime])
                 self.processes.append(app)
                 pod.processes.append(app)
-        _wait_all(setup, "ip link set lo up")
+        _wait_all(setup, "the pods' network (ip)")
         self._wait_joined(batch, lambda pod: pod.processes[1:], new=False)
         for pod in batch:
             pause_scope, app_scope = pod.scopes()
@@ -341,19 +385,17 @@ class Timings:
         }
 
 
-def alternate(ours: Timings, fn, floor: Timings, floor_fn, times: int) -> list[float]:
-    """`times` calls of each, one of ours then one of the floor's (in turn which goes first),
-    so that the machine's ups and downs fall on both alike; the ratio of each pair."""
-    ratios = []
+def interleave(calls: list[tuple[Timings, object]], times: int) -> None:
+    """`times` calls of each function, one of each in turn, the one going first rotating, so
+    that the machine's ups and downs fall on all alike."""
     for i in range(times):
-        if i % 2:
-            spent_floor = floor.call(floor_fn)
-            spent = ours.call(fn)
-        else:
-            spent = ours.call(fn)
-            spent_floor = floor.call(floor_fn)
-        ratios.append(spent / spent_floor)
-    return ratios
+        for timings, fn in common.rotated(calls, i):
+            timings.call(fn)
+
+
+def pair_ratios(ours: Timings, floor: Timings) -> list[float]:
+    """The ratio of each pair of calls made in the same turn of interleave()."""
+    return [a / b for a, b in zip(ours.calls, floor.calls, strict=True)]
 
 
 def measure_main(args: argparse.Namespace) -> dict:
@@ -363,6 +405,7 @@ def measure_main(args: argparse.Namespace) -> dict:
     from prometheus_client.exposition import generate_latest
 
     from conntrack_exporter.collectors.pods import PodsCollector, PodsOptions
+    from conntrack_exporter.netns import NAMESPACE_FILES
     from conntrack_exporter.procfs import ProcFS
     from conntrack_exporter.registry import (
         CollectorContext,
@@ -385,18 +428,8 @@ def measure_main(args: argparse.Namespace) -> dict:
 
     discovery = collector._discovery
     assert discovery is not None
-    targets = discovery.targets
-    named = sum(1 for target in targets if "pod" in target.labels)
-    files = collector._table.files
-    # The floor reads the very fds the collector reads, of the namespaces it reports.
-    fd_groups = [list(files[t.namespace.key]._fds.values()) for t in targets]
     pread, stat = os.pread, os.stat
     proc = os.open("/proc", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-
-    def floor() -> None:
-        for fds in fd_groups:
-            for fd in fds:
-                pread(fd, READ_BYTES, 0)
 
     def discovery_floor() -> None:
         # What finding every process's namespace costs at the least: the listing of /proc
@@ -409,9 +442,33 @@ def measure_main(args: argparse.Namespace) -> dict:
                         stat(name + "/" + KEY_FILE, dir_fd=proc)
 
     scans, scans_floor = Timings(), Timings()
-    scan_ratios = alternate(scans, collector.scan, scans_floor, discovery_floor, args.scans)
+    discovery_calls: list[tuple[Timings, object]] = [
+        (scans, collector.scan),
+        (scans_floor, discovery_floor),
+    ]
+    addresses = _address_step(collector, discovery.targets, collector._table.files)
+    if addresses is not None:
+        discovery_calls += addresses.calls
+    interleave(discovery_calls, args.scans)
+    scan_ratios = pair_ratios(scans, scans_floor)
     processes.append(_processes())
     os.close(proc)
+
+    # The namespaces of the last pass: each pass closes those whose processes have gone
+    # (other runs' come and go), and no pass runs during the scrapes.
+    discovery = collector._discovery
+    assert discovery is not None
+    targets = discovery.targets
+    named = sum(1 for target in targets if "pod" in target.labels)
+    files = collector._table.files
+    # The floor reads the very fds the collector reads at a scrape, of the namespaces it
+    # reports: the counters' six files (not the address files, read at discovery).
+    fd_groups = [_fds(files[t.namespace.key], NAMESPACE_FILES) for t in targets]
+
+    def floor() -> None:
+        for fds in fd_groups:
+            for fd in fds:
+                pread(fd, READ_BYTES, 0)
 
     samples = 0
     conntrack_namespaces = set()
@@ -421,7 +478,8 @@ def measure_main(args: argparse.Namespace) -> dict:
             conntrack_namespaces.update(tuple(sorted(s.labels.items())) for s in metric.samples)
 
     scrape, kernel = Timings(), Timings()
-    scrape_ratios = alternate(scrape, collector.collect, kernel, floor, args.scrapes)
+    interleave([(scrape, collector.collect), (kernel, floor)], args.scrapes)
+    scrape_ratios = pair_ratios(scrape, kernel)
     rss_after = common.status_kib("VmRSS")
     hwm_after = common.status_kib("VmHWM")
 
@@ -455,10 +513,103 @@ def measure_main(args: argparse.Namespace) -> dict:
         "uid": os.getuid(),
         "package": str(Path(sys.modules["conntrack_exporter"].__file__ or "?").parent),
     }
+    if addresses is not None:
+        out["addresses"] = addresses.result()
+        out["addresses"]["with_without"] = pair_ratios(scans, addresses.without)
     if args.cprofile:
         out["profile"] = _profile(collector.collect, PROFILE_SCRAPES)
     collector.close()
     return out
+
+
+class AddressStep:
+    """What learning the pods' addresses adds to a discovery pass (issue 13), measured beside
+    scan(): scan() without it, the preads alone, the parse alone."""
+
+    def __init__(self, collector, targets: list, files: dict) -> None:
+        from conntrack_exporter.netns import ADDRESS_FILES
+        from conntrack_exporter.pod_addresses import address_keys, index_addresses
+
+        self.collector = collector
+        # The namespaces whose addresses a pass reads: the pods' (a cgroup's names nothing).
+        pods = [t for t in targets if "cgroup" not in t.labels]
+        self.pods = len(pods)
+        self.names = ADDRESS_FILES
+        self.texts = [
+            (t.labels, *(files[t.namespace.key].read(name) for name in ADDRESS_FILES)) for t in pods
+        ]
+        self.sizes = [[len(text or "") for text in texts[1:]] for texts in self.texts]
+        self._address_keys, self._index = address_keys, index_addresses
+        self.without, self.reads, self.parse = Timings(), Timings(), Timings()
+        self.calls = [
+            (self.without, self.scan_without),
+            (self.reads, self.read_all),
+            (self.parse, self.parse_all),
+        ]
+        self.parse_all()  # what the texts index to (result()), unmeasured
+
+    def scan_without(self) -> None:
+        """scan() with its address step left out: the pass as before issue 13 (its first
+        pass opened six files a namespace instead of eight; not measured here)."""
+        collector = self.collector
+        collector._pod_addresses = _no_addresses  # an instance attribute over the method
+        try:
+            collector.scan()
+        finally:
+            del collector._pod_addresses
+
+    def read_all(self) -> None:
+        """The kernel's part: a pread of each pod's fib_trie and if_inet6, bytes dropped, on
+        the fds of the collector's last pass (a pass closes those of namespaces gone; finding
+        the fds costs < 1 us a pod, the preads ~40)."""
+        collector = self.collector
+        files = collector._table.files
+        pread = os.pread
+        for target in collector._discovery.targets:
+            if "cgroup" in target.labels:
+                continue
+            for fd in _fds(files[target.namespace.key], self.names):
+                pread(fd, READ_BYTES, 0)
+
+    def parse_all(self) -> None:
+        """Ours: every pod's two texts parsed (address_keys), then indexed (index_addresses),
+        the texts read once before."""
+        keys = self._address_keys
+        self.book = self._index(
+            (labels, keys(fib_trie, if_inet6)) for labels, fib_trie, if_inet6 in self.texts
+        )
+
+    def result(self) -> dict:
+        # What the pods' texts index to (the collector's own book may be the last stubbed
+        # pass's, which published none).
+        book = self.book
+        return {
+            "pods": self.pods,
+            "keys": len(book.pod_of),
+            "ambiguous": book.ambiguous,
+            "fib_trie_bytes": statistics.median(size[0] for size in self.sizes),
+            "if_inet6_bytes": statistics.median(size[1] for size in self.sizes),
+            "scan_without": self.without.result(),
+            "reads": self.reads.result(),
+            "parse": self.parse.result(),
+        }
+
+
+def _fds(files, names: tuple[str, ...]) -> list[int]:
+    """The collector's fds on a namespace's files of `names` (a file this kernel lacks has
+    none)."""
+    return [fd for name in names if (fd := files._fds.get(name)) is not None]
+
+
+def _no_addresses(_targets, _files):
+    return iter(())
+
+
+def _address_step(collector, targets: list, files: dict) -> AddressStep | None:
+    """An AddressStep, or None for a package before issue 13 (staged to compare)."""
+    if not hasattr(collector, "_pod_addresses"):
+        return None
+    return AddressStep(collector, targets, files)
 
 
 def _profile(fn, times: int) -> dict:
@@ -532,7 +683,8 @@ def per_namespace(r: dict, what: str, stat: str = "median") -> float:
 
 
 def per_1000(r: dict, what: str = "scan") -> float:
-    return r[what]["median"] / r["processes"] * 1000
+    timings = r["addresses"][what] if what == "scan_without" else r[what]
+    return timings["median"] / r["processes"] * 1000
 
 
 def ratio(r: dict) -> float:
@@ -541,6 +693,47 @@ def ratio(r: dict) -> float:
 
 def growth_kib(r: dict) -> float:
     return r["hwm_after_kib"] - r["rss_before_kib"]
+
+
+def address_rows(rs: list[dict]) -> list[str]:
+    """Issue 13's address step: what it adds to a discovery pass, per pod namespace."""
+    if not all("addresses" in r for r in rs):
+        return []
+    a = [r["addresses"] for r in rs]
+
+    def per_pod(r: dict, what: str) -> float:
+        return r["addresses"][what]["median"] / max(r["addresses"]["pods"], 1)
+
+    def added(r: dict) -> float:
+        return r["scan"]["median"] - r["addresses"]["scan_without"]["median"]
+
+    return [
+        "",
+        _row("pods' namespaces whose addresses are read", [str(x["pods"]) for x in a]),
+        _row("  address keys learnt / ambiguous", [f"{x['keys']}/{x['ambiguous']}" for x in a]),
+        _row(
+            "  bytes a pod: fib_trie / if_inet6",
+            [f"{x['fib_trie_bytes']:.0f}/{x['if_inet6_bytes']:.0f}" for x in a],
+        ),
+        _row(
+            "discovery without the address step",
+            [_ms(x["scan_without"]["median"]) for x in a],
+        ),
+        _row("  per 1000 processes", [_ms(per_1000(r, "scan_without")) for r in rs]),
+        _row(
+            "ratio discovery with / without (medians)",
+            [f"{r['scan']['median'] / r['addresses']['scan_without']['median']:.3f}" for r in rs],
+        ),
+        _row(
+            "  median of the pairs' ratios",
+            [f"{statistics.median(x['with_without']):.3f}" for x in a],
+        ),
+        _row("added per pass (with - without)", [_ms(added(r)) for r in rs]),
+        _row("  per pod namespace", [_us(added(r) / max(r["addresses"]["pods"], 1)) for r in rs]),
+        _row("address preads (2 a pod), per pod", [_us(per_pod(r, "reads")) for r in rs]),
+        _row("  kernel's share (sys)", [f"{x['reads']['sys_share']:.0%}" for x in a]),
+        _row("address parse + index, per pod", [_us(per_pod(r, "parse")) for r in rs]),
+    ]
 
 
 def report(args: argparse.Namespace, info: dict, results: dict[int, dict]) -> None:
@@ -583,6 +776,7 @@ def report(args: argparse.Namespace, info: dict, results: dict[int, dict]) -> No
             "ratio discovery / floor (medians)",
             [f"{r['scan']['median'] / r['scan_floor']['median']:.2f}" for r in rs],
         ),
+        *address_rows(rs),
         "",
         _row("scrape: collect() CPU (median)", [_ms(r["scrape"]["median"]) for r in rs]),
         _row(
@@ -703,6 +897,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"cProfile collect() at {TARGET_SIZE}: when it misses {TARGET_RATIO:g}x the floor "
         "(auto), always, never",
     )
+    parser.add_argument(
+        "--no-addresses",
+        dest="addresses",
+        action="store_false",
+        help="pods with lo only: no eth0, no address but loopback's (as before issue 13)",
+    )
     parser.add_argument("--as-root", action="store_true", help="measure as root, not nobody")
     parser.add_argument(
         "--lifetime", type=int, default=3600, help="seconds the pods' sleeps last at most (3600)"
@@ -737,7 +937,7 @@ def main() -> int:
     node = None
     interrupted = False
     try:
-        node = Node(args.per_namespace, args.conntrack_every, args.lifetime)
+        node = Node(args.per_namespace, args.conntrack_every, args.lifetime, args.addresses)
         for size in sorted(args.sizes):
             started = time.monotonic()
             node.grow(size)
