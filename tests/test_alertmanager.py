@@ -13,6 +13,8 @@ inhibited, and by which (`status.inhibitedBy`).
 - With the inhibit rules the runbooks recommend (parsed out of grafana/runbooks.md, so the
   documentation is what runs) a warning is inhibited while its critical fires on the same node
   or pod, and on no other.
+- The README's rule that silences node-mixin's NodeHighNumberConntrackEntriesUsed while ours
+  fire does so on the same node only (it compares `node`; `instance` differs in its port).
 
 Alertmanager names one source per inhibited alert, the first it finds: where nothing may be
 inhibited, every alert of every node and pod fires at once, so that none inhibited means no
@@ -380,3 +382,61 @@ def test_the_runbooks_inhibit_rules_silence_a_warning_for_its_own_node_or_pod_on
                 expected[key({"alertname": warning, "severity": "warning", **labels})] = [source]
     assert len(expected) == len(critical_on)
     assert result == expected
+
+
+def readme_node_mixin_inhibit_rules() -> list[dict]:
+    """The README's inhibit rule for node-mixin's NodeHighNumberConntrackEntriesUsed."""
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"^( *)```yaml\n(.*?)^\1```", text, re.S | re.M)
+    found = [
+        yaml.safe_load(textwrap.dedent(body))
+        for _, body in blocks
+        if "inhibit_rules:" in body and "NodeHighNumberConntrackEntriesUsed" in body
+    ]
+    assert len(found) == 1, "one YAML block of inhibit_rules for node-mixin in README.md"
+    return found[0]["inhibit_rules"]
+
+
+def node_mixin_alert(node: str) -> Labels:
+    """NodeHighNumberConntrackEntriesUsed as kube-prometheus-stack's node-exporter monitor
+    labels it, with the `node` label the README asks for: node_exporter's port in `instance`,
+    its own pod and namespace."""
+    return {
+        "alertname": "NodeHighNumberConntrackEntriesUsed",
+        "severity": "warning",
+        "instance": NODES[node].replace(":9371", ":9100"),
+        "job": "node-exporter",
+        "namespace": "monitoring",
+        "pod": f"kube-prometheus-stack-prometheus-node-exporter-{node}",
+        "container": "node-exporter",
+        "endpoint": "http-metrics",
+        "service": "kube-prometheus-stack-prometheus-node-exporter",
+        "node": node,
+    }
+
+
+@pytest.mark.parametrize("equal", [None, ["instance"]], ids=["readme", "on-instance"])
+def test_the_readme_silences_node_mixins_alert_for_the_same_node_only(tmp_path, equal):
+    """Ours fire on node-a only, node-mixin's on both nodes. The README's rule (compare
+    `node`) silences node-mixin's on node-a, not node-b's; `on-instance`: comparing
+    `instance` instead silences nothing (ports 9100 and 9371), as the README says."""
+    rules = readme_node_mixin_inhibit_rules()
+    assert [rule["equal"] for rule in rules] == [["node"]]
+    if equal is not None:
+        rules = [{**rule, "equal": equal} for rule in rules]
+    table_alerts = {"ConntrackTableNearlyFull", "ConntrackTableNearlyFullCritical"}
+    alerts = [
+        labels
+        for labels in our_alerts()
+        if labels["alertname"] not in table_alerts or labels["node"] == "node-a"
+    ]
+    alerts += [node_mixin_alert("node-a"), node_mixin_alert("node-b")]
+    with alertmanager(tmp_path, KPS_INHIBIT_RULES + runbook_inhibit_rules() + rules) as am:
+        result = am.inhibited(alerts)
+    node_mixin = {k: v for k, v in result.items() if k[0] == "NodeHighNumberConntrackEntriesUsed"}
+    if equal is not None:
+        assert node_mixin == {}
+        return
+    assert list(node_mixin) == [key(node_mixin_alert("node-a"))]
+    [source] = node_mixin[key(node_mixin_alert("node-a"))]
+    assert source[0] in table_alerts and source[2] == subject_of(host_labels("node-a"))
