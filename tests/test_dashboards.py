@@ -286,6 +286,31 @@ def test_table_utilisation_is_a_ratio_with_thresholds():
     assert metric_names(expr) == ["conntrack_entries", "conntrack_entries_limit"]
 
 
+def test_table_full_stat_counts_what_the_table_full_alert_fires_on():
+    """Bug 6: the stat showed `drop` only while ConntrackTableFull fires on `drop` or
+    `early_drop`, so on-call got the page and saw 0. Its one query sums the rates of every
+    counter the alert reads."""
+    rules = yaml.safe_load(RULES_FILE.read_text())["groups"]
+    (alert,) = [
+        rule
+        for group in rules
+        for rule in group["rules"]
+        if rule.get("alert") == "ConntrackTableFull"
+    ]
+    counters = sorted(set(metric_names(alert["expr"])))
+    assert counters == ["conntrack_stat_drop_total", "conntrack_stat_early_drop_total"]
+    board = generate.load("conntrack.json")
+    panel = next(p for p in generate.iter_panels(board) if p["title"] == generate.TABLE_FULL_STAT)
+    assert panel["type"] == "stat"
+    (expr,) = [target["expr"] for target in panel["targets"]]
+    assert sorted(metric_names(expr)) == counters
+    for counter in counters:
+        (selector,) = selectors(expr, counter)
+        assert f"sum(rate({counter}{selector}[$__rate_interval]))" in expr
+    assert " + " in expr
+    assert "early_drop" in panel["description"]
+
+
 # --- queries --------------------------------------------------------------------------------------
 
 

@@ -89,7 +89,7 @@ OPERATOR_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
 RUNBOOK_BASE = (
     "https://github.com/conntrack-exporter/conntrack-exporter/blob/main/grafana/runbooks.md"
 )
-UP_MATCHER = 'up{job=~".*conntrack.*exporter.*"}'
+UP_MATCHER = 'up{job=~".*conntrack.*"}'
 HELM_TIMEOUT = 120
 
 

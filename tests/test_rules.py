@@ -35,7 +35,11 @@ POD_TEMPLATE = (
 # The host table alerts name the pod on the node holding the most of the table's entries, both
 # directions summed, when the table scan names pods (a template query, evaluated when the alert
 # fires); no pod holding an entry, nothing.
-TOP_POD_ALERTS = {"ConntrackTableNearlyFull", "ConntrackTableFull"}
+TOP_POD_ALERTS = {
+    "ConntrackTableNearlyFull",
+    "ConntrackTableNearlyFullCritical",
+    "ConntrackTableFull",
+}
 TOP_POD_TEMPLATE = (
     '{{- with query (printf "topk(1, sum by (namespace, pod, pod_uid, cgroup) '
     '(conntrack_table_pod_entries{instance=%q, job=%q}) > 0)" $labels.instance $labels.job) }} '
@@ -185,6 +189,20 @@ def test_groups_and_recording_rule_names():
     recorded = {rule["record"] for rule in groups["conntrack-exporter.recording"]["rules"]}
     assert recorded >= CONTRACT_RECORDINGS
     assert all("alert" in rule for rule in groups["conntrack-exporter.alerts"]["rules"])
+
+
+def test_no_alert_name_at_two_severities():
+    """Each alert name is one rule: an alert at two severities is two names (X and
+    XCritical). A name shared across severities lets an inhibit rule that compares only
+    `alertname` and `namespace` (kube-prometheus-stack's default) silence one node's warning
+    with another node's critical: the host alerts carry no namespace, and a label absent on
+    both sides counts as equal (tests/test_alertmanager.py shows it in a real Alertmanager)."""
+    names = [rule["alert"] for rule in alerts()]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
+    for rule in alerts():
+        if rule["labels"]["severity"] == "critical" and rule["alert"].endswith("Critical"):
+            warning = rule["alert"].removesuffix("Critical")
+            assert warning in names, warning
 
 
 @pytest.mark.parametrize("rule", alerts(), ids=alert_ids())

@@ -45,6 +45,8 @@ CONNTRACK_UID = "conntrack-exporter-conntrack"
 SOCKETS_UID = "conntrack-exporter-sockets"
 TAG = "conntrack-exporter"
 RUNBOOKS = "grafana/runbooks.md"
+# The stat of what ConntrackTableFull fires on: drop and early_drop, summed.
+TABLE_FULL_STAT = "Drops and evictions, table full"
 
 # The panels an end-to-end test expects to return data from a Prometheus scraping the exporter:
 # they query raw exporter metrics only. Keyed by the dashboard's file name.
@@ -575,12 +577,17 @@ def conntrack_dashboard() -> dict[str, Any]:
     )
     layout.panel(
         stat_panel(
-            "Packets dropped, table full",
-            "Packets dropped per second because the table was full and no entry could be "
-            "evicted (conntrack_stat_drop_total), over the selected nodes. Anything above 0 "
-            "means connections are failing now.",
+            TABLE_FULL_STAT,
+            "Packets dropped because the table was full and no entry could be evicted "
+            "(conntrack_stat_drop_total) plus entries evicted to make room "
+            "(conntrack_stat_early_drop_total), per second, over the selected nodes: the two "
+            "counters ConntrackTableFull fires on. Anything above 0 means the table is full now; "
+            "'Drops and early drops' below splits them.",
             "ops",
-            Query(f"sum({rate('conntrack_stat_drop_total')})"),
+            Query(
+                f"sum({rate('conntrack_stat_drop_total')})"
+                f" + sum({rate('conntrack_stat_early_drop_total')})"
+            ),
             _any_steps(),
             "no conntrack data",
         ),
