@@ -105,6 +105,7 @@ class Exporter:
     wall_per_scrape: list[float] = field(default_factory=list)  # as the client saw it
     info: dict = field(default_factory=dict)
     note: str = ""  # how it is configured, for the report
+    cwd: Path = common.REPO  # ours: the checkout `python -m conntrack_exporter` runs from
 
     @property
     def pid(self) -> int:
@@ -145,8 +146,8 @@ def start(ns: Namespace, exporter: Exporter, logdir: Path) -> None:
         stderr=subprocess.STDOUT,
         # Its own process group: a Ctrl-C reaches only us, and `finally` stops it in order.
         start_new_session=True,
-        # `python -m conntrack_exporter` then imports the package from this checkout.
-        cwd=common.REPO,
+        # `python -m conntrack_exporter` then imports the package from that checkout.
+        cwd=exporter.cwd,
     )
 
 
