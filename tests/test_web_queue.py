@@ -217,11 +217,62 @@ def test_idle_connections_hold_no_thread_and_everything_is_released_at_the_end()
     assert set(os.listdir("/proc/self/fd")) == fds
 
 
-def test_open_connections_are_dropped_at_shutdown():
+def test_open_connections_are_dropped_at_shutdown_quietly(caplog):
     gate = CountingGate()
     gate.opened.set()
     with running(gate, read_timeout_seconds=60) as srv:
         sock = connect(srv)
-        eventually(lambda: srv.open_connections == 1, "the connection accepted")
-    with sock:
-        assert closed_by_server(sock)
+        kept = connect(srv)
+        kept.sendall(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
+        response = http.client.HTTPResponse(kept)
+        response.begin()
+        assert response.status == 200 and response.read()
+        eventually(lambda: srv.open_connections == 2, "the connections accepted")
+    for conn in (sock, kept):
+        with conn:
+            assert closed_by_server(conn)
+    # A shutdown is no error: nothing logged at ERROR (asyncio's "exception in callback").
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
+
+
+# --- request heads ----------------------------------------------------------------------------
+
+
+def raw(srv: MetricsServer, head: bytes) -> http.client.HTTPResponse:
+    sock = connect(srv)
+    sock.sendall(head)
+    response = http.client.HTTPResponse(sock)
+    response.begin()
+    response.read()
+    sock.close()
+    return response
+
+
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        (b"GET /metrics\r\n\r\n", 400),
+        (b"GET /metrics HTTP/2.0\r\n\r\n", 505),
+        (b"GET /metrics HTTP/1.1\r\nHost: x\r\n folded\r\n\r\n", 400),
+        (b"GET /metrics HTTP/1.1\r\nno colon\r\n\r\n", 400),
+        (b"GET /metrics HTTP/1.1\r\n" + b"X-A: b\r\n" * 101 + b"\r\n", 431),
+        (b"GET /metrics HTTP/1.1\r\nX-A: " + b"b" * 70_000 + b"\r\n\r\n", 431),
+        (b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n", 501),
+    ],
+)
+def test_bad_request_heads_get_their_status_and_the_connection_ends(head, status):
+    with running(CountingGate()) as srv:
+        response = raw(srv, head)
+    assert response.status == status
+    assert response.getheader("Connection") == "close" or status == 501
+
+
+def test_header_names_are_case_insensitive_and_http_1_0_closes_unless_asked():
+    gate = CountingGate()
+    gate.opened.set()
+    with running(gate) as srv:
+        response = raw(srv, b"GET /metrics HTTP/1.0\r\naccept-ENCODING: gzip\r\n\r\n")
+        assert response.status == 200 and response.getheader("Content-Encoding") == "gzip"
+        assert response.getheader("Connection") == "close"
+        response = raw(srv, b"GET /metrics HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n")
+        assert response.status == 200 and response.getheader("Connection") is None
