@@ -256,8 +256,15 @@ def client_main(targets: dict[str, list], accept: str, scrapers: int) -> None:
         name: str, conn: http.client.HTTPConnection | None = None
     ) -> http.client.HTTPResponse:
         conn = conn or connections[name]
-        conn.request("GET", targets[name][1], headers=headers)
-        response = conn.getresponse()
+        try:
+            conn.request("GET", targets[name][1], headers=headers)
+            response = conn.getresponse()
+        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+            # Idle past the exporters' 120 s while the other exporters' rounds ran (a slow,
+            # shared machine): closed, as Prometheus sees it too. It reconnects and asks again.
+            conn.close()
+            conn.request("GET", targets[name][1], headers=headers)
+            response = conn.getresponse()
         if response.status != 200:
             raise RuntimeError(f"{name}: HTTP {response.status}")
         return response
