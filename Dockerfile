@@ -14,7 +14,7 @@ ARG PIP_INDEX_URL=""
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY conntrack_exporter/ conntrack_exporter/
 # The package is built as a wheel (pip builds it in an isolated environment with setuptools
 # from the index), then installed with its dependencies into a venv made without pip:

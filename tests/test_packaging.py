@@ -1,0 +1,126 @@
+"""The package as pip builds it: a wheel made from the files the image's build gets (the
+.dockerignore allowlist), with setuptools from the index in pip's isolated build environment,
+as the Dockerfile and `pip install .` do.
+
+Needs a reachable package index (PyPI, or the one pip is configured with).
+"""
+
+from __future__ import annotations
+
+import email.parser
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import conntrack_exporter
+
+ROOT = Path(__file__).resolve().parent.parent
+LICENSE = ROOT / "LICENSE"
+
+
+def build_context_files() -> list[str]:
+    """The paths .dockerignore lets into the image's build: `*`, then `!path` for each."""
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    return [line[1:].rstrip("/") for line in lines if line.startswith("!")]
+
+
+class Built:
+    def __init__(self, wheel: Path, log: str) -> None:
+        self.wheel = wheel
+        self.log = log
+        with zipfile.ZipFile(wheel) as archive:
+            self.names = archive.namelist()
+            dist_info = next(n.split("/")[0] for n in self.names if ".dist-info/" in n)
+            self.dist_info = dist_info
+            self.metadata = email.parser.Parser().parsestr(
+                archive.read(f"{dist_info}/METADATA").decode()
+            )
+            self.files = {name: archive.read(name) for name in self.names}
+
+
+def copy_build_context(target: Path) -> Path:
+    target.mkdir(exist_ok=True)
+    for name in build_context_files():
+        path = ROOT / name
+        if path.is_dir():
+            shutil.copytree(path, target / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(path, target / name)
+    return target
+
+
+def build_wheel(source: Path, dist: Path) -> Built:
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--wheel-dir", str(dist), "."],
+        cwd=source,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log
+    [wheel] = dist.glob("*.whl")
+    return Built(wheel, log)
+
+
+def backend_warnings(log: str) -> list[str]:
+    """The Python warnings the build backend printed (pip -v shows its output): their class
+    names end in Warning (BuildBackendWarning, SetuptoolsDeprecationWarning)."""
+    return [line for line in log.splitlines() if re.search(r"[a-z]Warning\b", line)]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Built:
+    source = copy_build_context(tmp_path_factory.mktemp("source"))
+    return build_wheel(source, tmp_path_factory.mktemp("dist"))
+
+
+def test_the_build_context_holds_what_the_package_needs():
+    assert set(build_context_files()) >= {
+        "pyproject.toml",
+        "README.md",
+        "LICENSE",
+        "conntrack_exporter",
+    }
+
+
+def test_the_wheel_carries_the_license_and_its_spdx_expression(built):
+    assert built.metadata["License-Expression"] == "Apache-2.0"
+    assert built.metadata.get_all("License-File") == ["LICENSE"]
+    assert built.metadata["License"] is None  # the deprecated free-text field is gone
+    assert built.files[f"{built.dist_info}/licenses/LICENSE"] == LICENSE.read_bytes()
+    assert built.metadata["Version"] == conntrack_exporter.__version__
+
+
+def test_setuptools_warns_of_nothing(built, tmp_path):
+    assert "Building wheel for conntrack-exporter" in built.log
+    assert backend_warnings(built.log) == []
+    # The control: the license as a table, as it was, makes setuptools warn, and it is seen.
+    source = copy_build_context(tmp_path / "source")
+    pyproject = source / "pyproject.toml"
+    text = pyproject.read_text()
+    assert 'license = "Apache-2.0"\nlicense-files = ["LICENSE"]\n' in text
+    pyproject.write_text(
+        text.replace(
+            'license = "Apache-2.0"\nlicense-files = ["LICENSE"]\n',
+            'license = { text = "Apache-2.0" }\n',
+        )
+    )
+    (tmp_path / "dist").mkdir()
+    control = build_wheel(source, tmp_path / "dist")
+    assert any(
+        "`project.license` as a TOML table is deprecated" in line
+        for line in backend_warnings(control.log)
+    )
+
+
+def test_license_is_the_apache_2_text():
+    text = LICENSE.read_text()
+    assert text.split()[:5] == ["Apache", "License", "Version", "2.0,", "January"]
+    assert "END OF TERMS AND CONDITIONS" in text
+    assert "APPENDIX: How to apply the Apache License to your work." in text
