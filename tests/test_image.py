@@ -211,6 +211,20 @@ def test_final_image_holds_the_venv_only(image):
     assert 0 < added < MAX_ADDED_BYTES
 
 
+# What the venv may hold: the package, its runtime dependencies and the bcrypt extra. pyroute2
+# (the tests' reference decoder) and the test extra stay out.
+IMAGE_DISTRIBUTIONS = ["bcrypt", "conntrack-exporter", "prometheus-client", "pyyaml"]
+LIST_DISTRIBUTIONS = (
+    "import importlib.metadata as m, re\n"
+    "for d in m.distributions(): print(re.sub(r'[-_.]+', '-', d.metadata['Name']).lower())"
+)
+
+
+def test_image_holds_the_runtime_dependencies_only(image):
+    listing = run_container(image, "-c", LIST_DISTRIBUTIONS, options=("--entrypoint", "python3"))
+    assert sorted(listing.stdout.split()) == IMAGE_DISTRIBUTIONS
+
+
 def test_image_checks_basic_auth_passwords(image):
     # The bcrypt extra is in: a web config with basic_auth_users works in the image.
     check = run_container(

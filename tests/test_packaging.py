@@ -7,6 +7,7 @@ Needs a reachable package index (PyPI, or the one pip is configured with).
 
 from __future__ import annotations
 
+import ast
 import email.parser
 import re
 import shutil
@@ -124,3 +125,35 @@ def test_license_is_the_apache_2_text():
     assert text.split()[:5] == ["Apache", "License", "Version", "2.0,", "January"]
     assert "END OF TERMS AND CONDITIONS" in text
     assert "APPENDIX: How to apply the Apache License to your work." in text
+
+
+def runtime_requirements(built: Built) -> list[str]:
+    """The wheel's Requires-Dist without an extra's marker: what `pip install` always pulls."""
+    return sorted(
+        requirement.split(">")[0].split("=")[0].strip()
+        for requirement in built.metadata.get_all("Requires-Dist")
+        if "extra ==" not in requirement
+    )
+
+
+def test_the_runtime_needs_prometheus_client_and_pyyaml_only(built):
+    assert runtime_requirements(built) == ["prometheus-client", "pyyaml"]
+    by_extra = [r for r in built.metadata.get_all("Requires-Dist") if r.startswith("pyroute2")]
+    assert by_extra == ['pyroute2>=0.9; extra == "test"']
+
+
+def test_the_package_imports_no_pyroute2():
+    """pyroute2 is the tests' reference decoder: the exporter speaks netlink itself."""
+    imported: dict[str, set[str]] = {}
+    for path in sorted((ROOT / "conntrack_exporter").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            else:
+                continue
+            for name in names:
+                imported.setdefault(name.split(".")[0], set()).add(path.name)
+    assert "pyroute2" not in imported, imported["pyroute2"]
+    assert {"prometheus_client", "yaml"} <= set(imported)  # the scan sees imports at all
