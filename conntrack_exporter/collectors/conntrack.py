@@ -36,7 +36,9 @@ COUNTER_HELP = {
     "found": "Lookups that found an existing entry",
     "invalid": "Packets that conntrack could not track",
     "ignore": "Packets already tracked or untracked (retired by the kernel, always 0)",
-    "insert": "Entries inserted into the table",
+    # Current kernels count no insert on the packet path: only ctnetlink's (README).
+    "insert": "Entries inserted through ctnetlink (conntrack -I), not by the packet path: 0 "
+    "on most nodes, however busy",
     "insert_failed": "Entries that failed to insert, e.g. a clash race (DNS stall signature)",
     "drop": "Packets dropped because the table was full and no entry could be evicted",
     "early_drop": "Entries evicted to make room in a full table",
