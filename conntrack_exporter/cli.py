@@ -36,6 +36,8 @@ from conntrack_exporter.webconfig import PLAIN_HTTP, WebSecuritySource, WebSecur
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+# The longest a signal waits for its handler (see Running.serve).
+SIGNAL_CHECK_SECONDS = 1.0
 DEFAULTS = Config()
 
 # flag -> (dotted config key, help)
@@ -275,7 +277,11 @@ class Running:
             },
         )
         while not self._stop:
-            self._wake.wait()
+            # Not an endless wait: Python runs a signal's handler in the main thread, but the
+            # kernel may deliver the signal to another thread (one whose turn it is, say while
+            # the main thread is stopped under a tracer), which does not interrupt this wait.
+            # Waking each second runs a handler left pending that way.
+            self._wake.wait(SIGNAL_CHECK_SECONDS)
             self._wake.clear()
             if self._reload and not self._stop:
                 self._reload = False
