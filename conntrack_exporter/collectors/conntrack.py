@@ -17,7 +17,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 
 from conntrack_exporter.counters import WrappingCounters
 from conntrack_exporter.netlink import NetlinkError
-from conntrack_exporter.netlink.ctnetlink import ConntrackStatsReader, CpuStats
+from conntrack_exporter.netlink.ctnetlink import GRANT_NET_ADMIN, ConntrackStatsReader, CpuStats
 from conntrack_exporter.procfs import CONNTRACK_COUNT_FILE, parse_nf_conntrack_stat
 from conntrack_exporter.registry import Collected, CollectorContext, NoDataError
 
@@ -134,9 +134,8 @@ class ConntrackCollector:
     def _drop_netlink(self, exc: NetlinkError) -> None:
         log.warning(
             "ctnetlink refused (needs CAP_NET_ADMIN); falling back to procfs, which has no "
-            "per-CPU counters without CONFIG_NF_CONNTRACK_PROCFS. Grant the capability "
-            "(e.g. `setcap cap_net_admin+ep`, or capabilities.add: [NET_ADMIN] in Kubernetes) "
-            "to read over netlink",
+            "per-CPU counters without CONFIG_NF_CONNTRACK_PROCFS. To read over netlink, "
+            + GRANT_NET_ADMIN,
             extra={"err": exc.strerror},
         )
         self.close()
