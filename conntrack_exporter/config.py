@@ -168,17 +168,36 @@ class ConfigError(Exception):
         self.problems = problems
 
 
+_LINE = re.compile(r":([0-9]+)$")
+
+
+def _order(location: str) -> tuple[int, int]:
+    """Where a location sorts: the file's own problems (`file`) first, then by line
+    (`file:line`), then the flags' (`flag --name`)."""
+    if location.startswith("flag "):
+        return (1, 0)
+    line = _LINE.search(location)
+    return (0, int(line.group(1)) if line else 0)
+
+
 @dataclass
 class Validation:
     """Problems found so far, and where each dotted key came from."""
 
     locations: dict[str, str]
     source: str
-    problems: list[str] = field(default_factory=list)
     failed: set[str] = field(default_factory=set)
+    _found: list[tuple[str, str]] = field(default_factory=list)  # (location, problem)
+
+    @property
+    def problems(self) -> list[str]:
+        """Every problem, by line (the flags' last); those of one line in the order found."""
+        found = sorted(self._found, key=lambda item: _order(item[0]))
+        return [problem for _, problem in found]
 
     def problem(self, path: str, message: str) -> None:
-        self.problems.append(f"{self._where(path)}: {path}: {message}")
+        where = self._where(path)
+        self._found.append((where, f"{where}: {path}: {message}"))
         self.failed.add(path)
 
     def given(self, path: str) -> bool:
@@ -234,12 +253,15 @@ def read_dataclass(cls: type[T], file: str) -> tuple[T, Validation]:
 
 def _read_yaml(file: str) -> tuple[dict[str, Any], dict[str, str]]:
     try:
-        with open(file, encoding="utf-8") as handle:
-            text = handle.read()
+        with open(file, "rb") as handle:
+            raw = handle.read()
     except OSError as exc:
         raise ConfigError([f"{file}: cannot read: {exc.strerror}"]) from None
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError([f"{file}: not UTF-8 text (byte {exc.start})"]) from None
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError([f"{file}:{line}: not UTF-8 text (byte {exc.start})"]) from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -247,16 +269,38 @@ def _read_yaml(file: str) -> tuple[dict[str, Any], dict[str, str]]:
             return {}, {}
         if not isinstance(data, dict):
             problem = f"expected a mapping at the top level, got {_describe(data)}"
-            raise ConfigError([f"{file}: {problem}"])
+            where = f"{file}:{node.start_mark.line + 1}" if node is not None else file
+            raise ConfigError([f"{where}: {problem}"])
         locations: dict[str, str] = {}
         if node is not None:  # None only for an empty document, returned above
             _index_locations(node, "", file, locations)
     except yaml.YAMLError as exc:
-        raise ConfigError([f"{file}: not valid YAML: {exc}"]) from None
+        raise ConfigError([_yaml_problem(file, text, exc)]) from None
     except RecursionError:
         # PyYAML composes recursively: thousands of nested brackets exhaust the stack.
         raise ConfigError([f"{file}: nested too deeply to read"]) from None
     return data, locations
+
+
+def _yaml_problem(file: str, text: str, exc: yaml.YAMLError) -> str:
+    """A YAML error as `file:line: not valid YAML: what (where on the line, and the context)`,
+    as every other problem is located; PyYAML's own text spans lines and names no file."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        message = f"{exc.problem} at column {mark.column + 1}"
+        context = exc.context_mark
+        if exc.context and context is not None and context.line != mark.line:
+            message += f" ({exc.context} at line {context.line + 1}, column {context.column + 1})"
+        elif exc.context:
+            message += f" ({exc.context})"
+        return f"{file}:{mark.line + 1}: not valid YAML: {message}"
+    if isinstance(exc, yaml.reader.ReaderError):
+        line = text.count("\n", 0, exc.position) + 1
+        return (
+            f"{file}:{line}: not valid YAML: unacceptable character #x{exc.character:04x}: "
+            f"{exc.reason}"
+        )
+    return f"{file}: not valid YAML: {exc}"
 
 
 def _index_locations(node: yaml.Node, path: str, file: str, out: dict[str, str]) -> None:
