@@ -34,10 +34,53 @@ class Check:
 
     `problem(value)` says what is wrong, or None. `schema` states the same bound in JSON
     schema, from which the Helm chart's values schema is generated: the two cannot drift.
+    `parse`, if set, reads the value as written before its type is checked (a duration's
+    "1m30s" into seconds), raising ValueError to say what is wrong.
     """
 
     problem: Callable[[Any], str | None]
     schema: Mapping[str, Any]
+    parse: Callable[[Any], Any] | None = None
+
+
+# Durations as Prometheus writes them (its model.ParseDuration): whole numbers with units,
+# largest first, each at most once: 30s, 1m, 1h30m, 500ms.
+DURATION_UNITS = (
+    ("y", 365 * 86400_000),
+    ("w", 7 * 86400_000),
+    ("d", 86400_000),
+    ("h", 3600_000),
+    ("m", 60_000),
+    ("s", 1000),
+    ("ms", 1),
+)  # in milliseconds
+DURATION_PATTERN = "".join(f"([0-9]+{unit})?" for unit, _ in DURATION_UNITS)
+_DURATION = re.compile("".join(f"(?:([0-9]+){unit})?" for unit, _ in DURATION_UNITS))
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration ("1h30m" is 5400.0); ValueError if it is none."""
+    match = _DURATION.fullmatch(text)
+    if not text or match is None:
+        raise ValueError(text)
+    milliseconds = sum(
+        int(count) * unit for count, (_, unit) in zip(match.groups(), DURATION_UNITS) if count
+    )
+    return milliseconds / 1000
+
+
+def _parse_seconds(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return parse_duration(value)
+        except ValueError:
+            pass
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        return value
+    raise ValueError(
+        f"expected a number of seconds or a duration such as 30s, 1m, 1h30m or 500ms, "
+        f"got {value!r}"
+    )
 
 
 def _seconds(value: float) -> str | None:
@@ -78,8 +121,20 @@ def _telemetry_path(value: str) -> str | None:
     return None
 
 
-# A timeout or an interval: positive and finite, at most a day.
-SECONDS = Check(_seconds, {"exclusiveMinimum": 0, "maximum": MAX_SECONDS})
+# A timeout or an interval: positive and finite, at most a day; a number of seconds or a
+# duration. JSON schema applies the bounds to numbers and the patterns to strings: a duration
+# with a digit other than 0 (so neither "" nor "0s"); how long it is, it cannot check.
+SECONDS = Check(
+    _seconds,
+    {
+        "type": ["number", "string"],
+        "exclusiveMinimum": 0,
+        "maximum": MAX_SECONDS,
+        "pattern": f"^{DURATION_PATTERN}$",
+        "allOf": [{"pattern": "[1-9]"}],
+    },
+    _parse_seconds,
+)
 NON_NEGATIVE = Check(_non_negative, {"minimum": 0})
 # Low-high; that low is at most high, JSON schema cannot say (the loader does).
 PORT_RANGE = Check(_port_range, {"pattern": f"^{PORT_RANGE_PATTERN}$"})
@@ -381,9 +436,19 @@ def _build_dataclass(
         if f.name not in data:
             continue
         field_path = _child(path, f.name)
-        value = _convert(hints[f.name], data[f.name], field_path, validation)
+        written = data[f.name]
         check = f.metadata.get("check")
+        parse = check.parse if check is not None else None
+        if parse is not None:
+            try:
+                written = parse(written)
+            except ValueError as exc:
+                validation.problem(field_path, str(exc))
+                continue
+        value = _convert(hints[f.name], written, field_path, validation)
         message = check.problem(value) if check is not None and value is not None else None
+        if message and parse is not None and isinstance(data[f.name], str):
+            message += f" ({data[f.name]!r})"  # the duration as written
         if message:
             validation.problem(field_path, message)
         elif value is not None:

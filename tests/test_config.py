@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -15,6 +16,7 @@ import pytest
 from conntrack_exporter.collectors import COLLECTORS
 from conntrack_exporter.config import (
     SECONDS,
+    SECTIONS,
     Config,
     ConfigError,
     parse_listen_address,
@@ -63,6 +65,101 @@ def test_timeouts_and_intervals_must_be_finite_and_at_most_a_day(tmp_path, text,
         f"FILE:3: collectors.socket_ports.interval_seconds: must be greater than 0 and at most "
         f"86400 seconds, got {parsed}"
     ]
+
+
+def seconds_keys() -> list[str]:
+    """Every key the SECONDS check guards, in the sections and every collector's options."""
+    classes = {**SECTIONS, **{f"collectors.{n}": c.options_type for n, c in COLLECTORS.items()}}
+    return [
+        f"{path}.{option.name}"
+        for path, cls in classes.items()
+        for option in dataclasses.fields(cls)
+        if option.metadata.get("check") is SECONDS
+    ]
+
+
+def nested(key: str, value: str) -> str:
+    """`a.b.c: value` as YAML."""
+    *parents, leaf = key.split(".")
+    lines = [f"{'  ' * depth}{name}:" for depth, name in enumerate(parents)]
+    return "\n".join([*lines, f"{'  ' * len(parents)}{leaf}: {value}"]) + "\n"
+
+
+def test_every_key_in_seconds_takes_a_duration(tmp_path):
+    keys = seconds_keys()
+    assert len(keys) >= 7  # web, netlink, and each scanning collector's
+    file = tmp_path / "config.yml"
+    for key in keys:
+        file.write_text(nested(key, "1m30s"))
+        config = load_config(str(file))
+        section, *rest = key.split(".")
+        if section == "collectors":
+            name, option = rest
+            assert getattr(config.collectors[name].options, option) == 90.0, key
+        else:
+            assert getattr(getattr(config, section), rest[0]) == 90.0, key
+
+
+@pytest.mark.parametrize(
+    ("written", "seconds"),
+    [
+        ("30s", 30.0),
+        ("1m", 60.0),
+        ("1h30m", 5400.0),
+        ("500ms", 0.5),
+        ("1m30s500ms", 90.5),
+        ("1d", 86400.0),
+        ("24h", 86400.0),
+        ("0h1s", 1.0),
+        ("30", 30.0),  # plain numbers, as before
+        ("0.25", 0.25),
+    ],
+)
+def test_durations_as_prometheus_writes_them(tmp_path, written, seconds):
+    file = tmp_path / "config.yml"
+    file.write_text(f"collectors:\n  socket_ports:\n    interval_seconds: {written}\n")
+    assert load_config(str(file)).collectors["socket_ports"].options.interval_seconds == seconds
+
+
+EXPECTED_DURATION = "expected a number of seconds or a duration such as 30s, 1m, 1h30m or 500ms"
+
+
+@pytest.mark.parametrize(
+    ("written", "problem"),
+    [
+        ("'30'", f"{EXPECTED_DURATION}, got '30'"),  # a string needs its unit
+        ("1.5s", f"{EXPECTED_DURATION}, got '1.5s'"),  # whole numbers only, as Prometheus
+        ("1s1m", f"{EXPECTED_DURATION}, got '1s1m'"),  # largest first
+        ("1h1h", f"{EXPECTED_DURATION}, got '1h1h'"),
+        ("30sec", f"{EXPECTED_DURATION}, got '30sec'"),
+        ("-1s", f"{EXPECTED_DURATION}, got '-1s'"),
+        ("1 m", f"{EXPECTED_DURATION}, got '1 m'"),
+        ("''", f"{EXPECTED_DURATION}, got ''"),
+        ("true", f"{EXPECTED_DURATION}, got True"),
+        ("[30s]", f"{EXPECTED_DURATION}, got ['30s']"),
+        ("0s", "must be greater than 0 and at most 86400 seconds, got 0.0 ('0s')"),
+        ("2d", "must be greater than 0 and at most 86400 seconds, got 172800.0 ('2d')"),
+        ("24h1ms", "must be greater than 0 and at most 86400 seconds, got 86400.001 ('24h1ms')"),
+    ],
+)
+def test_bad_durations_are_located(tmp_path, written, problem):
+    text = f"web: {{}}\ncollectors:\n  conntrack_table:\n    interval_seconds: {written}\n"
+    assert problems_of(tmp_path, text) == [
+        f"FILE:4: collectors.conntrack_table.interval_seconds: {problem}"
+    ]
+
+
+def test_the_exporter_runs_with_durations(tmp_path):
+    file = tmp_path / "config.yml"
+    file.write_text(
+        "web:\n  read_timeout_seconds: 5s\nnetlink:\n  timeout_seconds: 1500ms\n"
+        "collectors:\n  disable_defaults: true\n  socket:\n    enabled: true\n"
+        "  socket_ports:\n    enabled: true\n    interval_seconds: 1m\n"
+        "    scan_timeout_seconds: 1m30s\n"
+    )
+    result = run_cli("--config.file", str(file), "--once")
+    assert result.returncode == 0, result.stderr
+    assert 'conntrack_exporter_collector_success{collector="socket_ports"} 1.0' in result.stdout
 
 
 def test_wrong_type_is_located(tmp_path):
