@@ -64,7 +64,9 @@ def parse_duration(text: str) -> float:
     if not text or match is None:
         raise ValueError(text)
     milliseconds = sum(
-        int(count) * unit for count, (_, unit) in zip(match.groups(), DURATION_UNITS) if count
+        int(count) * unit
+        for count, (_, unit) in zip(match.groups(), DURATION_UNITS, strict=True)
+        if count
     )
     return milliseconds / 1000
 
@@ -78,8 +80,7 @@ def _parse_seconds(value: Any) -> Any:
     elif isinstance(value, int | float) and not isinstance(value, bool):
         return value
     raise ValueError(
-        f"expected a number of seconds or a duration such as 30s, 1m, 1h30m or 500ms, "
-        f"got {value!r}"
+        f"expected a number of seconds or a duration such as 30s, 1m, 1h30m or 500ms, got {value!r}"
     )
 
 
