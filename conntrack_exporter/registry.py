@@ -36,10 +36,12 @@ from typing import Any, NamedTuple, Protocol, TypeVar
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from conntrack_exporter import __version__
+from conntrack_exporter.exposition import SupportsCollect
 from conntrack_exporter.netlink.ctnetlink import ConntrackStatsReader, ConntrackTableReader
 from conntrack_exporter.netlink.inet_diag import SockDiagReader
 from conntrack_exporter.pod_addresses import PodAddressBook
 from conntrack_exporter.procfs import ProcFS
+from conntrack_exporter.revision import revision
 from conntrack_exporter.scanner import BackgroundJob, Scanner
 
 log = logging.getLogger(__name__)
@@ -188,11 +190,42 @@ class _Outcome(NamedTuple):
     source: str | None
 
 
-class ExporterCollector:
-    """Runs every enabled collector for a scrape and adds the exporter's own health metrics."""
+class ConfigReloads:
+    """Whether the last load of the configuration succeeded, and when the last successful one
+    was, as Prometheus' and Alertmanager's `config_last_reload_*`: the start-up load counts as
+    one (a failed one ends the process), then each SIGHUP's."""
 
-    def __init__(self, active: CollectorSet) -> None:
+    def __init__(self) -> None:
+        self.successful = True
+        self.success_time = time.time()
+
+    def succeeded(self) -> None:
+        self.successful, self.success_time = True, time.time()
+
+    def failed(self) -> None:
+        self.successful = False
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "conntrack_exporter_config_last_reload_successful",
+            "1 if the last load of the configuration files succeeded (at start, or on SIGHUP), "
+            "0 if the last SIGHUP found problems and the previous configuration stayed.",
+            value=1.0 if self.successful else 0.0,
+        )
+        yield GaugeMetricFamily(
+            "conntrack_exporter_config_last_reload_success_timestamp_seconds",
+            "When the configuration was last loaded successfully, in seconds since the epoch.",
+            value=self.success_time,
+        )
+
+
+class ExporterCollector:
+    """Runs every enabled collector for a scrape and adds the exporter's own health metrics,
+    then `self_metrics`' families (the process's, the configuration's reload status)."""
+
+    def __init__(self, active: CollectorSet, self_metrics: Sequence[SupportsCollect] = ()) -> None:
         self.active = active
+        self.self_metrics = list(self_metrics)
         self._last_error: dict[str, str] = {}
         self._lock = threading.Lock()
 
@@ -205,6 +238,8 @@ class ExporterCollector:
         outcomes: list[_Outcome] = []
         yield from _merged(self._collect_all(outcomes))
         yield from _health_metrics(outcomes)
+        for source in self.self_metrics:
+            yield from source.collect()
 
     def _collect_all(self, outcomes: list[_Outcome]) -> Iterator[Metric]:
         while True:
@@ -301,8 +336,9 @@ def _health_metrics(outcomes: list[_Outcome]) -> Iterator[Metric]:
             source.add_metric([outcome.name, outcome.source], 1.0)
     build = GaugeMetricFamily(
         "conntrack_exporter_build_info",
-        "A constant 1 labelled with the exporter's version and the Python it runs on.",
-        labels=["version", "python_version"],
+        "A constant 1 labelled with the exporter's version, the source revision it was built "
+        "from (unknown when not recorded) and the Python it runs on.",
+        labels=["version", "revision", "python_version"],
     )
-    build.add_metric([__version__, platform.python_version()], 1.0)
+    build.add_metric([__version__, revision(), platform.python_version()], 1.0)
     return iter((success, duration, source, build))

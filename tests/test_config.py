@@ -498,6 +498,7 @@ def test_help_explains_every_flag():
         "--web.config.file",
         "--web.max-requests",
         "--once",
+        "--version",
     ]:
         assert flag in help_text
     assert "(default ':9371')" in help_text

@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 
 import conntrack_exporter
+from conntrack_exporter.revision import git_revision
 from tests.metrics import assert_scan_refused, parse_samples, sources, stat_counters, value
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,6 +49,8 @@ RUN = ("podman", "run", "--rm", "--runtime", "runc")
 ULIMITS = ("--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024")
 WITH_NET_ADMIN = ("--cap-drop", "ALL", "--cap-add", "NET_ADMIN", "--user", "0")
 UNPRIVILEGED = ("--cap-drop", "ALL")  # and the image's default user, nobody
+# The build argument the README's docker build passes: the checkout's git revision.
+REVISION = git_revision(ROOT) or "unknown"
 
 
 def log(message: str) -> None:
@@ -111,6 +114,8 @@ def image() -> str:
         "--layers=false",  # no intermediate image per instruction left behind
         "--build-arg",
         f"PYTHON_IMAGE={BASE_IMAGE}",
+        "--build-arg",
+        f"REVISION={REVISION}",
         "--file",
         str(DOCKERFILE),
         "--tag",
@@ -172,7 +177,7 @@ def test_image_metadata(image):
     assert inspect(image, "{{json .Config.ExposedPorts}}") == f'{{"{PORT}/tcp":{{}}}}'
     labels = {
         key: inspect(image, f'{{{{index .Config.Labels "org.opencontainers.image.{key}"}}}}')
-        for key in ("title", "description", "source", "licenses", "version")
+        for key in ("title", "description", "source", "licenses", "version", "revision")
     }
     assert labels == {
         "title": "conntrack-exporter",
@@ -182,9 +187,12 @@ def test_image_metadata(image):
         "source": "https://github.com/conntrack-exporter/conntrack-exporter",
         "licenses": "Apache-2.0",
         "version": conntrack_exporter.__version__,
+        "revision": REVISION,
     }
     version = run_container(image, "--version", options=UNPRIVILEGED)
-    assert version.stdout.strip() == f"conntrack-exporter {conntrack_exporter.__version__}"
+    assert version.stdout.splitlines()[0] == (
+        f"conntrack-exporter, version {conntrack_exporter.__version__} (revision: {REVISION})"
+    )
     uid = run_container(image, "-u", options=("--entrypoint", "id"))
     assert uid.stdout.strip() == NOBODY
 
@@ -259,6 +267,8 @@ def test_net_admin_reads_conntrack_over_netlink(image, netns):
         assert value(samples, "conntrack_exporter_collector_success", collector=collector) == 1
     assert value(samples, "conntrack_table_scan_entries") == 35
     assert value(samples, "conntrack_table_entries", family="ipv4", protocol="udp", state="") == 30
+    [build] = samples["conntrack_exporter_build_info"]
+    assert dict(build)["revision"] == REVISION
 
 
 @pytest.mark.kernel
