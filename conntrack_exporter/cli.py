@@ -34,7 +34,7 @@ from conntrack_exporter.registry import (
     Readers,
 )
 from conntrack_exporter.revision import revision
-from conntrack_exporter.server import MetricsServer, landing_page
+from conntrack_exporter.server import MetricsServer
 from conntrack_exporter.webconfig import PLAIN_HTTP, WebSecuritySource, WebSecurityWatcher
 
 log = logging.getLogger(__name__)
@@ -276,9 +276,8 @@ class Running:
 
     def serve(self, load: Callable[[], tuple[Config, WebSecuritySource]]) -> int:
         config = self.config
-        page = landing_page(config.web.telemetry_path, config.enabled_collectors)
         try:
-            server = MetricsServer(config.web, self.exporter, page, self.security)
+            server = MetricsServer(config.web, self.exporter, self.security)
         except OSError as exc:
             log.error(
                 "cannot listen", extra={"address": config.web.listen_address, "err": exc.strerror}
@@ -349,7 +348,6 @@ class Running:
         collectors.start()
         server.security = security
         server.telemetry_path = config.web.telemetry_path
-        server.page = landing_page(config.web.telemetry_path, config.enabled_collectors)
         need_restart = [
             name
             for name in RESTART_ONLY_WEB_SETTINGS

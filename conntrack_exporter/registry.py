@@ -133,21 +133,38 @@ class CollectorClass(Protocol):
     def __call__(self, options: Any, context: CollectorContext) -> Collector: ...
 
 
+@dataclass(frozen=True)
+class CollectorStatus:
+    """How a collector's last run went, in the last scrape that ran it: the landing page's."""
+
+    success: bool
+    finished: float  # seconds since the epoch
+    duration: float
+    source: str | None  # which interface served it, when it succeeded
+    error: str | None  # why it failed, when it did
+
+
 class CollectorSet:
     """The collectors of one configuration, and the scanner that runs the background ones.
 
     Started once and closed once. Scrapes use the collectors through `in_use()`; close()
     stops and joins the scanner, waits for the scrapes still using the collectors, then
     closes every collector, so that nothing is used after it is closed and nothing stays
-    open after a reload.
+    open after a reload. `last_runs` holds each collector's last run (a reload's new set
+    starts with none).
     """
 
     def __init__(self, collectors: Sequence[Collector]) -> None:
         self.collectors = list(collectors)
         self.scanner = Scanner([c for c in self.collectors if isinstance(c, BackgroundJob)])
+        self.last_runs: dict[str, CollectorStatus] = {}
         self._users = 0
         self._closed = False
         self._idle = threading.Condition()
+
+    def statuses(self) -> list[tuple[str, CollectorStatus | None]]:
+        """Each collector's name and last run, None before its first."""
+        return [(c.name, self.last_runs.get(c.name)) for c in self.collectors]
 
     @property
     def names(self) -> list[str]:
@@ -252,24 +269,32 @@ class ExporterCollector:
                         continue
                     collectors = []
                 for collector in collectors:
-                    outcome, metrics = self._run(collector)
+                    outcome, error, metrics = self._run(collector)
                     outcomes.append(outcome)
+                    active.last_runs[outcome.name] = CollectorStatus(
+                        outcome.success, time.time(), outcome.duration, outcome.source, error
+                    )
                     yield from metrics
                 break
 
-    def _run(self, collector: Collector) -> tuple[_Outcome, list[Metric]]:
+    def _run(self, collector: Collector) -> tuple[_Outcome, str | None, list[Metric]]:
+        """The outcome, why it failed (None if it did not), and the families to serve."""
         started = time.perf_counter()
         try:
             collected = collector.collect()
         except NoDataError as exc:
-            self._note_failure(collector.name, f"no data: {exc}", logging.DEBUG)
-            return _Outcome(collector.name, False, time.perf_counter() - started, None), exc.metrics
+            error = f"no data: {exc}"
+            self._note_failure(collector.name, error, logging.DEBUG)
+            outcome = _Outcome(collector.name, False, time.perf_counter() - started, None)
+            return outcome, error, exc.metrics
         except Exception as exc:
-            self._note_failure(collector.name, f"{type(exc).__name__}: {exc}", logging.WARNING)
-            return _Outcome(collector.name, False, time.perf_counter() - started, None), []
+            error = f"{type(exc).__name__}: {exc}"
+            self._note_failure(collector.name, error, logging.WARNING)
+            outcome = _Outcome(collector.name, False, time.perf_counter() - started, None)
+            return outcome, error, []
         self._note_success(collector.name)
         duration = time.perf_counter() - started
-        return _Outcome(collector.name, True, duration, collected.source), collected.metrics
+        return _Outcome(collector.name, True, duration, collected.source), None, collected.metrics
 
     def _note_failure(self, name: str, reason: str, level: int) -> None:
         # Log when a collector starts failing or fails differently, not on every scrape.
