@@ -189,3 +189,24 @@ def test_the_wheel_records_the_revision_it_was_built_from(built, tmp_path):
     assert result.stdout.splitlines()[0] == (
         f"conntrack-exporter, version {conntrack_exporter.__version__} (revision: {BUILD_REVISION})"
     )
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_a_wheel_built_in_a_checkout_records_its_head(tmp_path):
+    """pip wheel . in a git checkout, with no revision given: setup.py reads HEAD itself."""
+    source = copy_build_context(tmp_path / "source")
+
+    def git(*args: str) -> str:
+        identity = ("-c", "user.name=t", "-c", "user.email=t@example.com")
+        done = subprocess.run(
+            ["git", *identity, *args], cwd=source, capture_output=True, text=True, check=True
+        )
+        return done.stdout.strip()
+
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-q", "-m", "the package")
+    (tmp_path / "dist").mkdir()
+    built = build_wheel(source, tmp_path / "dist")
+    head = git("rev-parse", "HEAD")
+    assert built.files[f"conntrack_exporter/{REVISION_FILE}"] == f"{head}\n".encode()
