@@ -139,6 +139,44 @@ def test_sighup_with_a_bad_file_keeps_the_running_configuration(exporter):
     running.reload('msg="configuration reloaded"')
 
 
+def reload_status(samples: dict) -> tuple[float, float]:
+    return (
+        value(samples, "conntrack_exporter_config_last_reload_successful"),
+        value(samples, "conntrack_exporter_config_last_reload_success_timestamp_seconds"),
+    )
+
+
+def test_the_reload_gauges_follow_each_sighup(tmp_path):
+    """As Prometheus' config_last_reload_*: set by the start-up load, 0 after a refused reload
+    (the old configuration serving on, the timestamp that of the last success), 1 again with
+    a new timestamp after a good one."""
+    config = tmp_path / "config.yml"
+    config.write_text(SOCKET_ONLY)
+    started = time.time()
+    running = Exporter(config)
+    try:
+        listening = time.time()
+        successful, loaded = reload_status(running.scrape())
+        assert successful == 1 and started <= loaded <= listening
+
+        config.write_text(BAD)
+        before_bad = time.time()
+        running.reload("configuration reload failed")
+        samples = running.scrape()
+        assert reload_status(samples) == (0, loaded)
+        assert value(samples, "conntrack_exporter_collector_success", collector="socket") == 1
+        assert "socket_ephemeral_ports_used_max" not in samples  # still the old configuration
+
+        config.write_text(PORTS_ONLY)
+        running.reload('msg="configuration reloaded"')
+        successful, reloaded = reload_status(running.scrape())
+        assert successful == 1 and before_bad <= reloaded <= time.time()
+    finally:
+        running.process.terminate()
+        running.process.wait(timeout=10)
+    assert running.process.returncode == 0
+
+
 def test_sighup_says_which_web_settings_need_a_restart(exporter):
     running, config = exporter
     config.write_text(SOCKET_ONLY + "web:\n  max_requests: 3\n  read_timeout_seconds: 5\n")
