@@ -42,6 +42,23 @@ BAD = "collectors:\n  socket:\n    enabled: maybe\n  sockets: {}\n"
 CONNTRACK_ONLY = "collectors:\n  disable_defaults: true\n  conntrack:\n    enabled: true\n"
 
 
+def wait_for_line(
+    lines: queue.Queue[str], process: subprocess.Popen, text: str, timeout: float
+) -> str:
+    """The first log line holding `text` that the exporter writes within `timeout` seconds
+    (a reader thread puts its lines in `lines`); fails as soon as the exporter exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=0.2)
+        except queue.Empty:
+            assert process.poll() is None, "the exporter exited"
+            continue
+        if text in line:
+            return line
+    raise AssertionError(f"no log line with {text!r}")
+
+
 class Exporter:
     """The exporter as a process, its log lines as they come."""
 
@@ -68,16 +85,7 @@ class Exporter:
             self.lines.put(line)
 
     def wait_for(self, text: str, timeout: float = 20) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=0.2)
-            except queue.Empty:
-                assert self.process.poll() is None, "the exporter exited"
-                continue
-            if text in line:
-                return line
-        raise AssertionError(f"no log line with {text!r}")
+        return wait_for_line(self.lines, self.process, text, timeout)
 
     def reload(self, text: str) -> str:
         self.process.send_signal(signal.SIGHUP)

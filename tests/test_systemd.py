@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 
 from tests.metrics import parse_samples, sources, value
+from tests.test_reload import wait_for_line
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "packaging" / "systemd" / "conntrack-exporter.service"
@@ -259,16 +260,7 @@ class Traced:
         return pid
 
     def wait_for(self, text: str, timeout: float = 30) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=0.2)
-            except queue.Empty:
-                assert self.process.poll() is None, "the exporter exited"
-                continue
-            if text in line:
-                return line
-        raise AssertionError(f"no log line with {text!r}")
+        return wait_for_line(self.lines, self.process, text, timeout)
 
     def get(self, path: str) -> str:
         url = f"http://127.0.0.1:{self.port}{path}"
