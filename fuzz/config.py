@@ -37,6 +37,7 @@ basic_auth_users:
   alice: $2b$04$abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0
 """
 
+
 def seeds() -> Iterator[bytes]:
     yield (ROOT / "config.example.yml").read_bytes()
     yield from (path.read_bytes() for path in sorted(FIXTURES.glob("*.yml")))
