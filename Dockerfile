@@ -1,4 +1,4 @@
-#   docker build -t conntrack-exporter .
+#   docker build --build-arg REVISION="$(git rev-parse HEAD)" -t conntrack-exporter .
 #
 # README.md says how to run it, with CAP_NET_ADMIN (netlink) and without (procfs).
 #
@@ -11,17 +11,21 @@ FROM ${PYTHON_IMAGE} AS build
 # A package index other than PyPI (a mirror or a proxy); empty means PyPI. pip reads it from
 # the environment and ignores it when empty.
 ARG PIP_INDEX_URL=""
+# The source revision, for --version and conntrack_exporter_build_info: the build context has
+# no .git, so it comes from here (setup.py writes it into the package); empty: "unknown".
+ARG REVISION=""
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md LICENSE ./
 COPY conntrack_exporter/ conntrack_exporter/
 # The package is built as a wheel (pip builds it in an isolated environment with setuptools
 # from the index), then installed with its dependencies into a venv made without pip:
 # /opt/conntrack-exporter is everything the final stage takes. The bcrypt extra checks the
 # passwords of --web.config.file's basic_auth_users. The last line proves the entry point runs.
 RUN python3 -m venv /opt/build \
- && /opt/build/bin/pip wheel --no-deps --wheel-dir /wheels . \
+ && CONNTRACK_EXPORTER_REVISION="${REVISION}" \
+    /opt/build/bin/pip wheel --no-deps --wheel-dir /wheels . \
  && python3 -m venv --without-pip /opt/conntrack-exporter \
  && /opt/build/bin/pip --python /opt/conntrack-exporter/bin/python3 install "$(echo /wheels/*.whl)[bcrypt]" \
  && /opt/conntrack-exporter/bin/conntrack-exporter --version
@@ -29,11 +33,13 @@ RUN python3 -m venv /opt/build \
 FROM ${PYTHON_IMAGE}
 # The package's version (conntrack_exporter.__version__); a test keeps the two in step.
 ARG VERSION=0.1.0
+ARG REVISION=""
 LABEL org.opencontainers.image.title="conntrack-exporter" \
       org.opencontainers.image.description="Prometheus exporter for Linux connection tracking and socket resource exhaustion" \
       org.opencontainers.image.source="https://github.com/conntrack-exporter/conntrack-exporter" \
       org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.version="${VERSION}"
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}"
 # The venv only: no compiler, no build tools, no wheels, no pip cache, no source tree. Its
 # python3 is a symlink to the base image's, which is the same in both stages.
 COPY --from=build /opt/conntrack-exporter /opt/conntrack-exporter

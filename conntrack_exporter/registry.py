@@ -37,10 +37,12 @@ from typing import Any, NamedTuple, Protocol, TypeVar
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from conntrack_exporter import __version__
+from conntrack_exporter.exposition import SupportsCollect
 from conntrack_exporter.netlink.ctnetlink import ConntrackStatsReader, ConntrackTableReader
 from conntrack_exporter.netlink.inet_diag import SockDiagReader
 from conntrack_exporter.pod_addresses import PodAddressBook
 from conntrack_exporter.procfs import ProcFS
+from conntrack_exporter.revision import revision
 from conntrack_exporter.scanner import BackgroundJob, Scanner
 
 log = logging.getLogger(__name__)
@@ -132,21 +134,38 @@ class CollectorClass(Protocol):
     def __call__(self, options: Any, context: CollectorContext) -> Collector: ...
 
 
+@dataclass(frozen=True)
+class CollectorStatus:
+    """How a collector's last run went, in the last scrape that ran it: the landing page's."""
+
+    success: bool
+    finished: float  # seconds since the epoch
+    duration: float
+    source: str | None  # which interface served it, when it succeeded
+    error: str | None  # why it failed, when it did
+
+
 class CollectorSet:
     """The collectors of one configuration, and the scanner that runs the background ones.
 
     Started once and closed once. Scrapes use the collectors through `in_use()`; close()
     stops and joins the scanner, waits for the scrapes still using the collectors, then
     closes every collector, so that nothing is used after it is closed and nothing stays
-    open after a reload.
+    open after a reload. `last_runs` holds each collector's last run (a reload's new set
+    starts with none).
     """
 
     def __init__(self, collectors: Sequence[Collector]) -> None:
         self.collectors = list(collectors)
         self.scanner = Scanner([c for c in self.collectors if isinstance(c, BackgroundJob)])
+        self.last_runs: dict[str, CollectorStatus] = {}
         self._users = 0
         self._closed = False
         self._idle = threading.Condition()
+
+    def statuses(self) -> list[tuple[str, CollectorStatus | None]]:
+        """Each collector's name and last run, None before its first."""
+        return [(c.name, self.last_runs.get(c.name)) for c in self.collectors]
 
     @property
     def names(self) -> list[str]:
@@ -189,11 +208,42 @@ class _Outcome(NamedTuple):
     source: str | None
 
 
-class ExporterCollector:
-    """Runs every enabled collector for a scrape and adds the exporter's own health metrics."""
+class ConfigReloads:
+    """Whether the last load of the configuration succeeded, and when the last successful one
+    was, as Prometheus' and Alertmanager's `config_last_reload_*`: the start-up load counts as
+    one (a failed one ends the process), then each SIGHUP's."""
 
-    def __init__(self, active: CollectorSet) -> None:
+    def __init__(self) -> None:
+        self.successful = True
+        self.success_time = time.time()
+
+    def succeeded(self) -> None:
+        self.successful, self.success_time = True, time.time()
+
+    def failed(self) -> None:
+        self.successful = False
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "conntrack_exporter_config_last_reload_successful",
+            "1 if the last load of the configuration files succeeded (at start, or on SIGHUP), "
+            "0 if the last SIGHUP found problems and the previous configuration stayed.",
+            value=1.0 if self.successful else 0.0,
+        )
+        yield GaugeMetricFamily(
+            "conntrack_exporter_config_last_reload_success_timestamp_seconds",
+            "When the configuration was last loaded successfully, in seconds since the epoch.",
+            value=self.success_time,
+        )
+
+
+class ExporterCollector:
+    """Runs every enabled collector for a scrape and adds the exporter's own health metrics,
+    then `self_metrics`' families (the process's, the configuration's reload status)."""
+
+    def __init__(self, active: CollectorSet, self_metrics: Sequence[SupportsCollect] = ()) -> None:
         self.active = active
+        self.self_metrics = list(self_metrics)
         self._last_error: dict[str, str] = {}
         self._lock = threading.Lock()
 
@@ -206,6 +256,8 @@ class ExporterCollector:
         outcomes: list[_Outcome] = []
         yield from _merged(self._collect_all(outcomes))
         yield from _health_metrics(outcomes)
+        for source in self.self_metrics:
+            yield from source.collect()
 
     def _collect_all(self, outcomes: list[_Outcome]) -> Iterator[Metric]:
         while True:
@@ -218,24 +270,32 @@ class ExporterCollector:
                         continue
                     collectors = []
                 for collector in collectors:
-                    outcome, metrics = self._run(collector)
+                    outcome, error, metrics = self._run(collector)
                     outcomes.append(outcome)
+                    active.last_runs[outcome.name] = CollectorStatus(
+                        outcome.success, time.time(), outcome.duration, outcome.source, error
+                    )
                     yield from metrics
                 break
 
-    def _run(self, collector: Collector) -> tuple[_Outcome, list[Metric]]:
+    def _run(self, collector: Collector) -> tuple[_Outcome, str | None, list[Metric]]:
+        """The outcome, why it failed (None if it did not), and the families to serve."""
         started = time.perf_counter()
         try:
             collected = collector.collect()
         except NoDataError as exc:
-            self._note_failure(collector.name, f"no data: {exc}", logging.DEBUG)
-            return _Outcome(collector.name, False, time.perf_counter() - started, None), exc.metrics
+            error = f"no data: {exc}"
+            self._note_failure(collector.name, error, logging.DEBUG)
+            outcome = _Outcome(collector.name, False, time.perf_counter() - started, None)
+            return outcome, error, exc.metrics
         except Exception as exc:
-            self._note_failure(collector.name, f"{type(exc).__name__}: {exc}", logging.WARNING)
-            return _Outcome(collector.name, False, time.perf_counter() - started, None), []
+            error = f"{type(exc).__name__}: {exc}"
+            self._note_failure(collector.name, error, logging.WARNING)
+            outcome = _Outcome(collector.name, False, time.perf_counter() - started, None)
+            return outcome, error, []
         self._note_success(collector.name)
         duration = time.perf_counter() - started
-        return _Outcome(collector.name, True, duration, collected.source), collected.metrics
+        return _Outcome(collector.name, True, duration, collected.source), None, collected.metrics
 
     def _note_failure(self, name: str, reason: str, level: int) -> None:
         # Log when a collector starts failing or fails differently, not on every scrape.
@@ -302,8 +362,9 @@ def _health_metrics(outcomes: list[_Outcome]) -> Iterator[Metric]:
             source.add_metric([outcome.name, outcome.source], 1.0)
     build = GaugeMetricFamily(
         "conntrack_exporter_build_info",
-        "A constant 1 labelled with the exporter's version and the Python it runs on.",
-        labels=["version", "python_version"],
+        "A constant 1 labelled with the exporter's version, the source revision it was built "
+        "from (unknown when not recorded) and the Python it runs on.",
+        labels=["version", "revision", "python_version"],
     )
-    build.add_metric([__version__, platform.python_version()], 1.0)
+    build.add_metric([__version__, revision(), platform.python_version()], 1.0)
     return iter((success, duration, source, build))

@@ -40,7 +40,7 @@ import ssl
 import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from prometheus_client.exposition import choose_encoder
@@ -49,7 +49,8 @@ from prometheus_client.metrics_core import Metric
 from conntrack_exporter import __version__
 from conntrack_exporter.config import WebConfig, parse_listen_address
 from conntrack_exporter.exposition import encode
-from conntrack_exporter.registry import ExporterCollector
+from conntrack_exporter.registry import CollectorStatus, ExporterCollector
+from conntrack_exporter.revision import revision
 from conntrack_exporter.webconfig import (
     PLAIN_HTTP,
     WATCH_INTERVAL_SECONDS,
@@ -91,17 +92,49 @@ GZIP_WBITS = 16 + 13
 GZIP_MEMLEVEL = 4
 
 
-def landing_page(telemetry_path: str, collectors: list[str]) -> bytes:
-    items = "".join(f"<li>{html.escape(name)}</li>" for name in collectors) or "<li>none</li>"
+def landing_page(
+    telemetry_path: str,
+    collectors: Sequence[tuple[str, CollectorStatus | None]],
+    now: float | None = None,
+) -> bytes:
+    """The page at /: links, and each enabled collector's last run (as of the last scrape that
+    ran it: success, when, how long, the source that served it, the error if it failed)."""
+    now = time.time() if now is None else now
     path = html.escape(telemetry_path)
+    rows = "".join(_collector_row(name, status, now, path) for name, status in collectors)
+    table = (
+        "<table><thead><tr><th>collector</th><th>last run</th><th>status</th><th>source</th>"
+        f"<th>error</th></tr></thead><tbody>{rows}</tbody></table>"
+        if rows
+        else "<p>No collector is enabled.</p>"
+    )
     return (
         '<!DOCTYPE html><html><head><meta charset="utf-8"><title>conntrack exporter</title>'
-        "</head><body><h1>conntrack exporter</h1>"
-        f"<p>Version {html.escape(__version__)}. Connection tracking and socket resource "
-        "metrics for Prometheus.</p>"
+        "<style>th,td{text-align:left;padding:0 1em 0 0;vertical-align:top}"
+        ".failed{color:#b00}</style></head><body><h1>conntrack exporter</h1>"
+        f"<p>Version {html.escape(__version__)} (revision {html.escape(revision())}). "
+        "Connection tracking and socket resource metrics for Prometheus.</p>"
         f'<p><a href="{path}">Metrics</a> &middot; <a href="/healthz">Health</a></p>'
-        f"<h2>Enabled collectors</h2><ul>{items}</ul></body></html>\n"
+        "<h2>Enabled collectors</h2>"
+        f'<p>Each runs on every scrape of <a href="{path}">{path}</a>; as of the last one:</p>'
+        f"{table}</body></html>\n"
     ).encode()
+
+
+def _collector_row(name: str, status: CollectorStatus | None, now: float, path: str) -> str:
+    cell = f"<td>{html.escape(name)}</td>"
+    if status is None:
+        return (
+            f'<tr>{cell}<td colspan="4">not run yet: no scrape of {path} since the '
+            "configuration was loaded</td></tr>"
+        )
+    finished = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(status.finished))
+    ago = max(0, round(now - status.finished))
+    when = f"{finished} ({ago} s ago, took {status.duration * 1000:.1f} ms)"
+    outcome = "ok" if status.success else '<span class="failed">failed</span>'
+    source = html.escape(status.source or "")
+    error = html.escape(status.error or "")
+    return f"<tr>{cell}<td>{when}</td><td>{outcome}</td><td>{source}</td><td>{error}</td></tr>"
 
 
 def metrics_response(
@@ -412,7 +445,6 @@ class MetricsServer:
         self,
         web: WebConfig,
         exporter: ExporterCollector,
-        page: bytes,
         security: WebSecuritySource = PLAIN_HTTP,
     ) -> None:
         host, port = parse_listen_address(web.listen_address)
@@ -436,7 +468,6 @@ class MetricsServer:
         self.server_address: tuple[Any, ...] = self.socket.getsockname()
         self.exporter = exporter
         self.telemetry_path = web.telemetry_path
-        self.page = page
         self.security = security
         self.read_timeout = web.read_timeout_seconds
         self.unauthenticated_healthz = web.unauthenticated_healthz
@@ -692,7 +723,9 @@ class MetricsServer:
 
     def _page(self, path: str) -> tuple[int, str, bytes, dict[str, str]]:
         if path == "/":
-            return 200, "text/html; charset=utf-8", self.page, {}
+            # Made on the event loop: it reads what the last collection recorded, no lock.
+            page = landing_page(self.telemetry_path, self.exporter.active.statuses())
+            return 200, "text/html; charset=utf-8", page, {}
         if path == "/healthz":
             return 200, TEXT, b"ok\n", {}
         return 404, TEXT, b"not found\n", {}

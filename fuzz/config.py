@@ -7,13 +7,11 @@ configuration (config.load_config) and the web configuration (webconfig.load_web
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import os
 import tempfile
 from collections.abc import Iterator
 from functools import partial
-from pathlib import Path
 
 from conntrack_exporter.collectors import COLLECTORS
 from conntrack_exporter.config import ConfigError, load_config
@@ -39,8 +37,6 @@ basic_auth_users:
   alice: $2b$04$abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0
 """
 
-_file: Path | None = None
-
 
 def seeds() -> Iterator[bytes]:
     yield (ROOT / "config.example.yml").read_bytes()
@@ -49,19 +45,20 @@ def seeds() -> Iterator[bytes]:
 
 
 def test_one_input(data: bytes) -> None:
-    global _file
     text = data.decode("utf-8", "replace")
     if any(word in text for word in ENDLESS):
         return
-    if _file is None:  # one file, rewritten for each input
-        descriptor, name = tempfile.mkstemp(prefix="cte-fuzz-", suffix=".yml")
-        os.close(descriptor)
-        _file = Path(name)
-        atexit.register(_file.unlink, missing_ok=True)  # leave no file behind the process
-    _file.write_text(text, encoding="utf-8")
-    for load in LOADERS:
-        with contextlib.suppress(ConfigError):
-            load(str(_file))
+    # A file per input, removed at once: atheris ends its process with os._exit, which runs
+    # no atexit handler, so a file kept for the whole run was left behind every time.
+    descriptor, name = tempfile.mkstemp(prefix="cte-fuzz-", suffix=".yml")
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+            file.write(text)
+        for load in LOADERS:
+            with contextlib.suppress(ConfigError):
+                load(name)
+    finally:
+        os.unlink(name)
 
 
 def main() -> None:

@@ -24,16 +24,21 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from conntrack_exporter.collectors import COLLECTORS
-from conntrack_exporter.config import (
+ROOT = Path(__file__).resolve().parent.parent
+# The package beside this script, whichever one the venv has installed: a git worktree may
+# share another checkout's venv, whose editable install would point there.
+sys.path.insert(0, str(ROOT))
+
+from conntrack_exporter.collectors import COLLECTORS  # noqa: E402
+from conntrack_exporter.config import (  # noqa: E402
     DISABLE_DEFAULTS,
     PORT_RANGE,
+    SECONDS,
     SECTIONS,
     Check,
     ConfigurableCollector,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_FILE = ROOT / "helm" / "conntrack-exporter" / "values.schema.json"
 
 JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string"}
@@ -58,6 +63,11 @@ FIELD_DESCRIPTIONS = {
 # What a Check's schema cannot say, appended to the description of each field it checks.
 CHECK_NOTES: tuple[tuple[Check, str], ...] = (
     (PORT_RANGE, "low at most high, which the exporter checks and this schema cannot"),
+    (
+        SECONDS,
+        "seconds, or a duration as Prometheus writes them (30s, 1m, 1h30m, 500ms); a duration"
+        " longer than a day the exporter refuses and this schema cannot",
+    ),
 )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -15,6 +16,7 @@ import pytest
 from conntrack_exporter.collectors import COLLECTORS
 from conntrack_exporter.config import (
     SECONDS,
+    SECTIONS,
     Config,
     ConfigError,
     parse_listen_address,
@@ -65,6 +67,101 @@ def test_timeouts_and_intervals_must_be_finite_and_at_most_a_day(tmp_path, text,
     ]
 
 
+def seconds_keys() -> list[str]:
+    """Every key the SECONDS check guards, in the sections and every collector's options."""
+    classes = {**SECTIONS, **{f"collectors.{n}": c.options_type for n, c in COLLECTORS.items()}}
+    return [
+        f"{path}.{option.name}"
+        for path, cls in classes.items()
+        for option in dataclasses.fields(cls)
+        if option.metadata.get("check") is SECONDS
+    ]
+
+
+def nested(key: str, value: str) -> str:
+    """`a.b.c: value` as YAML."""
+    *parents, leaf = key.split(".")
+    lines = [f"{'  ' * depth}{name}:" for depth, name in enumerate(parents)]
+    return "\n".join([*lines, f"{'  ' * len(parents)}{leaf}: {value}"]) + "\n"
+
+
+def test_every_key_in_seconds_takes_a_duration(tmp_path):
+    keys = seconds_keys()
+    assert len(keys) >= 7  # web, netlink, and each scanning collector's
+    file = tmp_path / "config.yml"
+    for key in keys:
+        file.write_text(nested(key, "1m30s"))
+        config = load_config(str(file))
+        section, *rest = key.split(".")
+        if section == "collectors":
+            name, option = rest
+            assert getattr(config.collectors[name].options, option) == 90.0, key
+        else:
+            assert getattr(getattr(config, section), rest[0]) == 90.0, key
+
+
+@pytest.mark.parametrize(
+    ("written", "seconds"),
+    [
+        ("30s", 30.0),
+        ("1m", 60.0),
+        ("1h30m", 5400.0),
+        ("500ms", 0.5),
+        ("1m30s500ms", 90.5),
+        ("1d", 86400.0),
+        ("24h", 86400.0),
+        ("0h1s", 1.0),
+        ("30", 30.0),  # plain numbers, as before
+        ("0.25", 0.25),
+    ],
+)
+def test_durations_as_prometheus_writes_them(tmp_path, written, seconds):
+    file = tmp_path / "config.yml"
+    file.write_text(f"collectors:\n  socket_ports:\n    interval_seconds: {written}\n")
+    assert load_config(str(file)).collectors["socket_ports"].options.interval_seconds == seconds
+
+
+EXPECTED_DURATION = "expected a number of seconds or a duration such as 30s, 1m, 1h30m or 500ms"
+
+
+@pytest.mark.parametrize(
+    ("written", "problem"),
+    [
+        ("'30'", f"{EXPECTED_DURATION}, got '30'"),  # a string needs its unit
+        ("1.5s", f"{EXPECTED_DURATION}, got '1.5s'"),  # whole numbers only, as Prometheus
+        ("1s1m", f"{EXPECTED_DURATION}, got '1s1m'"),  # largest first
+        ("1h1h", f"{EXPECTED_DURATION}, got '1h1h'"),
+        ("30sec", f"{EXPECTED_DURATION}, got '30sec'"),
+        ("-1s", f"{EXPECTED_DURATION}, got '-1s'"),
+        ("1 m", f"{EXPECTED_DURATION}, got '1 m'"),
+        ("''", f"{EXPECTED_DURATION}, got ''"),
+        ("true", f"{EXPECTED_DURATION}, got True"),
+        ("[30s]", f"{EXPECTED_DURATION}, got ['30s']"),
+        ("0s", "must be greater than 0 and at most 86400 seconds, got 0.0 ('0s')"),
+        ("2d", "must be greater than 0 and at most 86400 seconds, got 172800.0 ('2d')"),
+        ("24h1ms", "must be greater than 0 and at most 86400 seconds, got 86400.001 ('24h1ms')"),
+    ],
+)
+def test_bad_durations_are_located(tmp_path, written, problem):
+    text = f"web: {{}}\ncollectors:\n  conntrack_table:\n    interval_seconds: {written}\n"
+    assert problems_of(tmp_path, text) == [
+        f"FILE:4: collectors.conntrack_table.interval_seconds: {problem}"
+    ]
+
+
+def test_the_exporter_runs_with_durations(tmp_path):
+    file = tmp_path / "config.yml"
+    file.write_text(
+        "web:\n  read_timeout_seconds: 5s\nnetlink:\n  timeout_seconds: 1500ms\n"
+        "collectors:\n  disable_defaults: true\n  socket:\n    enabled: true\n"
+        "  socket_ports:\n    enabled: true\n    interval_seconds: 1m\n"
+        "    scan_timeout_seconds: 1m30s\n"
+    )
+    result = run_cli("--config.file", str(file), "--once")
+    assert result.returncode == 0, result.stderr
+    assert 'conntrack_exporter_collector_success{collector="socket_ports"} 1.0' in result.stdout
+
+
 def test_wrong_type_is_located(tmp_path):
     text = "collectors:\n  conntrack:\n    per_cpu: yes please\n"
     assert problems_of(tmp_path, text) == [
@@ -89,14 +186,14 @@ def test_every_problem_is_listed_at_once(tmp_path):
         "    per_cpu: [true]\n"  # line 13: not a boolean
         "extra: 1\n"  # line 14: unknown top-level key
     )
+    # By line, whatever the order they were found in (unknown keys first).
     assert problems_of(tmp_path, text) == [
-        "FILE:14: extra: unknown key; expected one of web, log, path, netlink, collectors",
-        "FILE:4: web.tls: unknown key; expected one of listen_address, telemetry_path, "
-        "config_file, max_requests, max_connections, read_timeout_seconds, "
-        "unauthenticated_healthz",
         "FILE:2: web.listen_address: expected a string, got 9371",
         "FILE:3: web.telemetry_path: must be an absolute path other than / and /healthz, "
         "got 'metrics'",
+        "FILE:4: web.tls: unknown key; expected one of listen_address, telemetry_path, "
+        "config_file, max_requests, max_connections, read_timeout_seconds, "
+        "unauthenticated_healthz",
         "FILE:6: log.level: expected one of debug, info, warn, error, got 'verbose'",
         "FILE:8: netlink.timeout_seconds: must be greater than 0 and at most 86400 seconds, "
         "got -1.0",
@@ -104,13 +201,15 @@ def test_every_problem_is_listed_at_once(tmp_path):
         + ", ".join(COLLECTORS),
         "FILE:12: collectors.conntrack.enabled: expected a boolean, got 1",
         "FILE:13: collectors.conntrack.per_cpu: expected a boolean, got [True]",
+        "FILE:14: extra: unknown key; expected one of web, log, path, netlink, collectors",
     ]
 
 
 @pytest.mark.parametrize(
     ("text", "problem"),
     [
-        ("- a\n- b\n", "FILE: expected a mapping at the top level, got a list"),
+        ("- a\n- b\n", "FILE:1: expected a mapping at the top level, got a list"),
+        ("# a comment\n\n3\n", "FILE:3: expected a mapping at the top level, got 3"),
         ("web: [1]\n", "FILE:1: web: expected a mapping, got a list"),
         ("collectors: 3\n", "FILE:1: collectors: expected a mapping, got 3"),
         (
@@ -134,9 +233,72 @@ def test_each_kind_of_error(tmp_path, text, problem):
     assert problems_of(tmp_path, text) == [problem]
 
 
-def test_invalid_yaml_says_where(tmp_path):
-    [problem] = problems_of(tmp_path, "web:\n  listen_address: [\n")
-    assert problem.startswith("FILE: not valid YAML:") and "line 3" in problem
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        (
+            "log:\n  level: a: b\n",
+            "FILE:2: not valid YAML: mapping values are not allowed here at column 11",
+        ),
+        (
+            "web:\n  listen_address: ':1'\n   telemetry_path: /m\n",
+            "FILE:3: not valid YAML: expected <block end>, but found '<block mapping start>' at "
+            "column 4 (while parsing a block mapping at line 2, column 3)",
+        ),
+        (
+            "web:\n  read_timeout_seconds: 5\n log: {}\n",
+            "FILE:3: not valid YAML: expected <block end>, but found '<block mapping start>' at "
+            "column 2 (while parsing a block mapping at line 1, column 1)",
+        ),
+        (
+            "collectors: {socket: {enabled: true}\n\n",
+            "FILE:3: not valid YAML: expected ',' or '}', but got '<stream end>' at column 1 "
+            "(while parsing a flow mapping at line 1, column 13)",
+        ),
+        (
+            "log:\n  level: 'debug\n",
+            "FILE:3: not valid YAML: found unexpected end of stream at column 1 (while scanning "
+            "a quoted scalar at line 2, column 10)",
+        ),
+        (
+            "log:\n\tlevel: debug\n",
+            "FILE:2: not valid YAML: found character '\\t' that cannot start any token at column "
+            "1 (while scanning for the next token)",
+        ),
+        (
+            "web: {}\nlog: !custom {}\n",
+            "FILE:2: not valid YAML: could not determine a constructor for the tag '!custom' at "
+            "column 6",
+        ),
+        (
+            "web: {}\nlog:\n  level: de\x01bug\n",
+            "FILE:3: not valid YAML: unacceptable character #x0001: special characters are not "
+            "allowed",
+        ),
+    ],
+)
+def test_yaml_syntax_errors_say_file_and_line(tmp_path, text, problem):
+    assert problems_of(tmp_path, text) == [problem]
+
+
+def test_text_that_is_not_utf8_says_its_line(tmp_path):
+    file = tmp_path / "config.yml"
+    file.write_bytes(b"web: {}\nlog:\n  level: d\xe9bug\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(file))
+    assert caught.value.problems == [f"{file}:3: not UTF-8 text (byte 23)"]  # from 0
+
+
+def test_cli_exits_2_on_a_yaml_syntax_error_with_its_line(tmp_path):
+    file = tmp_path / "bad.yml"
+    file.write_text("collectors:\n  socket:\n    enabled: true\n  - pods\n")
+    result = run_cli("--config.file", str(file), "--once")
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (
+        "conntrack-exporter: invalid configuration (1 problem):\n"
+        f"  {file}:4: not valid YAML: expected <block end>, but found '-' at column 3 (while "
+        "parsing a block mapping at line 2, column 3)\n"
+    )
 
 
 def test_unreadable_file(tmp_path):
@@ -222,9 +384,9 @@ def test_problems_inside_lists_and_maps_are_located(tmp_path):
     )
     value, validation = read_dataclass(Outer, str(file))
     assert [problem.replace(str(file), "FILE") for problem in validation.problems] == [
-        "FILE:6: inner.extra: unknown key; expected one of names, mode",
         "FILE:4: inner.names[1]: expected a string, got 3",
         "FILE:5: inner.mode: expected one of a, b, got 'c'",
+        "FILE:6: inner.extra: unknown key; expected one of names, mode",
         "FILE:8: users.alice: expected a string, got [1]",
         "FILE:10: users.7: expected a string key, got 7",
         "FILE:11: count: expected an integer, got 'two'",
@@ -257,9 +419,10 @@ def test_a_missing_key_is_located_at_its_section(tmp_path):
     _value, validation = read_dataclass(Outer, str(file))
     validation.problem("inner.names", "required here")
     validation.problem("users.alice", "required here")
+    # The file's own problems (no line) come first.
     assert [p.replace(str(file), "FILE") for p in validation.problems] == [
-        "FILE:2: inner.names: required here",
         "FILE: users.alice: required here",
+        "FILE:2: inner.names: required here",
     ]
 
 
@@ -292,12 +455,13 @@ def test_cli_exits_2_listing_every_problem(tmp_path):
     result = run_cli("--config.file", str(file), "--web.telemetry-path", "nope", "--once")
     assert result.returncode == 2
     assert result.stdout == ""
+    # The file's by line, then the flags'.
     assert result.stderr == (
         "conntrack-exporter: invalid configuration (3 problems):\n"
         f"  {file}:2: web.listen_address: expected a string, got 1\n"
+        f"  {file}:4: log.level: expected one of debug, info, warn, error, got 'loud'\n"
         "  flag --web.telemetry-path: web.telemetry_path: must be an absolute path other "
         "than / and /healthz, got 'nope'\n"
-        f"  {file}:4: log.level: expected one of debug, info, warn, error, got 'loud'\n"
     )
 
 
@@ -334,6 +498,7 @@ def test_help_explains_every_flag():
         "--web.config.file",
         "--web.max-requests",
         "--once",
+        "--version",
     ]:
         assert flag in help_text
     assert "(default ':9371')" in help_text
@@ -365,9 +530,9 @@ def test_the_collector_keys_come_from_the_table_it_is_handed(tmp_path):
     with pytest.raises(ConfigError) as caught:
         load_with_table(str(file), collectors=table)
     assert [p.replace(str(file), "FILE") for p in caught.value.problems] == [
-        "FILE:4: collectors.socket: unknown key; expected one of disable_defaults, sample",
         "FILE:3: collectors.sample.interval_seconds: must be greater than 0 and at most "
         "86400 seconds, got 0.0",
+        "FILE:4: collectors.socket: unknown key; expected one of disable_defaults, sample",
     ]
 
 

@@ -5,7 +5,8 @@ Every collector of the collector table with a procfs fixture tree
 exporter run with that collector alone over that tree, with netlink refused, as an
 unprivileged process (the code path of an exporter without CAP_NET_ADMIN). A new collector
 needs no line here: its tree and its golden file are enough. EXTRA_CASES add configurations.
-Values that change every run (durations, the Python version) are masked.
+Values that change every run (durations, the Python version, the source revision, the process's
+own metrics, when the configuration loaded) are masked.
 Regenerate after an intended change with `UPDATE_GOLDEN=1 make test`.
 """
 
@@ -46,6 +47,13 @@ MASKS = [
         r"\1 <duration>",
     ),
     (re.compile(r'python_version="[^"]*"'), 'python_version="<python>"'),
+    (re.compile(r'revision="[^"]*"'), 'revision="<revision>"'),
+    # The process's own: its memory, CPU, fds and start, and when its configuration loaded.
+    (re.compile(r"^(process_[a-z_]+) .*$", re.M), r"\1 <process>"),
+    (
+        re.compile(r"^(conntrack_exporter_config_last_reload_success_timestamp_seconds) .*$", re.M),
+        r"\1 <time>",
+    ),
     (
         re.compile(r"^(conntrack_exporter_pod_discovery_(?:duration|timestamp)_seconds) .*$", re.M),
         r"\1 <time>",

@@ -2370,6 +2370,12 @@ GOOD_CONFIGS = [
     ),
     ("procfs", {"path": {"procfs": "/host/proc"}}),
     ("socket-ports", {"collectors": {"socket_ports": {"scan_timeout_seconds": 300, "top_k": 3}}}),
+    ("durations", table_options(interval_seconds="1m30s", scan_timeout_seconds="500ms")),
+    (
+        "duration-a-day",
+        {"netlink": {"timeout_seconds": "1d"}, "web": {"read_timeout_seconds": "24h"}},
+    ),
+    ("duration-leading-zero-unit", {"collectors": {"pods": {"interval_seconds": "0m15s"}}}),
 ]
 # A low above its high ("2000-1024") is not here: JSON schema cannot compare the two numbers
 # of one string (see SCHEMA_AND_LOADER_DIFFER).
@@ -2380,6 +2386,12 @@ BAD_CONFIGS = [
     ("interval-inf", table_options(interval_seconds=math.inf)),
     ("interval-string", table_options(interval_seconds="30")),
     ("interval-bool", table_options(interval_seconds=True)),
+    ("duration-0s", table_options(interval_seconds="0s")),
+    ("duration-empty", table_options(interval_seconds="")),
+    ("duration-fraction", table_options(interval_seconds="1.5s")),
+    ("duration-units-out-of-order", table_options(interval_seconds="1s1m")),
+    ("duration-unknown-unit", table_options(interval_seconds="30sec")),
+    ("duration-negative", table_options(interval_seconds="-1s")),
     ("scan-timeout-0", {"collectors": {"socket_ports": {"scan_timeout_seconds": 0}}}),
     ("netlink-timeout-over-a-day", {"netlink": {"timeout_seconds": 86400.5}}),
     ("read-timeout-0", {"web": {"read_timeout_seconds": 0}}),
@@ -2506,6 +2518,10 @@ SCHEMA_AND_LOADER_DIFFER = [
     # Python's `$` also matches before a final newline; helm's Go regexp and the loader's
     # re.fullmatch do not.
     ("port-trailing-newline", table_options(nat_port_range="1-10\n"), True, False),
+    ("duration-trailing-newline", table_options(interval_seconds="30s\n"), True, False),
+    # How long a duration is, a pattern cannot say: the exporter refuses those over a day at
+    # start-up (the description says so).
+    ("duration-over-a-day", table_options(interval_seconds="2d"), True, True),
 ]
 
 

@@ -204,7 +204,11 @@ def test_live_server_serves_metrics_landing_page_and_health(netns):
         assert stat_counters(samples)["insert"] == netns.conntrack_stats()["insert"]
 
         status, headers, page = fetch(netns, f"http://127.0.0.1:{port}/")
-        assert status == 200 and 'href="/probe"' in page and "<li>conntrack</li>" in page
+        assert status == 200 and 'href="/probe"' in page
+        # The scrape above ran every collector: the conntrack collector's row says how.
+        row = re.search(r"<tr><td>conntrack</td><td>[^<]* UTC \([^<]*\)</td>(.*?)</tr>", page)
+        assert row is not None, page
+        assert row.group(1) == "<td>ok</td><td>netlink</td><td></td>"
         assert fetch(netns, f"http://127.0.0.1:{port}/healthz")[0] == 200
         assert fetch(netns, f"http://127.0.0.1:{port}/metrics")[0] == 404
 

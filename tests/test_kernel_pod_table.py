@@ -45,7 +45,7 @@ import pytest
 
 from tests.conftest import Netns
 from tests.metrics import parse_samples, value
-from tests.test_kernel_pods import CGROUP2, SimulatedPod, remove_cgroup
+from tests.test_kernel_pods import CGROUP2, SimulatedPod, remove_cgroups
 from tests.test_kernel_table import (
     ECHO_REQUEST,
     ERROR_REASONS,
@@ -272,17 +272,6 @@ def stop_helpers(helpers: list[subprocess.Popen]) -> None:
     for proc in helpers:
         proc.kill()
         proc.communicate()
-
-
-def remove_cgroups(made: list[Path]) -> None:
-    failures = []
-    for directory in reversed(made):
-        try:
-            remove_cgroup(directory)
-        except OSError as exc:
-            failures.append(exc)
-    if failures:
-        raise failures[0]
 
 
 def in_pod(pod: SimulatedPod) -> list[str]:

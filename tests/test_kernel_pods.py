@@ -135,13 +135,25 @@ def node(scratch) -> Iterator[tuple[list[SimulatedPod], Path]]:
                     pod.stop()
                 except Exception as exc:
                     failures.append(exc)
-        for directory in reversed(made):
-            try:
-                remove_cgroup(directory)
-            except OSError as exc:
-                failures.append(exc)
+        try:
+            remove_cgroups(made)
+        except OSError as exc:
+            failures.append(exc)
         if failures:
             raise failures[0]
+
+
+def remove_cgroups(made: list[Path]) -> None:
+    """Remove the cgroup directories made, deepest (last made) first; try every one, then
+    raise the first failure."""
+    failures = []
+    for directory in reversed(made):
+        try:
+            remove_cgroup(directory)
+        except OSError as exc:
+            failures.append(exc)
+    if failures:
+        raise failures[0]
 
 
 def remove_cgroup(directory: Path) -> None:

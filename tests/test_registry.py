@@ -6,11 +6,14 @@ registry's, and a kernel that makes a collector raise on demand cannot be had.
 
 from __future__ import annotations
 
+import calendar
 import gzip
 import http.client
 import logging
+import re
 import socket
 import threading
+import time
 from typing import ClassVar
 
 import pytest
@@ -18,7 +21,13 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
 
 from conntrack_exporter.config import WebConfig
-from conntrack_exporter.registry import Collected, CollectorSet, ExporterCollector, NoDataError
+from conntrack_exporter.registry import (
+    Collected,
+    CollectorSet,
+    CollectorStatus,
+    ExporterCollector,
+    NoDataError,
+)
 from conntrack_exporter.server import MetricsServer, landing_page
 from tests.collectors import exporter as exporter_of
 from tests.metrics import parse_samples, value
@@ -107,7 +116,7 @@ def server():
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     web = WebConfig(listen_address=f"127.0.0.1:{port}", telemetry_path="/metrics")
-    srv = MetricsServer(web, exporter, landing_page("/metrics", ["raising", "working"]))
+    srv = MetricsServer(web, exporter)
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05})
     thread.start()
     yield srv
@@ -134,11 +143,63 @@ def test_http_scrape_is_200_while_a_collector_fails(server):
 def test_http_routes(server):
     status, headers, page = get(server, "/")
     assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
-    assert b'<a href="/metrics">' in page and b"<li>raising</li><li>working</li>" in page
+    assert b'<a href="/metrics">' in page
+    assert b"<td>raising</td>" in page and b"<td>working</td>" in page
     assert get(server, "/healthz")[::2] == (200, b"ok\n")
     assert get(server, "/nope")[0] == 404
     status, headers, body = get(server, "/metrics", "HEAD")
     assert status == 200 and body == b"" and int(headers["Content-Length"]) > 0
+
+
+def collector_rows(page: bytes) -> dict[str, str]:
+    """The landing page's collectors table: name -> the rest of its row, tags and all."""
+    rows = re.findall(r"<tr><td>([^<]*)</td>(.*?)</tr>", page.decode())
+    return dict(rows)
+
+
+NOT_RUN = (
+    '<td colspan="4">not run yet: no scrape of /metrics since the configuration was loaded</td>'
+)
+
+
+def test_the_landing_page_shows_each_collectors_last_run(server):
+    """Before any scrape, not run; after one, each collector's outcome, when, its source, and
+    for the failing one its error (escaped)."""
+    assert collector_rows(get(server, "/")[2]) == {"raising": NOT_RUN, "working": NOT_RUN}
+    before = time.time()
+    assert get(server, "/metrics")[0] == 200
+    after = time.time()
+    rows = collector_rows(get(server, "/")[2])
+    assert set(rows) == {"raising", "working"}
+    cells = {name: re.findall(r"<td>(.*?)</td>", row) for name, row in rows.items()}
+    for name in ("raising", "working"):
+        when, _status, _source, _error = cells[name]
+        stamp = re.match(
+            r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) UTC \((\d+) s ago, took [\d.]+ ms\)$", when
+        )
+        assert stamp is not None, when
+        finished = calendar.timegm(time.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S"))
+        assert int(before) <= finished <= after
+    assert cells["working"][1:] == ["ok", "procfs", ""]
+    assert cells["raising"][1:] == [
+        '<span class="failed">failed</span>',
+        "",
+        "ValueError: bad bytes",
+    ]
+
+
+def test_the_landing_page_escapes_what_collectors_say():
+    failed = CollectorStatus(False, 0.0, 0.002, None, "no data: <script>alert(1)</script> & more")
+    page = landing_page("/m&trics", [("a<b", failed), ("never", None)], now=65.0).decode()
+    assert "<script>" not in page
+    assert (
+        "<tr><td>a&lt;b</td><td>1970-01-01 00:00:00 UTC (65 s ago, took 2.0 ms)</td>"
+        '<td><span class="failed">failed</span></td><td></td>'
+        "<td>no data: &lt;script&gt;alert(1)&lt;/script&gt; &amp; more</td></tr>"
+    ) in page
+    assert "no scrape of /m&amp;trics since the configuration was loaded" in page
+    assert '<a href="/m&amp;trics">Metrics</a>' in page
+    assert landing_page("/metrics", []).count(b"No collector is enabled.") == 1
 
 
 def test_http_gzip_when_asked(server):

@@ -42,6 +42,23 @@ BAD = "collectors:\n  socket:\n    enabled: maybe\n  sockets: {}\n"
 CONNTRACK_ONLY = "collectors:\n  disable_defaults: true\n  conntrack:\n    enabled: true\n"
 
 
+def wait_for_line(
+    lines: queue.Queue[str], process: subprocess.Popen, text: str, timeout: float
+) -> str:
+    """The first log line holding `text` that the exporter writes within `timeout` seconds
+    (a reader thread puts its lines in `lines`); fails as soon as the exporter exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=0.2)
+        except queue.Empty:
+            assert process.poll() is None, "the exporter exited"
+            continue
+        if text in line:
+            return line
+    raise AssertionError(f"no log line with {text!r}")
+
+
 class Exporter:
     """The exporter as a process, its log lines as they come."""
 
@@ -68,16 +85,7 @@ class Exporter:
             self.lines.put(line)
 
     def wait_for(self, text: str, timeout: float = 20) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=0.2)
-            except queue.Empty:
-                assert self.process.poll() is None, "the exporter exited"
-                continue
-            if text in line:
-                return line
-        raise AssertionError(f"no log line with {text!r}")
+        return wait_for_line(self.lines, self.process, text, timeout)
 
     def reload(self, text: str) -> str:
         self.process.send_signal(signal.SIGHUP)
@@ -137,6 +145,44 @@ def test_sighup_with_a_bad_file_keeps_the_running_configuration(exporter):
     # Fixed again, it reloads: the refusal left nothing half-applied.
     config.write_text(SOCKET_ONLY + "log:\n  level: debug\n")
     running.reload('msg="configuration reloaded"')
+
+
+def reload_status(samples: dict) -> tuple[float, float]:
+    return (
+        value(samples, "conntrack_exporter_config_last_reload_successful"),
+        value(samples, "conntrack_exporter_config_last_reload_success_timestamp_seconds"),
+    )
+
+
+def test_the_reload_gauges_follow_each_sighup(tmp_path):
+    """As Prometheus' config_last_reload_*: set by the start-up load, 0 after a refused reload
+    (the old configuration serving on, the timestamp that of the last success), 1 again with
+    a new timestamp after a good one."""
+    config = tmp_path / "config.yml"
+    config.write_text(SOCKET_ONLY)
+    started = time.time()
+    running = Exporter(config)
+    try:
+        listening = time.time()
+        successful, loaded = reload_status(running.scrape())
+        assert successful == 1 and started <= loaded <= listening
+
+        config.write_text(BAD)
+        before_bad = time.time()
+        running.reload("configuration reload failed")
+        samples = running.scrape()
+        assert reload_status(samples) == (0, loaded)
+        assert value(samples, "conntrack_exporter_collector_success", collector="socket") == 1
+        assert "socket_ephemeral_ports_used_max" not in samples  # still the old configuration
+
+        config.write_text(PORTS_ONLY)
+        running.reload('msg="configuration reloaded"')
+        successful, reloaded = reload_status(running.scrape())
+        assert successful == 1 and before_bad <= reloaded <= time.time()
+    finally:
+        running.process.terminate()
+        running.process.wait(timeout=10)
+    assert running.process.returncode == 0
 
 
 def test_sighup_says_which_web_settings_need_a_restart(exporter):

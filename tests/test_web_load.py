@@ -24,7 +24,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily
 from conntrack_exporter import server as server_module
 from conntrack_exporter.config import WebConfig
 from conntrack_exporter.registry import Collected
-from conntrack_exporter.server import MetricsServer, landing_page
+from conntrack_exporter.server import MetricsServer
 from tests.collectors import exporter
 
 CLIENT_TIMEOUT = 30  # only to fail instead of hanging; no assertion depends on it
@@ -64,7 +64,7 @@ def free_port() -> int:
 @contextlib.contextmanager
 def running(collector: object, **web: object) -> Iterator[MetricsServer]:
     config = WebConfig(listen_address=f"127.0.0.1:{free_port()}", **web)
-    srv = MetricsServer(config, exporter(collector), landing_page("/metrics", []))
+    srv = MetricsServer(config, exporter(collector))
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05})
     thread.start()
     try:

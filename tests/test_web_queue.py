@@ -23,7 +23,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily
 from conntrack_exporter import server as server_module
 from conntrack_exporter.config import WebConfig
 from conntrack_exporter.registry import Collected
-from conntrack_exporter.server import MetricsServer, landing_page
+from conntrack_exporter.server import MetricsServer
 from conntrack_exporter.webconfig import PLAIN_HTTP, WebSecurity, WebSecuritySource
 from tests.collectors import exporter
 from tests.test_web_load import CLIENT_TIMEOUT, closed_by_server, connect, free_port
@@ -68,7 +68,7 @@ def running(
     collector: object, security: WebSecuritySource = PLAIN_HTTP, **web: object
 ) -> Iterator[MetricsServer]:
     config = WebConfig(listen_address=f"127.0.0.1:{free_port()}", **web)
-    srv = MetricsServer(config, exporter(collector), landing_page("/metrics", []), security)
+    srv = MetricsServer(config, exporter(collector), security)
     thread = threading.Thread(target=srv.serve_forever)
     thread.start()
     try:

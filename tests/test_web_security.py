@@ -426,25 +426,25 @@ def test_a_bad_web_config_exits_2_listing_every_problem_with_its_line(pki, tmp_p
     assert result.stdout == ""
     assert result.stderr.splitlines() == [
         "conntrack-exporter: invalid configuration (9 problems):",
-        f"  {web}:12: rate_limit: unknown key; expected one of tls_server_config, basic_auth_users",
-        f"  {web}:8: tls_server_config.curve_preferences: unknown key; expected one of "
-        "cert_file, key_file, client_auth_type, client_ca_file, min_version, max_version, "
-        "cipher_suites, prefer_server_cipher_suites",
+        f"  {web}:3: tls_server_config.key_file: {pki['client.key']} is not the key of "
+        f"{pki['server.crt']}",
         f"  {web}:4: tls_server_config.client_auth_type: RequestClientCert is not supported: "
         "Python's ssl verifies every client certificate it asks for; use one of "
         "NoClientCert, VerifyClientCertIfGiven, RequireAndVerifyClientCert",
+        f"  {web}:5: tls_server_config.client_ca_file: cannot read {missing}: "
+        "No such file or directory",
         f"  {web}:6: tls_server_config.min_version: expected one of TLS10, TLS11, TLS12, "
         "TLS13, got 'TLS1.2'",
         f"  {web}:7: tls_server_config.cipher_suites[0]: expected one of "
         + ", ".join(CIPHER_SUITES)
         + ", got 'TLS_RSA_WITH_RC4_128_SHA'",
-        f"  {web}:11: basic_auth_users.bob: expected a string, got [1]",
-        f"  {web}:3: tls_server_config.key_file: {pki['client.key']} is not the key of "
-        f"{pki['server.crt']}",
-        f"  {web}:5: tls_server_config.client_ca_file: cannot read {missing}: "
-        "No such file or directory",
+        f"  {web}:8: tls_server_config.curve_preferences: unknown key; expected one of "
+        "cert_file, key_file, client_auth_type, client_ca_file, min_version, max_version, "
+        "cipher_suites, prefer_server_cipher_suites",
         f"  {web}:10: basic_auth_users.alice: not a bcrypt hash ($2a$, $2b$ or $2y$, cost 04 "
         "to 16, 60 characters; htpasswd -nBC 10 '' makes one)",
+        f"  {web}:11: basic_auth_users.bob: expected a string, got [1]",
+        f"  {web}:12: rate_limit: unknown key; expected one of tls_server_config, basic_auth_users",
     ]
 
 

@@ -17,7 +17,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 
 from conntrack_exporter.counters import WrappingCounters
 from conntrack_exporter.netlink import NetlinkError
-from conntrack_exporter.netlink.ctnetlink import ConntrackStatsReader, CpuStats
+from conntrack_exporter.netlink.ctnetlink import GRANT_NET_ADMIN, ConntrackStatsReader, CpuStats
 from conntrack_exporter.procfs import CONNTRACK_COUNT_FILE, parse_nf_conntrack_stat
 from conntrack_exporter.registry import Collected, CollectorContext, NoDataError
 
@@ -36,7 +36,9 @@ COUNTER_HELP = {
     "found": "Lookups that found an existing entry",
     "invalid": "Packets that conntrack could not track",
     "ignore": "Packets already tracked or untracked (retired by the kernel, always 0)",
-    "insert": "Entries inserted into the table",
+    # Current kernels count no insert on the packet path: only ctnetlink's (README).
+    "insert": "Entries inserted through ctnetlink (conntrack -I), not by the packet path: 0 "
+    "on most nodes, however busy",
     "insert_failed": "Entries that failed to insert, e.g. a clash race (DNS stall signature)",
     "drop": "Packets dropped because the table was full and no entry could be evicted",
     "early_drop": "Entries evicted to make room in a full table",
@@ -132,9 +134,8 @@ class ConntrackCollector:
     def _drop_netlink(self, exc: NetlinkError) -> None:
         log.warning(
             "ctnetlink refused (needs CAP_NET_ADMIN); falling back to procfs, which has no "
-            "per-CPU counters without CONFIG_NF_CONNTRACK_PROCFS. Grant the capability "
-            "(e.g. `setcap cap_net_admin+ep`, or capabilities.add: [NET_ADMIN] in Kubernetes) "
-            "to read over netlink",
+            "per-CPU counters without CONFIG_NF_CONNTRACK_PROCFS. To read over netlink, "
+            + GRANT_NET_ADMIN,
             extra={"err": exc.strerror},
         )
         self.close()

@@ -17,7 +17,7 @@ from prometheus_client.samples import Sample
 
 from conntrack_exporter.collectors.background import BackgroundScanCollector, Scan, SourceAbsent
 from conntrack_exporter.config import NON_NEGATIVE, PORT_RANGE, SECONDS
-from conntrack_exporter.netlink.ctnetlink import ConntrackTableReader
+from conntrack_exporter.netlink.ctnetlink import GRANT_NET_ADMIN, ConntrackTableReader
 from conntrack_exporter.netlink.cttable import (
     NO_STATE,
     PORT_PROTOCOLS,
@@ -87,7 +87,8 @@ class ConntrackTableCollector(
     scan_name: ClassVar[str] = "conntrack table"
     refusal: ClassVar[str] = (
         "conntrack table scan refused: dumping the table needs CAP_NET_ADMIN; the "
-        "conntrack_table collector stays off (the conntrack collector still works)"
+        "conntrack_table collector stays off (the conntrack collector still works). To scan, "
+        + GRANT_NET_ADMIN
     )
 
     def __init__(self, options: ConntrackTableOptions, context: CollectorContext) -> None:

@@ -25,6 +25,16 @@ from conntrack_exporter.netlink.socket import (
     NetlinkReader,
 )
 
+# ctnetlink answers only a process with CAP_NET_ADMIN: how to grant it, in the warnings that say
+# it is missing. The entry point is a Python script, whose file capabilities (setcap) the kernel
+# ignores: the capability must be inherited, as an ambient one, or held as root.
+GRANT_NET_ADMIN = (
+    "grant CAP_NET_ADMIN as an ambient capability (systemd: AmbientCapabilities=CAP_NET_ADMIN, "
+    "as packaging/systemd/conntrack-exporter.service does; or setpriv --inh-caps +net_admin "
+    "--ambient-caps +net_admin), or in Kubernetes run as root with capabilities.add: "
+    "[NET_ADMIN] (the Helm chart does); setcap cannot work: the entry point is a script"
+)
+
 NFNL_SUBSYS_CTNETLINK = 1
 NFNL_SUBSYS_CTNETLINK_EXP = 2
 IPCTNL_MSG_CT_NEW = 0  # also the type of each entry in a dump reply; never sent
