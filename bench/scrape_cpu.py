@@ -11,10 +11,15 @@ time (utime + stime of all its threads, from /proc/PID/stat) is read around ever
 client's own work is never counted. Then, in a separate process in the same netns, our
 collection and exposition path runs under tracemalloc to report the memory a scrape allocates.
 
+--scrapers 2 scrapes each exporter with two concurrent scrapers, each on its own connection, as
+an HA pair of Prometheus servers does (CPU is then per scrape served). --compare-tree runs our
+exporter from another checkout too (ours-before), in the same rotating rounds.
+
 Needs root (netns, nft) and Debian's prometheus-node-exporter. Our exporter runs from the
 checkout this script is in. Run it with `make bench`, or:
 
     .venv/bin/python bench/scrape_cpu.py --scrapes 3000 --rounds 7 --flows 5000
+    .venv/bin/python bench/scrape_cpu.py --scrapers 2 --compare-tree /tmp/before
 
 It prints a table; it asserts nothing about time.
 """
@@ -33,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +53,7 @@ NODE_PORT = 19100
 NODE_LEAN_PORT = 19101
 NODE_SOCKETS_PORT = 19102
 OURS_NO_SOCKET_PORT = 19372
+OURS_BEFORE_PORT = 19374
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # What Prometheus 2.x sends on every scrape (scrape/scrape.go, scrapeAcceptHeader).
@@ -105,6 +112,7 @@ class Exporter:
     wall_per_scrape: list[float] = field(default_factory=list)  # as the client saw it
     info: dict = field(default_factory=dict)
     note: str = ""  # how it is configured, for the report
+    cwd: Path = common.REPO  # ours: the checkout `python -m conntrack_exporter` runs from
 
     @property
     def pid(self) -> int:
@@ -145,8 +153,8 @@ def start(ns: Namespace, exporter: Exporter, logdir: Path) -> None:
         stderr=subprocess.STDOUT,
         # Its own process group: a Ctrl-C reaches only us, and `finally` stops it in order.
         start_new_session=True,
-        # `python -m conntrack_exporter` then imports the package from this checkout.
-        cwd=common.REPO,
+        # `python -m conntrack_exporter` then imports the package from that checkout.
+        cwd=exporter.cwd,
     )
 
 
@@ -172,10 +180,13 @@ def exporter_log(exporter: Exporter) -> str:
 class Client:
     """The scraping client: a child process in the netns, driven over its stdin and stdout."""
 
-    def __init__(self, ns: Namespace, targets: list[Exporter], accept: str) -> None:
+    def __init__(
+        self, ns: Namespace, targets: list[Exporter], accept: str, scrapers: int = 1
+    ) -> None:
         spec = json.dumps({t.name: [t.port, t.path] for t in targets})
+        cmd = [sys.executable, __file__, "--role", "client", "--targets", spec]
         self.process = subprocess.Popen(
-            ns.argv([sys.executable, __file__, "--role", "client", "--targets", spec]),
+            ns.argv([*cmd, "--scrapers", str(scrapers)]),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -201,10 +212,12 @@ class Client:
             self.process.wait()
 
 
-def measure_round(client: Client, exporter: Exporter, scrapes: int) -> None:
+def measure_round(client: Client, exporter: Exporter, scrapes: int, scrapers: int = 1) -> None:
+    """`scrapes` by each of `scrapers` concurrent scrapers; CPU and time per scrape served."""
     before = cpu_seconds(exporter.pid)
     reply = client.call(op="scrape", target=exporter.name, n=scrapes)
-    exporter.cpu_per_scrape.append((cpu_seconds(exporter.pid) - before) / scrapes)
+    total = scrapes * scrapers
+    exporter.cpu_per_scrape.append((cpu_seconds(exporter.pid) - before) / total)
     exporter.wall_per_scrape.append(reply["seconds"] / scrapes)
 
 
@@ -224,8 +237,11 @@ def allocations(ns: Namespace, scrapes: int, accept: str) -> dict:
 # --- the client role ----------------------------------------------------------------------------
 
 
-def client_main(targets: dict[str, list], accept: str) -> None:
+def client_main(targets: dict[str, list], accept: str, scrapers: int) -> None:
+    """Scrape on request. With `scrapers` > 1, each scrape op runs that many scrapers at once,
+    each on its own keep-alive connection, as an HA pair of Prometheus servers does."""
     import http.client
+    import threading
 
     headers = {
         "Accept": accept,
@@ -233,12 +249,22 @@ def client_main(targets: dict[str, list], accept: str) -> None:
         "User-Agent": "Prometheus/2.42.0",
         "X-Prometheus-Scrape-Timeout-Seconds": "10",
     }
-    connections = {name: _connect(port) for name, (port, _path) in targets.items()}
+    pairs = {name: [_connect(port) for _ in range(scrapers)] for name, (port, _) in targets.items()}
+    connections = {name: conns[0] for name, conns in pairs.items()}
 
-    def scrape(name: str) -> http.client.HTTPResponse:
-        conn = connections[name]
-        conn.request("GET", targets[name][1], headers=headers)
-        response = conn.getresponse()
+    def scrape(
+        name: str, conn: http.client.HTTPConnection | None = None
+    ) -> http.client.HTTPResponse:
+        conn = conn or connections[name]
+        try:
+            conn.request("GET", targets[name][1], headers=headers)
+            response = conn.getresponse()
+        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+            # Idle past the exporters' 120 s while the other exporters' rounds ran (a slow,
+            # shared machine): closed, as Prometheus sees it too. It reconnects and asks again.
+            conn.close()
+            conn.request("GET", targets[name][1], headers=headers)
+            response = conn.getresponse()
         if response.status != 200:
             raise RuntimeError(f"{name}: HTTP {response.status}")
         return response
@@ -264,14 +290,32 @@ def client_main(targets: dict[str, list], accept: str) -> None:
                     ),
                 }
             else:
+                errors: list[BaseException] = []
                 started = time.perf_counter()
-                for _ in range(request["n"]):
-                    scrape(name).read()
+                threads = [
+                    threading.Thread(target=_scraper, args=(scrape, name, c, request["n"], errors))
+                    for c in pairs[name]
+                ]
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join()
+                if errors:
+                    raise errors[0]
                 reply = {"seconds": time.perf_counter() - started}
         except Exception as exc:
             reply = {"error": f"{type(exc).__name__}: {exc}"}
         sys.stdout.write(json.dumps(reply) + "\n")
         sys.stdout.flush()
+
+
+def _scraper(scrape: Callable, name: str, conn: object, n: int, errors: list) -> None:
+    """One of the concurrent scrapers: `n` scrapes on its own connection."""
+    try:
+        for _ in range(n):
+            scrape(name, conn).read()
+    except BaseException as exc:  # reported by the op that started it
+        errors.append(exc)
 
 
 def _connect(port: int):
@@ -359,8 +403,9 @@ def report(args: argparse.Namespace, exporters: list[Exporter], extra: dict) -> 
         f"{common.machine()}, {extra['node_version']}",
         f"netns with {extra['entries']} conntrack entries and {args.connections} held TCP "
         f"connections; {args.rounds} rounds x "
-        f"{args.scrapes} scrapes per exporter, Accept: {args.accept}, Accept-Encoding: gzip, "
-        "one keep-alive connection each",
+        f"{args.scrapes} scrapes per exporter and scraper, {args.scrapers} concurrent "
+        f"scraper(s) each on its own keep-alive connection, Accept: {args.accept}, "
+        "Accept-Encoding: gzip",
         "",
         _row("", [e.name for e in exporters]),
         _row("CPU per scrape, median", [_us(_median(e.cpu_per_scrape)) for e in exporters]),
@@ -380,13 +425,17 @@ def report(args: argparse.Namespace, exporters: list[Exporter], extra: dict) -> 
         _row("conntrack entries reported", [str(e.info["conntrack_entries"]) for e in exporters]),
         "",
     ]
-    for peer in peers:
-        ratios = [o / n for o, n in zip(ours.cpu_per_scrape, peer.cpu_per_scrape, strict=True)]
-        lines.append(
-            f"CPU ratio ours / {peer.name}: "
-            f"{_median(ours.cpu_per_scrape) / _median(peer.cpu_per_scrape):.2f} "
-            f"(ratio of medians; per round {min(ratios):.2f}..{max(ratios):.2f})"
-        )
+    ours_all = [ours] + [e for e in peers if e.name.startswith("ours-before")]
+    for mine in ours_all:
+        for peer in peers:
+            if peer is mine:
+                continue
+            ratios = [o / n for o, n in zip(mine.cpu_per_scrape, peer.cpu_per_scrape, strict=True)]
+            lines.append(
+                f"CPU ratio {mine.name} / {peer.name}: "
+                f"{_median(mine.cpu_per_scrape) / _median(peer.cpu_per_scrape):.2f} "
+                f"(ratio of medians; per round {min(ratios):.2f}..{max(ratios):.2f})"
+            )
     lines += [f"  {peer.name}: {peer.note}" for peer in peers]
     lines += [
         "",
@@ -435,18 +484,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="prometheus",
         help="Accept header: what Prometheus 2.x sends (OpenMetrics first), or text/plain only",
     )
+    parser.add_argument(
+        "--scrapers",
+        type=int,
+        default=1,
+        help="concurrent scrapers per exporter, each on its own connection: 2 is an HA pair "
+        "of Prometheus servers (1)",
+    )
+    parser.add_argument(
+        "--compare-tree",
+        type=Path,
+        help="also run our exporter from this checkout (ours-before), in the same rounds",
+    )
     parser.add_argument("--role", choices=["client", "alloc"], help=argparse.SUPPRESS)
     parser.add_argument("--targets", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
-def build_exporters() -> list[Exporter]:
+def build_exporters(compare_tree: Path | None = None) -> list[Exporter]:
     """Ours first (every other row is reported as a ratio of it), then the baselines."""
 
-    def ours(name: str, port: int, *flags: str, note: str = "") -> Exporter:
+    def ours(
+        name: str, port: int, *flags: str, note: str = "", cwd: Path = common.REPO
+    ) -> Exporter:
         argv = [sys.executable, "-m", "conntrack_exporter", *flags]
         argv += [f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"]
-        return Exporter(name, port, "/metrics", argv, note=note)
+        return Exporter(name, port, "/metrics", argv, note=note, cwd=cwd)
+
+    before = []
+    if compare_tree is not None:
+        note = f"our default collectors, run from {compare_tree}"
+        before = [ours("ours-before", OURS_BEFORE_PORT, note=note, cwd=compare_tree)]
 
     def node(name: str, port: int, *flags: str, note: str) -> Exporter:
         argv = [NODE_EXPORTER, "--collector.disable-defaults", *flags]
@@ -457,6 +525,7 @@ def build_exporters() -> list[Exporter]:
     lean = "--web.disable-exporter-metrics"
     return [
         ours("ours", OURS_PORT),
+        *before,
         ours(
             "ours-no-socket",
             OURS_NO_SOCKET_PORT,
@@ -498,7 +567,7 @@ def build_exporters() -> list[Exporter]:
 def main() -> int:
     args = parse_args()
     if args.role == "client":
-        client_main(json.loads(args.targets), os.environ["BENCH_ACCEPT"])
+        client_main(json.loads(args.targets), os.environ["BENCH_ACCEPT"], args.scrapers)
         return 0
     if args.role == "alloc":
         alloc_main(args.scrapes, ACCEPT[args.accept])
@@ -509,7 +578,7 @@ def main() -> int:
         sys.exit(f"{NODE_EXPORTER} is missing: apt-get install prometheus-node-exporter")
 
     common.catch_interrupts()
-    exporters = build_exporters()
+    exporters = build_exporters(args.compare_tree)
     logdir = Path(tempfile.mkdtemp(prefix="scrape-cpu-"))
     client = holder = None
     try:
@@ -521,7 +590,7 @@ def main() -> int:
                 holder = ns.hold_connections(args.connections)
                 for exporter in exporters:
                     start(ns, exporter, logdir)
-                client = Client(ns, exporters, ACCEPT[args.accept])
+                client = Client(ns, exporters, ACCEPT[args.accept], args.scrapers)
                 for exporter in exporters:
                     exporter.info = client.call(op="probe", target=exporter.name)
                     # The pid we measure must be the exporter, not an `ip` left in between.
@@ -533,7 +602,7 @@ def main() -> int:
                     client.call(op="scrape", target=exporter.name, n=args.warmup)
                 for i in range(args.rounds):
                     for exporter in common.rotated(exporters, i):
-                        measure_round(client, exporter, args.scrapes)
+                        measure_round(client, exporter, args.scrapes, args.scrapers)
                     common.log(
                         f"round {i + 1}/{args.rounds}: "
                         + ", ".join(f"{e.name} {_us(e.cpu_per_scrape[-1])}" for e in exporters)

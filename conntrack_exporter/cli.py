@@ -92,8 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
         dest="web.max_requests",
         type=int,
         metavar="N",
-        help=f"scrapes in flight at most; past it a scrape gets 503 at once, 0 for no limit "
-        f"(default {DEFAULTS.web.max_requests})",
+        help=f"places in the scrape queue; past them, or past a client address's quarter of "
+        f"them, a scrape gets 503 at once; 0 for no limit (default {DEFAULTS.web.max_requests})",
     )
     parser.add_argument(
         "--config.file",

@@ -162,7 +162,7 @@ class WebConfig:
     telemetry_path: str = field(default="/metrics", metadata={"check": TELEMETRY_PATH})
     # exporter-toolkit's web configuration file (TLS, basic authentication); "" for none.
     config_file: str = ""
-    # Scrapes in flight at most; 0 for no limit.
+    # Places in the scrape queue (server.py), a client address at most a quarter; 0: no limit.
     max_requests: int = field(default=40, metadata={"check": NON_NEGATIVE})
     # Open connections at most; 0 for no limit.
     max_connections: int = field(default=512, metadata={"check": NON_NEGATIVE})

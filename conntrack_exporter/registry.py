@@ -12,8 +12,9 @@ table (collectors.COLLECTORS):
 - a constructor `Cls(options, context)`: options of `options_type`, and a CollectorContext,
   through which alone it reaches the kernel (procfs, and netlink reader factories), and which
   keeps what must outlive a reload (`context.lasting`);
-- `collect() -> Collected`, called on every scrape, on any of the server's threads; it raises
-  NoDataError when the kernel lacks the feature and any other exception when it fails;
+- `collect() -> Collected`, called once per collection (the scrapes that arrive while one runs
+  share it), on any of the server's worker threads; it raises NoDataError when the kernel lacks
+  the feature and any other exception when it fails;
 - `close()`: releases whatever the constructor or collect() opened (netlink sockets, kept-open
   /proc fds). Called once, after the last collect(), and after the scanner that drives a
   background collector has stopped. An open /proc/PID/net fd keeps a network namespace alive.

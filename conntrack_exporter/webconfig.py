@@ -187,6 +187,11 @@ class WebSecurityWatcher:
         self._security = self._load()
         self._due = clock() + WATCH_INTERVAL_SECONDS
 
+    def latest(self) -> WebSecurity:
+        """The configuration loaded last, the files not checked: for the server's event loop,
+        which must not wait for a load (it calls current() in a thread of its own)."""
+        return self._security
+
     def current(self) -> WebSecurity:
         """The configuration for a new connection or request, the files checked if due."""
         # Read without the lock: each is replaced whole. A caller that finds a check under way
