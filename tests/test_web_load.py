@@ -25,6 +25,7 @@ from conntrack_exporter import server as server_module
 from conntrack_exporter.config import WebConfig
 from conntrack_exporter.registry import Collected
 from conntrack_exporter.server import MetricsServer
+from conntrack_exporter.webconfig import PLAIN_HTTP, WebSecuritySource
 from tests.collectors import exporter
 
 CLIENT_TIMEOUT = 30  # only to fail instead of hanging; no assertion depends on it
@@ -62,9 +63,12 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running(collector: object, **web: object) -> Iterator[MetricsServer]:
+def running(
+    collector: object, security: WebSecuritySource = PLAIN_HTTP, **web: object
+) -> Iterator[MetricsServer]:
+    """A server of `collector` on a free loopback port, serving in a thread of its own."""
     config = WebConfig(listen_address=f"127.0.0.1:{free_port()}", **web)
-    srv = MetricsServer(config, exporter(collector))
+    srv = MetricsServer(config, exporter(collector), security)
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05})
     thread.start()
     try:

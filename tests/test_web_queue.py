@@ -7,13 +7,12 @@ as a test needs, and each test checks what each scrape got.
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import http.client
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import ClassVar
 
@@ -21,12 +20,10 @@ import pytest
 from prometheus_client.metrics_core import GaugeMetricFamily
 
 from conntrack_exporter import server as server_module
-from conntrack_exporter.config import WebConfig
 from conntrack_exporter.registry import Collected
 from conntrack_exporter.server import MetricsServer
-from conntrack_exporter.webconfig import PLAIN_HTTP, WebSecurity, WebSecuritySource
-from tests.collectors import exporter
-from tests.test_web_load import CLIENT_TIMEOUT, closed_by_server, connect, free_port
+from conntrack_exporter.webconfig import WebSecurity
+from tests.test_web_load import CLIENT_TIMEOUT, closed_by_server, connect, running
 
 OPENMETRICS = "application/openmetrics-text;version=1.0.0"
 
@@ -61,22 +58,6 @@ class HeldAuth:
         self.entered.set()
         assert self.release.wait(CLIENT_TIMEOUT)
         return True
-
-
-@contextlib.contextmanager
-def running(
-    collector: object, security: WebSecuritySource = PLAIN_HTTP, **web: object
-) -> Iterator[MetricsServer]:
-    config = WebConfig(listen_address=f"127.0.0.1:{free_port()}", **web)
-    srv = MetricsServer(config, exporter(collector), security)
-    thread = threading.Thread(target=srv.serve_forever)
-    thread.start()
-    try:
-        yield srv
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        thread.join()
 
 
 def scrape(
