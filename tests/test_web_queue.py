@@ -136,6 +136,90 @@ def test_a_scrape_waiting_on_a_collection_holds_no_worker():
     assert len({body for _, _, body in results}) == 1 and gate.calls == 1
 
 
+# --- where a collection runs -------------------------------------------------------------------
+
+
+class ThreadRecorder:
+    """A collector that records the thread running each collection; the calls numbered in
+    `slow` (from 1) sleep `slow_seconds` first, the others return at once."""
+
+    name: ClassVar[str] = "threads"
+    default_enabled: ClassVar[bool] = True
+
+    def __init__(self, slow: tuple[int, ...] = (), slow_seconds: float = 0.0) -> None:
+        self.threads: list[str] = []
+        self.slow = slow
+        self.slow_seconds = slow_seconds
+
+    def collect(self) -> Collected:
+        self.threads.append(threading.current_thread().name)
+        if len(self.threads) in self.slow:
+            time.sleep(self.slow_seconds)
+        family = GaugeMetricFamily("test_collection", "Which collection.", value=len(self.threads))
+        return Collected("procfs", [family])
+
+    def places(self) -> list[str]:
+        """Where each collection ran: a worker of the pool, or the event loop's own thread."""
+        return ["worker" if name.startswith("http") else "loop" for name in self.threads]
+
+
+def test_at_rest_a_collection_runs_on_the_event_loop_once_one_was_seen_to_be_quick():
+    recorder = ThreadRecorder()
+    with running(recorder) as srv:
+        bodies = [scrape(srv)[2] for _ in range(3)]
+    # The `running` server's loop runs in a thread of its own (serve_forever), not a worker.
+    assert recorder.places() == ["worker", "loop", "loop"]
+    assert all("serve_forever" in name for name in recorder.threads[1:])
+    for number, body in enumerate(bodies, 1):
+        assert b"test_collection %d.0\n" % number in body
+
+
+@pytest.mark.parametrize(("holdoff", "after"), [(300.0, "worker"), (0.0, "loop")])
+def test_a_slow_collection_sends_the_next_ones_to_the_workers_for_the_hold_off(
+    monkeypatch, holdoff, after
+):
+    monkeypatch.setattr(server_module, "INLINE_COLLECTION_MAX_SECONDS", 0.2)
+    monkeypatch.setattr(server_module, "SLOW_COLLECTION_HOLDOFF_SECONDS", holdoff)
+    recorder = ThreadRecorder(slow=(2,), slow_seconds=0.5)
+    with running(recorder) as srv:
+        assert [scrape(srv)[0] for _ in range(4)] == [200] * 4
+    # The second, on the loop, was slow: the third and fourth go to workers until the
+    # hold-off has passed (at once with no hold-off).
+    assert recorder.places() == ["worker", "loop", after, after]
+
+
+class ThirdCheckHeld:
+    """Credentials accepted at once, but for the third check, held until released."""
+
+    def __init__(self) -> None:
+        self.checks = 0
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def check(self, authorization: str | None) -> bool:
+        self.checks += 1
+        if self.checks == 3:
+            self.entered.set()
+            assert self.release.wait(CLIENT_TIMEOUT)
+        return True
+
+
+def test_a_collection_goes_to_a_worker_while_another_request_is_in_progress():
+    recorder = ThreadRecorder()
+    auth = ThirdCheckHeld()
+    security = WebSecurity(auth=auth)  # type: ignore[arg-type]
+    with running(recorder, security) as srv, ThreadPoolExecutor(1) as pool:
+        assert [scrape(srv, Authorization="Basic eDp5")[0] for _ in range(2)] == [200, 200]
+        held = pool.submit(scrape, srv, Authorization="Basic eDp5")
+        assert auth.entered.wait(CLIENT_TIMEOUT)
+        # The held scrape keeps its place in the queue while its password is checked: this
+        # one's collection must not stall the loop it needs.
+        assert scrape(srv, Authorization="Basic eDp5")[0] == 200
+        auth.release.set()
+        assert held.result(CLIENT_TIMEOUT)[0] == 200
+    assert recorder.places() == ["worker", "loop", "worker", "loop"]
+
+
 # --- the fair queue ---------------------------------------------------------------------------
 
 
