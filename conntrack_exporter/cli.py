@@ -18,12 +18,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from prometheus_client.exposition import generate_latest
-from prometheus_client.process_collector import ProcessCollector
 
 from conntrack_exporter import __version__
 from conntrack_exporter.collectors import COLLECTORS
 from conntrack_exporter.config import Config, ConfigError, LogConfig, load_config
 from conntrack_exporter.logs import setup_logging
+from conntrack_exporter.process import ProcessMetrics
 from conntrack_exporter.procfs import ProcFS
 from conntrack_exporter.registry import (
     CollectorContext,
@@ -208,18 +208,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     collectors = build_collectors(config, lasting)
     reloads = ConfigReloads()
     # The process's own metrics (CPU, memory, open fds, start time) from its own /proc, whatever
-    # path.procfs says; not registered anywhere else.
-    process = ProcessCollector(registry=None)
+    # path.procfs says.
+    process = ProcessMetrics()
     exporter = ExporterCollector(collectors, (process, reloads))
-    if args.once:
-        try:
-            collectors.scanner.run_once()
-            sys.stdout.write(generate_latest(exporter).decode())
-        finally:
-            collectors.close()
-        return EXIT_OK
-    running = Running(config, exporter, security, lasting, reloads)
-    return running.serve(lambda: _load(args.config_file, flags))
+    try:
+        if args.once:
+            try:
+                collectors.scanner.run_once()
+                sys.stdout.write(generate_latest(exporter).decode())
+            finally:
+                collectors.close()
+            return EXIT_OK
+        running = Running(config, exporter, security, lasting, reloads)
+        return running.serve(lambda: _load(args.config_file, flags))
+    finally:
+        process.close()
 
 
 def _raise_open_files_limit() -> None:
