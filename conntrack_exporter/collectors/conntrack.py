@@ -13,9 +13,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
 
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import Metric
 
 from conntrack_exporter.counters import WrappingCounters
+from conntrack_exporter.families import NO_LABELS, Family, counter, gauge
 from conntrack_exporter.netlink import NetlinkError
 from conntrack_exporter.netlink.ctnetlink import GRANT_NET_ADMIN, ConntrackStatsReader, CpuStats
 from conntrack_exporter.procfs import CONNTRACK_COUNT_FILE, parse_nf_conntrack_stat
@@ -58,10 +59,19 @@ COUNTER_SOURCE = (
 )
 
 NETLINK_FORBIDDEN = (errno.EPERM, errno.EACCES)
-ENTRIES_HELP = (
+ENTRIES = gauge(
+    "conntrack_entries",
     "Conntrack table entries in this network namespace "
-    "(ctnetlink CTA_STATS_GLOBAL_ENTRIES or nf_conntrack_count)."
+    "(ctnetlink CTA_STATS_GLOBAL_ENTRIES or nf_conntrack_count).",
 )
+LIMIT = gauge(
+    "conntrack_entries_limit",
+    "Most conntrack entries the kernel allows (ctnetlink "
+    "CTA_STATS_GLOBAL_MAX_ENTRIES or nf_conntrack_max).",
+)
+BUCKETS = gauge("conntrack_buckets", "Size of the conntrack hash table (nf_conntrack_buckets).")
+_counter_families: dict[str, Family] = {}
+_cpu_label_sets: dict[int, dict[str, str]] = {}
 
 
 class _Reading(NamedTuple):
@@ -175,20 +185,7 @@ class ConntrackCollector:
     def _families(
         self, entries: int, limit: int, buckets: int, rows: list[CpuStats]
     ) -> list[Metric]:
-        metrics: list[Metric] = [
-            GaugeMetricFamily("conntrack_entries", ENTRIES_HELP, value=entries),
-            GaugeMetricFamily(
-                "conntrack_entries_limit",
-                "Most conntrack entries the kernel allows (ctnetlink "
-                "CTA_STATS_GLOBAL_MAX_ENTRIES or nf_conntrack_max).",
-                value=limit,
-            ),
-            GaugeMetricFamily(
-                "conntrack_buckets",
-                "Size of the conntrack hash table (nf_conntrack_buckets).",
-                value=buckets,
-            ),
-        ]
+        metrics = [ENTRIES.build_one(entries), LIMIT.build_one(limit), BUCKETS.build_one(buckets)]
         metrics.extend(counter_families(rows, self._per_cpu))
         return metrics
 
@@ -206,6 +203,14 @@ def counter_help(name: str) -> str:
     return f"{COUNTER_HELP.get(name, 'Conntrack counter ' + name)} ({COUNTER_SOURCE})."
 
 
+def counter_family(name: str) -> Family:
+    """conntrack_stat_<name>_total's family, whoever reports it (the pods collector too)."""
+    family = _counter_families.get(name)
+    if family is None:
+        family = _counter_families[name] = counter(f"conntrack_stat_{name}", counter_help(name))
+    return family
+
+
 def counter_families(rows: Iterable[CpuStats], per_cpu: bool) -> list[Metric]:
     """One `conntrack_stat_<name>_total` family per counter, summed or labelled by CPU.
 
@@ -215,14 +220,21 @@ def counter_families(rows: Iterable[CpuStats], per_cpu: bool) -> list[Metric]:
     names = sorted({name for row in rows for name in row.counters} - RETIRED_COUNTERS)
     families: list[Metric] = []
     for name in names:
-        family = CounterMetricFamily(
-            f"conntrack_stat_{name}", counter_help(name), labels=["cpu"] if per_cpu else None
-        )
+        family = counter_family(name)
         if per_cpu:
-            for row in rows:
-                if name in row.counters:
-                    family.add_metric([str(row.cpu)], row.counters[name])
+            samples = [
+                family.sample(_cpu_labels(row.cpu), row.counters[name])
+                for row in rows
+                if name in row.counters
+            ]
         else:
-            family.add_metric([], sum(row.counters.get(name, 0) for row in rows))
-        families.append(family)
+            samples = [family.sample(NO_LABELS, sum(row.counters.get(name, 0) for row in rows))]
+        families.append(family.build(samples))
     return families
+
+
+def _cpu_labels(cpu: int) -> dict[str, str]:
+    labels = _cpu_label_sets.get(cpu)
+    if labels is None:
+        labels = _cpu_label_sets[cpu] = {"cpu": str(cpu)}
+    return labels

@@ -28,18 +28,18 @@ from typing import ClassVar, NamedTuple
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.samples import Sample
 
-from conntrack_exporter.collectors.conntrack import ENTRIES_HELP, RETIRED_COUNTERS, counter_help
+from conntrack_exporter.collectors.conntrack import ENTRIES, RETIRED_COUNTERS, counter_family
 from conntrack_exporter.collectors.socket import (
     ALLOCATED,
     INUSE,
     TIMEWAIT,
-    Family,
     NamespaceLabels,
     counter_samples,
     inuse_samples,
 )
 from conntrack_exporter.config import ABSOLUTE_PATH, NON_NEGATIVE, SECONDS
 from conntrack_exporter.counters import WrappingCounters
+from conntrack_exporter.families import Family
 from conntrack_exporter.netlink.ctnetlink import CpuStats
 from conntrack_exporter.netns import (
     ADDRESS_FILES,
@@ -335,9 +335,9 @@ class PodsCollector:
             for name, value in row.counters.items():
                 summed[name] = summed.get(name, 0) + value
         labels = target.labels
-        out = [(CONNTRACK_ENTRIES, [CONNTRACK_ENTRIES.sample(labels, entries)])]
+        out = [(ENTRIES, [ENTRIES.sample(labels, entries)])]
         for name in sorted(summed.keys() - RETIRED_COUNTERS):
-            family = _counter_family(name)
+            family = counter_family(name)
             out.append((family, [family.sample(labels, summed[name])]))
         return out
 
@@ -400,18 +400,6 @@ def _one_per_pod(targets: list[Target], previous: dict[NetnsKey, Target]) -> lis
         log.debug("pod discovery: %d namespaces share a pod's labels", len(targets) - len(chosen))
     kept = {id(target) for target in chosen.values()}
     return [target for target in targets if id(target) in kept]
-
-
-CONNTRACK_ENTRIES = Family(GaugeMetricFamily("conntrack_entries", ENTRIES_HELP))
-_counter_families: dict[str, Family] = {}
-
-
-def _counter_family(name: str) -> Family:
-    family = _counter_families.get(name)
-    if family is None:
-        family = Family(CounterMetricFamily(f"conntrack_stat_{name}", counter_help(name)))
-        _counter_families[name] = family
-    return family
 
 
 def _counter_key(target: Target) -> tuple[object, ...]:

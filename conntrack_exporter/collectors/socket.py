@@ -15,9 +15,10 @@ import os
 from dataclasses import dataclass
 from typing import ClassVar
 
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import Metric
 from prometheus_client.samples import Sample
 
+from conntrack_exporter.families import NO_LABELS, Family, counter, gauge
 from conntrack_exporter.procfs import (
     ProcFile,
     ProcFS,
@@ -45,55 +46,7 @@ RESERVED_PORTS_FILE = "sys/net/ipv4/ip_local_reserved_ports"
 FILE_NR_FILE = "sys/fs/file-nr"
 
 
-class Family:
-    """A metric family's fixed parts, checked once; a fresh family per scrape costs a copy.
-
-    prometheus_client's constructors validate the name and build label dicts on every call,
-    a microsecond per family; these families are the same on every scrape but for values.
-    Label dicts are shared between scrapes: nothing downstream writes to a sample.
-    """
-
-    def __init__(self, template: Metric) -> None:
-        self._fields = template.__dict__
-        # CounterMetricFamily drops "_total" from the family name; its samples carry it.
-        self.sample_name = template.name + ("_total" if template.type == "counter" else "")
-
-    def build(self, samples: list[Sample]) -> Metric:
-        metric = _new_metric(Metric)
-        metric.__dict__.update(self._fields)
-        metric.samples = samples
-        return metric
-
-    def build_one(self, value: float) -> Metric:
-        """The family with one unlabelled sample: build([sample(...)]) in one call."""
-        metric = _new_metric(Metric)
-        metric.__dict__.update(self._fields)
-        metric.samples = [Sample(self.sample_name, NO_LABELS, value)]
-        return metric
-
-    def sample(self, labels: dict[str, str], value: float) -> Sample:
-        # Sample(name, labels, value), made by tuple.__new__: the named tuple's own __new__
-        # is Python code that fills in the defaults, the dearer half of a sample's cost.
-        return _new_tuple(Sample, (self.sample_name, labels, value, *_SAMPLE_DEFAULTS))
-
-
-_new_metric = Metric.__new__
-_new_tuple = tuple.__new__
-# The fields after name, labels and value (timestamp, exemplar, ...: as many as this
-# prometheus_client has), at their defaults.
-_SAMPLE_DEFAULTS = tuple(Sample._field_defaults[name] for name in Sample._fields[3:])
-NO_LABELS: dict[str, str] = {}
-
-
-def _gauge(name: str, documentation: str) -> Family:
-    return Family(GaugeMetricFamily(name, documentation))
-
-
-def _counter(name: str, documentation: str) -> Family:
-    return Family(CounterMetricFamily(name, documentation))
-
-
-INUSE = _gauge(
+INUSE = gauge(
     "socket_inuse",
     "Sockets in this network namespace that hold an address or port (bound, listening or "
     "connected), by address family and protocol (/proc/net/sockstat and sockstat6 inuse).",
@@ -109,37 +62,37 @@ INUSE_POOLS = [
         ("RAW" + suffix, "raw"),
     )
 ]
-ALLOCATED = _gauge(
+ALLOCATED = gauge(
     "socket_allocated",
     "Sockets of every family (inet, unix, netlink, ...) open in this network namespace, bound "
     "or not (/proc/net/sockstat sockets: used).",
 )
-TCP_ALLOCATED = _gauge(
+TCP_ALLOCATED = gauge(
     "socket_tcp_allocated",
     "TCP sockets allocated on the host, IPv4 and IPv6 in every network namespace, orphans "
     "included (/proc/net/sockstat TCP alloc).",
 )
-ORPHANS = _gauge(
+ORPHANS = gauge(
     "socket_tcp_orphans",
     "TCP sockets closed by their process but not yet finished, on the host "
     "(/proc/net/sockstat TCP orphan).",
 )
-ORPHANS_LIMIT = _gauge(
+ORPHANS_LIMIT = gauge(
     "socket_tcp_orphans_limit",
     "Most orphaned TCP sockets the kernel keeps before it resets them "
     "(net.ipv4.tcp_max_orphans, in the host's network namespace only).",
 )
-TIMEWAIT = _gauge(
+TIMEWAIT = gauge(
     "socket_tcp_timewait",
     "TCP sockets in TIME_WAIT in this network namespace, IPv4 and IPv6 "
     "(/proc/net/sockstat TCP tw).",
 )
-TIMEWAIT_LIMIT = _gauge(
+TIMEWAIT_LIMIT = gauge(
     "socket_tcp_timewait_limit",
     "Most TIME_WAIT sockets this network namespace keeps; past it they are destroyed at once "
     "(net.ipv4.tcp_max_tw_buckets).",
 )
-MEMORY = _gauge(
+MEMORY = gauge(
     "socket_memory_bytes",
     "Memory charged to the protocol's socket buffers on the host "
     "(/proc/net/sockstat TCP and UDP mem, pages times the page size).",
@@ -147,18 +100,18 @@ MEMORY = _gauge(
 MEMORY_POOLS = [("TCP", {"protocol": "tcp"}), ("UDP", {"protocol": "udp"})]
 # tcp_mem and udp_mem: three page counts, in this order.
 MEMORY_THRESHOLDS = [
-    _gauge(
+    gauge(
         "socket_memory_min_bytes",
         "Socket buffer memory of the protocol below which the kernel does not regulate it "
         "(net.ipv4.tcp_mem or udp_mem min, in the host's network namespace only).",
     ),
-    _gauge(
+    gauge(
         "socket_memory_pressure_bytes",
         "Socket buffer memory of the protocol above which the kernel is under memory pressure "
         "and shrinks buffers (net.ipv4.tcp_mem or udp_mem pressure, in the host's network "
         "namespace only).",
     ),
-    _gauge(
+    gauge(
         "socket_memory_limit_bytes",
         "Most socket buffer memory the protocol may use on the host; past it allocations fail "
         "(net.ipv4.tcp_mem or udp_mem max, in the host's network namespace only).",
@@ -166,27 +119,27 @@ MEMORY_THRESHOLDS = [
 ]
 # TcpExt column -> family.
 TCPEXT_COUNTERS = {
-    "ListenOverflows": _counter(
+    "ListenOverflows": counter(
         "socket_listen_overflows",
         "Connections that completed the handshake while the listener's accept queue was full "
         "(/proc/net/netstat TcpExt ListenOverflows).",
     ),
-    "ListenDrops": _counter(
+    "ListenDrops": counter(
         "socket_listen_drops",
         "Connections dropped at a listening socket for any reason, overflows included "
         "(/proc/net/netstat TcpExt ListenDrops).",
     ),
-    "TCPMemoryPressures": _counter(
+    "TCPMemoryPressures": counter(
         "socket_tcp_memory_pressures",
         "Times TCP entered memory pressure, past tcp_mem's pressure threshold "
         "(/proc/net/netstat TcpExt TCPMemoryPressures).",
     ),
-    "TCPAbortOnMemory": _counter(
+    "TCPAbortOnMemory": counter(
         "socket_tcp_aborts_on_memory",
         "TCP connections reset for lack of memory or because there were too many orphans "
         "(/proc/net/netstat TcpExt TCPAbortOnMemory).",
     ),
-    "TCPTimeWaitOverflow": _counter(
+    "TCPTimeWaitOverflow": counter(
         "socket_tcp_timewait_overflows",
         "TIME_WAIT sockets not kept because tcp_max_tw_buckets was reached "
         "(/proc/net/netstat TcpExt TCPTimeWaitOverflow).",
@@ -194,22 +147,22 @@ TCPEXT_COUNTERS = {
 }
 # snmp's Udp column (snmp6 calls it Udp6<column>) -> family.
 UDP_COUNTERS = {
-    "RcvbufErrors": _counter(
+    "RcvbufErrors": counter(
         "socket_udp_receive_buffer_errors",
         "UDP datagrams dropped because the receiving socket's buffer was full "
         "(/proc/net/snmp Udp RcvbufErrors, /proc/net/snmp6 Udp6RcvbufErrors).",
     ),
-    "SndbufErrors": _counter(
+    "SndbufErrors": counter(
         "socket_udp_send_buffer_errors",
         "UDP datagrams not sent because the socket's send buffer was full "
         "(/proc/net/snmp Udp SndbufErrors, /proc/net/snmp6 Udp6SndbufErrors).",
     ),
-    "InErrors": _counter(
+    "InErrors": counter(
         "socket_udp_in_errors",
         "UDP datagrams received but not delivered, buffer and memory errors included "
         "(/proc/net/snmp Udp InErrors, /proc/net/snmp6 Udp6InErrors).",
     ),
-    "MemErrors": _counter(
+    "MemErrors": counter(
         "socket_udp_memory_errors",
         "UDP datagrams dropped because UDP memory (udp_mem) was exhausted; absent on kernels "
         "without the counter (/proc/net/snmp Udp MemErrors, /proc/net/snmp6 Udp6MemErrors).",
@@ -223,15 +176,15 @@ _UDP_COLUMNS = [
 ]
 IPV4 = {"family": "ipv4"}
 IPV6 = {"family": "ipv6"}
-FILE_HANDLES = _gauge(
+FILE_HANDLES = gauge(
     "socket_file_handles_allocated",
     "File handles allocated on the host, sockets among them (/proc/sys/fs/file-nr, first field).",
 )
-FILE_HANDLES_LIMIT = _gauge(
+FILE_HANDLES_LIMIT = gauge(
     "socket_file_handles_limit",
     "Most file handles the kernel allocates (fs.file-max, /proc/sys/fs/file-nr third field).",
 )
-EPHEMERAL_RANGE = _gauge(
+EPHEMERAL_RANGE = gauge(
     "socket_ephemeral_ports_range_size",
     "Local ports the kernel may pick for outgoing connections: net.ipv4.ip_local_port_range "
     "minus the ports of ip_local_reserved_ports within it.",
