@@ -17,12 +17,22 @@ import os
 import resource
 from collections.abc import Iterator
 
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import Metric
+
+from conntrack_exporter.families import counter, gauge
 
 log = logging.getLogger(__name__)
 
 PAGE_SIZE = resource.getpagesize()
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+VIRTUAL_MEMORY = gauge("process_virtual_memory_bytes", "Virtual memory size in bytes.")
+RESIDENT_MEMORY = gauge("process_resident_memory_bytes", "Resident memory size in bytes.")
+START_TIME = gauge(
+    "process_start_time_seconds", "Start time of the process since unix epoch in seconds."
+)
+CPU = counter("process_cpu_seconds_total", "Total user and system CPU time spent in seconds.")
+OPEN_FDS = gauge("process_open_fds", "Number of open file descriptors.")
+MAX_FDS = gauge("process_max_fds", "Maximum number of open file descriptors.")
 
 
 def parse_stat(data: bytes) -> dict[str, float]:
@@ -72,34 +82,12 @@ class ProcessMetrics:
             open_fds = os.stat(self._fd_dir).st_size or len(os.listdir(self._fd_dir))
         except (OSError, ValueError):
             return
-        yield GaugeMetricFamily(
-            "process_virtual_memory_bytes",
-            "Virtual memory size in bytes.",
-            value=stat["virtual_memory_bytes"],
-        )
-        yield GaugeMetricFamily(
-            "process_resident_memory_bytes",
-            "Resident memory size in bytes.",
-            value=stat["resident_memory_bytes"],
-        )
-        yield GaugeMetricFamily(
-            "process_start_time_seconds",
-            "Start time of the process since unix epoch in seconds.",
-            value=self._start_time,
-        )
-        yield CounterMetricFamily(
-            "process_cpu_seconds_total",
-            "Total user and system CPU time spent in seconds.",
-            value=stat["cpu_seconds"],
-        )
-        yield GaugeMetricFamily(
-            "process_open_fds", "Number of open file descriptors.", value=float(open_fds)
-        )
-        yield GaugeMetricFamily(
-            "process_max_fds",
-            "Maximum number of open file descriptors.",
-            value=_limit(resource.getrlimit(resource.RLIMIT_NOFILE)[0]),
-        )
+        yield VIRTUAL_MEMORY.build_one(stat["virtual_memory_bytes"])
+        yield RESIDENT_MEMORY.build_one(stat["resident_memory_bytes"])
+        yield START_TIME.build_one(self._start_time)
+        yield CPU.build_one(stat["cpu_seconds"])
+        yield OPEN_FDS.build_one(float(open_fds))
+        yield MAX_FDS.build_one(_limit(resource.getrlimit(resource.RLIMIT_NOFILE)[0]))
 
     def close(self) -> None:
         if self._stat_fd is not None:

@@ -38,6 +38,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from conntrack_exporter import __version__
 from conntrack_exporter.exposition import SupportsCollect
+from conntrack_exporter.families import gauge
 from conntrack_exporter.netlink.ctnetlink import ConntrackStatsReader, ConntrackTableReader
 from conntrack_exporter.netlink.inet_diag import SockDiagReader
 from conntrack_exporter.pod_addresses import PodAddressBook
@@ -339,32 +340,37 @@ def _copy(metric: Metric) -> Metric:
     return copy
 
 
+SUCCESS = gauge(
+    "conntrack_exporter_collector_success",
+    "1 if the collector's last run succeeded, 0 if it failed or its source is absent.",
+)
+DURATION = gauge(
+    "conntrack_exporter_collector_duration_seconds", "Time the collector's last run took."
+)
+SOURCE = gauge(
+    "conntrack_exporter_source_info",
+    "Which kernel interface served the collector's values: netlink or procfs.",
+)
+BUILD = gauge(
+    "conntrack_exporter_build_info",
+    "A constant 1 labelled with the exporter's version, the source revision it was built "
+    "from (unknown when not recorded) and the Python it runs on.",
+)
+
+
 def _health_metrics(outcomes: list[_Outcome]) -> Iterator[Metric]:
-    success = GaugeMetricFamily(
-        "conntrack_exporter_collector_success",
-        "1 if the collector's last run succeeded, 0 if it failed or its source is absent.",
-        labels=["collector"],
-    )
-    duration = GaugeMetricFamily(
-        "conntrack_exporter_collector_duration_seconds",
-        "Time the collector's last run took.",
-        labels=["collector"],
-    )
-    source = GaugeMetricFamily(
-        "conntrack_exporter_source_info",
-        "Which kernel interface served the collector's values: netlink or procfs.",
-        labels=["collector", "source"],
-    )
+    success, duration, source = [], [], []
     for outcome in outcomes:
-        success.add_metric([outcome.name], 1.0 if outcome.success else 0.0)
-        duration.add_metric([outcome.name], outcome.duration)
+        labels = {"collector": outcome.name}
+        success.append(SUCCESS.sample(labels, 1.0 if outcome.success else 0.0))
+        duration.append(DURATION.sample(labels, outcome.duration))
         if outcome.source is not None:
-            source.add_metric([outcome.name, outcome.source], 1.0)
-    build = GaugeMetricFamily(
-        "conntrack_exporter_build_info",
-        "A constant 1 labelled with the exporter's version, the source revision it was built "
-        "from (unknown when not recorded) and the Python it runs on.",
-        labels=["version", "revision", "python_version"],
-    )
-    build.add_metric([__version__, revision(), platform.python_version()], 1.0)
-    return iter((success, duration, source, build))
+            source_labels = {"collector": outcome.name, "source": outcome.source}
+            source.append(SOURCE.sample(source_labels, 1.0))
+    build_labels = {
+        "version": __version__,
+        "revision": revision(),
+        "python_version": platform.python_version(),
+    }
+    build = BUILD.build([BUILD.sample(build_labels, 1.0)])
+    return iter((SUCCESS.build(success), DURATION.build(duration), SOURCE.build(source), build))
