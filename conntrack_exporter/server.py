@@ -9,15 +9,17 @@ request heads and writes responses: an idle or slow connection costs a socket an
 coroutine, not a thread. The work that takes CPU or may block (a collection, encoding a body,
 a bcrypt check) goes to a fixed pool of WORKERS threads, so memory is bounded by the pool and
 the open sockets whatever the number of clients. A collection at rest is the exception: with no
-other request in progress and collections seen to be quick, it runs on the loop's thread,
-which costs a quarter less CPU than the hop to a worker and back.
+other request in progress, no more connections open than an HA pair and a probe, and
+collections seen to be quick, it runs on the loop's thread, which costs a quarter less CPU than
+the hop to a worker and back.
 
 Scrapes share collections (SharedCollections): a scrape that arrives while a collection is under
 way waits for it and is served its result, encoded once per format. "Honest" freshness, as
 promised here and tested: a scrape is served either by the collection in flight when it
 arrived (which started at most one collection's time before it) or by one that starts after
 it arrived; never by a collection that had already finished when it arrived. Under a flood the
-kernel is read at most once per collection time, and an HA pair's two scrapes cost one.
+kernel is read at most once per collection time. (An HA pair's two scrapes, when they coincide
+at rest, are collected one after the other on the loop, each at a lone scrape's cost.)
 
 Fairness (`web.max_requests`, the queue): a scrape holds a place from the moment its head is
 read until its body is ready. At most max_requests places (503 at once past them), each client
@@ -79,8 +81,12 @@ QUEUE_WAIT_SECONDS = 5.0
 WORKERS = 4
 # At rest a collection runs on the event loop's thread: the hop to a worker and back costs
 # ~300 us of CPU a scrape (two wake-ups across CPUs; measured in BENCHMARKS.md), a quarter of
-# a scrape. Only while that stalls nothing: no other request in progress, and no collection
-# in the last SLOW_COLLECTION_HOLDOFF_SECONDS took longer than INLINE_COLLECTION_MAX_SECONDS.
+# a scrape. Only while that stalls nothing: no other request in progress, at most
+# INLINE_MAX_CONNECTIONS open (an HA pair of scrapers and a probe), and no collection in the
+# last SLOW_COLLECTION_HOLDOFF_SECONDS took longer than INLINE_COLLECTION_MAX_SECONDS. The
+# connections count because a loop busy collecting reads no other request: "no other request
+# in progress" alone would hold under a flood too, and serve it one collection at a time.
+INLINE_MAX_CONNECTIONS = 3
 INLINE_COLLECTION_MAX_SECONDS = 0.025
 SLOW_COLLECTION_HOLDOFF_SECONDS = 300.0
 # Each client address may hold at most 1/ADDRESS_SHARE of the queue's places (at least one).
@@ -305,7 +311,12 @@ class SharedCollections:
 
     def _at_rest(self) -> bool:
         """Whether a collection may run on the event loop's thread now (see WORKERS)."""
-        return self._server.queue.held == 1 and time.monotonic() >= self._inline_after
+        server = self._server
+        return (
+            server.queue.held == 1
+            and server.open_connections <= INLINE_MAX_CONNECTIONS
+            and time.monotonic() >= self._inline_after
+        )
 
     def _run(self, accept: str, gzipped: bool) -> tuple[list[Metric], bytes]:
         started = time.monotonic()
