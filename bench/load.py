@@ -158,7 +158,8 @@ def run_load(
         sys.executable, "-m", "conntrack_exporter", "--web.listen-address", f"127.0.0.1:{PORT}",
         "--web.max-requests", str(max_requests),
     ]  # fmt: skip
-    name = f"{tree.name}-max-requests-{max_requests}"
+    label = args.labels.get(str(tree), tree.resolve().name)
+    name = f"{label}-max-requests-{max_requests}"
     exporter = scrape_cpu.Exporter(name, PORT, "/metrics", argv, cwd=tree)
     scrape_cpu.start(ns, exporter, logdir)
     try:
@@ -169,7 +170,7 @@ def run_load(
         time.sleep(SETTLE_SECONDS)
         result = {
             "tree": str(tree),
-            "label": args.labels.get(str(tree), tree.name),
+            "label": label,
             "max_requests": max_requests,
             "rss_idle_kib": common.status_kib("VmRSS", pid),
         }
