@@ -188,22 +188,27 @@ def test_a_slow_collection_sends_the_next_ones_to_the_workers_for_the_hold_off(
     assert recorder.places() == ["worker", "loop", after, after]
 
 
-def test_with_more_connections_open_than_a_scraper_pair_collections_go_to_the_workers():
+def test_with_more_connections_open_than_a_scraper_pair_and_a_probe_collections_go_to_workers():
     # A loop busy collecting reads no other connection's request, so "no other request in
     # progress" would hold under a flood too: the open connections are what tell.
     recorder = ThreadRecorder()
+    limit = server_module.INLINE_MAX_CONNECTIONS
     with running(recorder) as srv:
         assert scrape(srv)[0] == 200
-        idle = [connect(srv) for _ in range(server_module.INLINE_MAX_CONNECTIONS)]
+        idle = [connect(srv) for _ in range(limit - 1)]
         try:
-            eventually(lambda: srv.open_connections == len(idle), "the idle connections counted")
-            assert [scrape(srv)[0] for _ in range(2)] == [200, 200]
+            # With the scrape's own connection: at the limit, then one past it.
+            eventually(lambda: srv.open_connections == limit - 1, "the idle connections counted")
+            assert scrape(srv)[0] == 200
+            idle.append(connect(srv))
+            eventually(lambda: srv.open_connections == limit, "one more idle connection counted")
+            assert scrape(srv)[0] == 200
         finally:
             for sock in idle:
                 sock.close()
         eventually(lambda: srv.open_connections == 0, "the idle connections closed")
         assert scrape(srv)[0] == 200
-    assert recorder.places() == ["worker", "worker", "worker", "loop"]
+    assert recorder.places() == ["worker", "loop", "worker", "loop"]
 
 
 class ThirdCheckHeld:
