@@ -163,6 +163,15 @@ class ThreadRecorder:
         return ["worker" if name.startswith("http") else "loop" for name in self.threads]
 
 
+@pytest.fixture
+def no_collection_slow(monkeypatch):
+    """Only the tests' own sleeps make a collection slow: a pause of the whole test process (a
+    full garbage collection in a large suite takes tens of milliseconds) must not count as one
+    and send the rest to the workers for the hold-off."""
+    monkeypatch.setattr(server_module, "INLINE_COLLECTION_MAX_SECONDS", CLIENT_TIMEOUT)
+
+
+@pytest.mark.usefixtures("no_collection_slow")
 def test_at_rest_a_collection_runs_on_the_event_loop_once_one_was_seen_to_be_quick():
     recorder = ThreadRecorder()
     with running(recorder) as srv:
@@ -188,6 +197,7 @@ def test_a_slow_collection_sends_the_next_ones_to_the_workers_for_the_hold_off(
     assert recorder.places() == ["worker", "loop", after, after]
 
 
+@pytest.mark.usefixtures("no_collection_slow")
 def test_with_more_connections_open_than_a_scraper_pair_and_a_probe_collections_go_to_workers():
     # A loop busy collecting reads no other connection's request, so "no other request in
     # progress" would hold under a flood too: the open connections are what tell.
@@ -227,6 +237,7 @@ class ThirdCheckHeld:
         return True
 
 
+@pytest.mark.usefixtures("no_collection_slow")
 def test_a_collection_goes_to_a_worker_while_another_request_is_in_progress():
     recorder = ThreadRecorder()
     auth = ThirdCheckHeld()
